@@ -365,9 +365,9 @@ class _Fixed:
     def __init__(self, x: Tensor):
         self.schedule = SCHEDULE
         one = torch.ones((), dtype=x.dtype, device=x.device)
-        self.prediction = Prediction(x, one, one, torch.zeros_like(x), torch.zeros_like(x))
+        self.prediction = Prediction(x, one, one, x0=torch.zeros_like(x), eps=torch.zeros_like(x))
 
-    def __call__(self, x_t: Tensor, t: Tensor, cond=None) -> Prediction:
+    def __call__(self, x_t: Tensor, t: Tensor, cond=None, *, alpha_sigma=None) -> Prediction:
         return self.prediction
 
 

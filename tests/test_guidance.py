@@ -246,9 +246,9 @@ class RecordingDenoiser:
     def __init__(self, oracle):
         self.oracle, self.schedule, self.seen = oracle, oracle.schedule, []
 
-    def __call__(self, x, t, cond=None):
+    def __call__(self, x, t, cond=None, *, alpha_sigma=None):
         self.seen.append(cond)
-        return self.oracle(x, t, cond)
+        return self.oracle(x, t, cond, alpha_sigma=alpha_sigma)
 
 
 @pytest.mark.parametrize(

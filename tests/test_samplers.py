@@ -318,9 +318,9 @@ def test_number_of_denoiser_calls():
     oracle = _mixture(2, LINEAR)
     calls = []
 
-    def counting(x_t, t, cond=None):
+    def counting(x_t, t, cond=None, *, alpha_sigma=None):
         calls.append(1)
-        return oracle(x_t, t, cond)
+        return oracle(x_t, t, cond, alpha_sigma=alpha_sigma)
 
     counting.schedule = LINEAR
     n = 10

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from difflab.gaussian.parameterization import DenoiserFn, Prediction
+from difflab.gaussian.parameterization import AlphaSigma, DenoiserFn, Prediction
 
 Convention = Literal["w", "gamma"]
 CONVENTIONS: tuple[str, ...] = ("w", "gamma")
@@ -58,9 +58,9 @@ class ClassifierFreeGuidance:
             low-resolution image) go unchanged to both passes.
 
     The conditional and unconditional passes run as one network call on the batch
-    ``[x_t; x_t]`` with conditions ``[cond; null]``. The same affine combination is applied to
-    ``x0`` (its weights ``gamma`` and ``1 - gamma`` sum to one), so the result satisfies
-    ``x_t = alpha x0 + sigma eps`` without dividing by ``alpha`` or ``sigma``.
+    ``[x_t; x_t]`` with conditions ``[cond; null]``. The combination is taken in the form the
+    denoiser gave (``eps`` or ``x0``): its weights ``gamma`` and ``1 - gamma`` sum to one, so
+    the same combination of the other form is what ``x_t = alpha x0 + sigma eps`` gives.
     """
 
     def __init__(
@@ -91,24 +91,35 @@ class ClassifierFreeGuidance:
         """The weight of the conditional estimate: ``gamma``, or ``1 + w`` in convention "w"."""
         return self.scale + 1.0 if self.convention == "w" else self.scale
 
-    def __call__(self, x_t: Tensor, t: Tensor, cond: dict[str, Any] | None = None) -> Prediction:
+    def __call__(
+        self,
+        x_t: Tensor,
+        t: Tensor,
+        cond: dict[str, Any] | None = None,
+        *,
+        alpha_sigma: AlphaSigma | None = None,
+    ) -> Prediction:
         if not cond or any(key not in cond for key in self.null_cond):
             raise ValueError(
                 "classifier-free guidance needs the condition "
                 f"{sorted(self.null_cond)} in cond, got {sorted(cond or {})}"
             )
         B = x_t.shape[0]
-        both = self.denoiser(torch.cat([x_t, x_t]), _twice(t, B), self._paired_cond(cond, B))
-        x0_c, x0_u = both.x0[:B], both.x0[B:]
-        eps_c, eps_u = both.eps[:B], both.eps[B:]
-        g1 = self.gamma - 1.0
-        return Prediction(
-            x_t=x_t,
-            alpha=_first_half(both.alpha, B),
-            sigma=_first_half(both.sigma, B),
-            x0=x0_c + g1 * (x0_c - x0_u),
-            eps=eps_c + g1 * (eps_c - eps_u),
+        if alpha_sigma is not None:
+            alpha_sigma = (_twice(alpha_sigma[0], B, "alpha"), _twice(alpha_sigma[1], B, "sigma"))
+        both = self.denoiser(
+            torch.cat([x_t, x_t]),
+            _twice(t, B, "t"),
+            self._paired_cond(cond, B),
+            alpha_sigma=alpha_sigma,
         )
+        # x0 and eps are affine in each other at the same x_t, so combining the form the
+        # denoiser gave is exact for both; the other is derived only if a sampler asks for it
+        form = both.given
+        out = getattr(both, form)
+        guided = out[:B] + (self.gamma - 1.0) * (out[:B] - out[B:])
+        alpha, sigma = _first_half(both.alpha, B), _first_half(both.sigma, B)
+        return Prediction(x_t, alpha, sigma, **{form: guided})
 
     def _paired_cond(self, cond: dict[str, Any], B: int) -> dict[str, Any]:
         """``cond`` for the batch ``[x_t; x_t]``: ``[cond; null]`` on the named entries,
@@ -160,11 +171,18 @@ class ClassifierGuidance:
         self.null_label = null_label
         self.conditional = conditional
 
-    def __call__(self, x_t: Tensor, t: Tensor, cond: dict[str, Any] | None = None) -> Prediction:
+    def __call__(
+        self,
+        x_t: Tensor,
+        t: Tensor,
+        cond: dict[str, Any] | None = None,
+        *,
+        alpha_sigma: AlphaSigma | None = None,
+    ) -> Prediction:
         if not cond or "class_labels" not in cond:
             raise ValueError("classifier guidance needs the target labels in cond['class_labels']")
         labels = _per_example(torch.as_tensor(cond["class_labels"]), x_t.shape[0], "class_labels")
-        pred = self.denoiser(x_t, t, self._denoiser_cond(cond, labels))
+        pred = self.denoiser(x_t, t, self._denoiser_cond(cond, labels), alpha_sigma=alpha_sigma)
         grad = self.log_likelihood_gradient(x_t, t, labels)
         return pred.with_eps(pred.eps - self.scale * pred.sigma * grad.to(pred.eps.dtype))
 
@@ -202,8 +220,15 @@ class StaticThresholding:
         self.schedule = denoiser.schedule
         self.limit = float(limit)
 
-    def __call__(self, x_t: Tensor, t: Tensor, cond: dict[str, Any] | None = None) -> Prediction:
-        pred = self.denoiser(x_t, t, cond)
+    def __call__(
+        self,
+        x_t: Tensor,
+        t: Tensor,
+        cond: dict[str, Any] | None = None,
+        *,
+        alpha_sigma: AlphaSigma | None = None,
+    ) -> Prediction:
+        pred = self.denoiser(x_t, t, cond, alpha_sigma=alpha_sigma)
         return _replace_x0(pred, pred.x0.clamp(-self.limit, self.limit))
 
 
@@ -224,8 +249,15 @@ class DynamicThresholding:
         self.schedule = denoiser.schedule
         self.percentile = float(percentile)
 
-    def __call__(self, x_t: Tensor, t: Tensor, cond: dict[str, Any] | None = None) -> Prediction:
-        pred = self.denoiser(x_t, t, cond)
+    def __call__(
+        self,
+        x_t: Tensor,
+        t: Tensor,
+        cond: dict[str, Any] | None = None,
+        *,
+        alpha_sigma: AlphaSigma | None = None,
+    ) -> Prediction:
+        pred = self.denoiser(x_t, t, cond, alpha_sigma=alpha_sigma)
         x0 = pred.x0
         flat = x0.abs().reshape(x0.shape[0], -1)
         flat = flat.to(torch.promote_types(flat.dtype, torch.float32))  # quantile needs >= fp32
@@ -256,8 +288,9 @@ def _per_example(value: Tensor, B: int, key: str) -> Tensor:
     raise ValueError(f"cond[{key!r}] has {value.shape[0]} rows for a batch of {B}")
 
 
-def _twice(t: Tensor, B: int) -> Tensor:
-    return t if t.ndim == 0 else torch.cat([_per_example(t, B, "t")] * 2)
+def _twice(value: Tensor, B: int, name: str) -> Tensor:
+    """A per-example ``value`` for the batch ``[x_t; x_t]`` (a 0-d one is shared as it is)."""
+    return value if value.ndim == 0 else torch.cat([_per_example(value, B, name)] * 2)
 
 
 def _first_half(a: Tensor, B: int) -> Tensor:

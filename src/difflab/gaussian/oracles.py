@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from difflab.gaussian.parameterization import Kind, Prediction, broadcast
+from difflab.gaussian.parameterization import AlphaSigma, Kind, Prediction, broadcast
 from difflab.gaussian.schedules import Schedule
 
 
@@ -118,8 +118,17 @@ class GaussianMixtureOracle:
 
     # ---------------------------------------------------------------- denoiser contract
 
-    def __call__(self, x_t: Tensor, t: Tensor, cond: dict[str, Any] | None = None) -> Prediction:
-        """The exact posterior means ``E[x_0 | x_t]`` and ``E[eps | x_t]`` as a Prediction."""
+    def __call__(
+        self,
+        x_t: Tensor,
+        t: Tensor,
+        cond: dict[str, Any] | None = None,
+        *,
+        alpha_sigma: AlphaSigma | None = None,
+    ) -> Prediction:
+        """The exact posterior means ``E[x_0 | x_t]`` and ``E[eps | x_t]`` as a Prediction.
+
+        ``alpha_sigma`` is ignored: the oracle evaluates its schedule at ``t`` in float64."""
         st = self._stats(x_t, t, _labels(cond))
         weighted = st.resp[..., None] * st.q  # r_k S_k^{-1} d_k in each eigenbasis
         x0 = st.resp @ st.means + st.alpha[:, None] * st.rotate(st.eigvals * weighted)

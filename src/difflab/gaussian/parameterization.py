@@ -19,7 +19,6 @@ A :class:`Denoiser` couples a network with a schedule and a parameterization and
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import torch
@@ -42,18 +41,49 @@ def broadcast(a: Tensor, x: Tensor) -> Tensor:
     return a.reshape(a.shape[0], *([1] * (x.ndim - 1)))
 
 
-@dataclass(frozen=True)
 class Prediction:
     """A denoiser's answer at ``x_t``: the data estimate ``x0`` and the noise estimate ``eps``.
 
-    ``alpha`` and ``sigma`` are broadcast to ``x_t``. ``v`` and ``score`` are derived.
+    It holds what the denoiser produced (``x0``, ``eps`` or both); the other is derived from
+    ``x_t = alpha x0 + sigma eps`` on first use and kept, so a sampler that reads only one form
+    pays for no conversion. ``alpha`` and ``sigma`` broadcast to ``x_t``; ``v`` and ``score``
+    are derived.
     """
 
-    x_t: Tensor
-    alpha: Tensor
-    sigma: Tensor
-    x0: Tensor
-    eps: Tensor
+    __slots__ = ("_eps", "_x0", "alpha", "sigma", "x_t")
+
+    def __init__(
+        self,
+        x_t: Tensor,
+        alpha: Tensor,
+        sigma: Tensor,
+        x0: Tensor | None = None,
+        eps: Tensor | None = None,
+    ):
+        if x0 is None and eps is None:
+            raise ValueError("a Prediction needs x0, eps or both")
+        self.x_t, self.alpha, self.sigma = x_t, alpha, sigma
+        self._x0, self._eps = x0, eps
+
+    @property
+    def x0(self) -> Tensor:
+        """The data estimate; ``(x_t - sigma eps) / alpha`` if the denoiser gave ``eps``."""
+        if self._x0 is None:
+            self._x0 = (self.x_t - self.sigma * self._eps) / self.alpha
+        return self._x0
+
+    @property
+    def eps(self) -> Tensor:
+        """The noise estimate; ``(x_t - alpha x0) / sigma`` if the denoiser gave ``x0``."""
+        if self._eps is None:
+            self._eps = (self.x_t - self.alpha * self._x0) / self.sigma
+        return self._eps
+
+    @property
+    def given(self) -> Literal["x0", "eps"]:
+        """The form the denoiser produced (``"eps"`` when it gave both): combining predictions
+        at the same ``x_t`` linearly (guidance) in this form needs no conversion."""
+        return "eps" if self._eps is not None else "x0"
 
     @property
     def v(self) -> Tensor:
@@ -67,41 +97,36 @@ class Prediction:
 
     def as_kind(self, kind: Kind) -> Tensor:
         """The prediction in parameterization ``kind``."""
-        return {"eps": self.eps, "x0": self.x0, "v": self.v, "score": self.score}[kind]
+        if kind not in KINDS:
+            raise ValueError(f"unknown parameterization {kind!r}: choose one of {KINDS}")
+        return getattr(self, kind)
 
     @classmethod
     def from_output(
         cls, kind: Kind, out: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor
     ) -> Prediction:
-        """Convert a raw prediction of the given ``kind`` into ``(x0, eps)`` exactly."""
+        """A raw prediction of the given ``kind`` as a Prediction (exact conversions)."""
         alpha, sigma = broadcast(alpha, x_t), broadcast(sigma, x_t)
         if kind == "eps":
-            eps = out
-            x0 = (x_t - sigma * eps) / alpha
-        elif kind == "x0":
-            x0 = out
-            eps = (x_t - alpha * x0) / sigma
-        elif kind == "v":
+            return cls(x_t, alpha, sigma, eps=out)
+        if kind == "x0":
+            return cls(x_t, alpha, sigma, x0=out)
+        if kind == "v":
             norm = alpha**2 + sigma**2
             x0 = (alpha * x_t - sigma * out) / norm
-            eps = (sigma * x_t + alpha * out) / norm
-        elif kind == "score":
-            eps = -sigma * out
-            x0 = (x_t - sigma * eps) / alpha
-        else:
-            raise ValueError(f"unknown parameterization {kind!r}: choose one of {KINDS}")
-        return cls(x_t=x_t, alpha=alpha, sigma=sigma, x0=x0, eps=eps)
+            return cls(x_t, alpha, sigma, x0=x0, eps=(sigma * x_t + alpha * out) / norm)
+        if kind == "score":
+            return cls(x_t, alpha, sigma, eps=-sigma * out)
+        raise ValueError(f"unknown parameterization {kind!r}: choose one of {KINDS}")
 
     def with_x0(self, x0: Tensor) -> Prediction:
-        """The same point with a replaced data estimate; ``eps`` is recomputed to stay consistent
-        (used by thresholding, which edits ``x_0`` and must keep ``x_t = alpha x0 + sigma eps``)."""
-        eps = (self.x_t - self.alpha * x0) / self.sigma
-        return Prediction(self.x_t, self.alpha, self.sigma, x0, eps)
+        """The same point with a replaced data estimate; ``eps`` follows from it (used by
+        thresholding, which edits ``x_0`` and must keep ``x_t = alpha x0 + sigma eps``)."""
+        return Prediction(self.x_t, self.alpha, self.sigma, x0=x0)
 
     def with_eps(self, eps: Tensor) -> Prediction:
-        """The same point with a replaced noise estimate; ``x0`` is recomputed (guidance)."""
-        x0 = (self.x_t - self.sigma * eps) / self.alpha
-        return Prediction(self.x_t, self.alpha, self.sigma, x0, eps)
+        """The same point with a replaced noise estimate; ``x0`` follows from it (guidance)."""
+        return Prediction(self.x_t, self.alpha, self.sigma, eps=eps)
 
 
 def target(kind: Kind, x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
@@ -118,17 +143,29 @@ def target(kind: Kind, x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) ->
     raise ValueError(f"unknown parameterization {kind!r}: choose one of {KINDS}")
 
 
+AlphaSigma = tuple[Tensor, Tensor]
+"""``(alpha(t), sigma(t))``, each broadcastable to ``x_t`` (0-d when shared by the batch)."""
+
+
 class DenoiserFn(Protocol):
     """What every sampler accepts: a schedule and ``(x_t, t, cond) -> Prediction``.
 
     :class:`Denoiser`, the guidance and thresholding wrappers and the exact oracles all satisfy it.
-    ``t`` is a ``(B,)`` tensor of times in ``[0, 1]``.
+    ``t`` is a ``(B,)`` tensor of times in ``[0, 1]``. ``alpha_sigma``, when given, is the
+    schedule's ``(alpha(t), sigma(t))`` at those times, computed once for a whole sampling grid
+    by the caller: a denoiser may use it instead of evaluating its schedule again, and a wrapper
+    passes it on.
     """
 
     schedule: Schedule
 
     def __call__(
-        self, x_t: Tensor, t: Tensor, cond: dict[str, Any] | None = None
+        self,
+        x_t: Tensor,
+        t: Tensor,
+        cond: dict[str, Any] | None = None,
+        *,
+        alpha_sigma: AlphaSigma | None = None,
     ) -> Prediction: ...
 
 
@@ -179,9 +216,16 @@ class Denoiser:
         self.prediction: Kind | Literal["edm"] = prediction
         self.sigma_data = float(sigma_data)
 
-    def __call__(self, x_t: Tensor, t: Tensor, cond: dict[str, Any] | None = None) -> Prediction:
+    def __call__(
+        self,
+        x_t: Tensor,
+        t: Tensor,
+        cond: dict[str, Any] | None = None,
+        *,
+        alpha_sigma: AlphaSigma | None = None,
+    ) -> Prediction:
         t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
-        alpha, sigma = self.schedule.alpha_sigma(t.to(torch.float64))
+        alpha, sigma = alpha_sigma or self.schedule.alpha_sigma(t.to(torch.float64))
         if self.prediction == "edm":
             c_skip, c_out, c_in, c_noise = edm_preconditioning(sigma / alpha, self.sigma_data)
             x_ve = x_t / broadcast(alpha, x_t)

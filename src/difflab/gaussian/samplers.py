@@ -6,9 +6,10 @@ Every sampler has the signature (DESIGN.md, "Sampler")::
 
 - ``denoiser`` is any :class:`~difflab.gaussian.parameterization.DenoiserFn` (a trained
   ``Denoiser``, a guidance wrapper, an exact oracle, or a plain function wrapped in
-  ``Denoiser(fn, schedule, prediction)``); it is called as ``denoiser(x_t, t, cond)`` with ``t``
-  a ``(B,)`` float64 tensor on ``x``'s device, and its schedule supplies ``alpha(t)``,
-  ``sigma(t)``.
+  ``Denoiser(fn, schedule, prediction)``); it is called as
+  ``denoiser(x_t, t, cond, alpha_sigma=(alpha(t), sigma(t)))`` with ``t`` a ``(B,)`` float64
+  tensor on ``x``'s device and the schedule values that the sampler computed once for its
+  whole grid (0-d tensors of ``x``'s dtype), so the denoiser need not evaluate its schedule.
 - ``x`` is the starting noise at ``ts[0]``, already scaled to the prior (``Schedule.prior_std``).
 - ``ts`` is a strictly decreasing sequence of times in ``[0, 1]`` ending with exactly 0, e.g.
   :meth:`Schedule.timesteps`, :func:`karras_times` or :func:`log_snr_times`. ``n = len(ts) - 1``
@@ -33,13 +34,13 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from difflab.gaussian.parameterization import DenoiserFn, Prediction
+from difflab.gaussian.parameterization import AlphaSigma, DenoiserFn, Prediction
 from difflab.gaussian.process import posterior_coefficients, transition_coefficients
 from difflab.gaussian.schedules import Schedule
 
@@ -169,10 +170,29 @@ def _values_at(schedule: Schedule, t: list[float]) -> tuple[list[float], list[fl
     return alpha.to(torch.float64).tolist(), sigma.to(torch.float64).tolist()
 
 
-def _device_times(times: list[float], x: Tensor) -> list[Tensor]:
-    """Each time as a ``(B,)`` float64 view on ``x``'s device (one host-to-device copy)."""
-    on_device = torch.tensor(times, dtype=torch.float64, device=x.device)
-    return [on_device[j].expand(x.shape[0]) for j in range(len(times))]
+class _At(NamedTuple):
+    """One evaluation point of the denoiser: ``t`` as a ``(B,)`` float64 tensor and the
+    schedule's ``(alpha(t), sigma(t))`` as 0-d tensors of ``x``'s dtype, all on ``x``'s device."""
+
+    t: Tensor
+    alpha_sigma: AlphaSigma
+
+
+def _evaluation_points(schedule: Schedule, times: list[float], x: Tensor) -> list[_At]:
+    """Each time with its schedule values, evaluated once on the host and copied to the device
+    in one transfer, so that the denoiser never re-evaluates the schedule inside the loop."""
+    host = torch.tensor(times, dtype=torch.float64)
+    alpha, sigma = schedule.alpha_sigma(host)
+    table = torch.stack([host, alpha.to(torch.float64), sigma.to(torch.float64)]).to(x.device)
+    ts = table[0, :, None].expand(len(times), x.shape[0]).unbind()
+    alphas, sigmas = table[1:].to(x.dtype).unbind()
+    return [
+        _At(*at) for at in zip(ts, zip(alphas.unbind(), sigmas.unbind(), strict=True), strict=True)
+    ]
+
+
+def _denoise(denoiser: DenoiserFn, x: Tensor, at: _At, cond: dict[str, Any] | None) -> Prediction:
+    return denoiser(x, at.t, cond, alpha_sigma=at.alpha_sigma)
 
 
 def _noise(x: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -235,9 +255,9 @@ def ddpm(
     if variance == "beta":
         var = transition_coefficients(g.schedule, s, t)[1]
     c_xt, c_x0, std = c_xt.tolist(), c_x0.tolist(), var.sqrt().tolist()
-    times = _device_times(g.t[:-1], x)
+    times = _evaluation_points(g.schedule, g.t[:-1], x)
     for i in range(g.n):
-        pred = denoiser(x, times[i], cond)
+        pred = _denoise(denoiser, x, times[i], cond)
         if callback is not None:
             callback(i, g.t[i], x, pred.x0)
         if i == g.n - 1:
@@ -271,9 +291,9 @@ def ddim(
     noise_var = eta**2 * post_var
     c_eps = (g.sigma_t[1:] ** 2 - noise_var).clamp(min=0.0).sqrt().tolist()
     std = noise_var.sqrt().tolist()
-    times = _device_times(g.t[:-1], x)
+    times = _evaluation_points(g.schedule, g.t[:-1], x)
     for i in range(g.n):
-        pred = denoiser(x, times[i], cond)
+        pred = _denoise(denoiser, x, times[i], cond)
         if callback is not None:
             callback(i, g.t[i], x, pred.x0)
         if i == g.n - 1:
@@ -314,7 +334,7 @@ def _edm(
     g = _Grid(denoiser.schedule, ts)
     schedule = g.schedule
     sig = (g.sigma_t / g.alpha_t).tolist()
-    sigma_top = float(schedule.sigma_ve(torch.ones((), dtype=torch.float64)))
+    sigma_top = float(schedule.sigma_ve(torch.ones((), dtype=torch.float64))) if s_churn else 0.0
     gamma = [
         min(s_churn / g.n, math.sqrt(2) - 1) if s_tmin <= sig[i] <= s_tmax else 0.0
         for i in range(g.n)
@@ -327,13 +347,15 @@ def _edm(
         else g.t[i]
         for i in range(g.n)
     ]
-    alpha_hat = _values_at(schedule, t_hat)[0]
-    times = _device_times(t_hat + g.t[1:-1], x)  # evaluations at t_hat_i, then at t_{i+1}
+    alpha_hat = _values_at(schedule, t_hat)[0] if any(churned) else g.alpha[:-1]
+    times = _evaluation_points(
+        schedule, t_hat + g.t[1:-1], x
+    )  # evaluations at t_hat_i, then at t_{i+1}
     for i in range(g.n):
         if churned[i]:
             extra = math.sqrt(sig_hat[i] ** 2 - sig[i] ** 2) * s_noise
             x = _combine(alpha_hat[i] / g.alpha[i], x, (alpha_hat[i] * extra, _noise(x, generator)))
-        pred = denoiser(x, times[i], cond)
+        pred = _denoise(denoiser, x, times[i], cond)
         if callback is not None:
             callback(i, t_hat[i], x, pred.x0)
         if i == g.n - 1:
@@ -342,7 +364,7 @@ def _edm(
         step = g.alpha[i + 1] * (sig[i + 1] - sig_hat[i])
         x_next = _combine(scale, x, (step, pred.eps))
         if second_order:
-            eps_next = denoiser(x_next, times[g.n + i], cond).eps
+            eps_next = _denoise(denoiser, x_next, times[g.n + i], cond).eps
             x_next = _combine(scale, x, (0.5 * step, pred.eps), (0.5 * step, eps_next))
         x = x_next
     raise AssertionError("unreachable")
@@ -468,10 +490,10 @@ def dpm_solver(
     def model(pred: Prediction) -> Tensor:
         return pred.x0 if prediction == "data" else pred.eps
 
-    times = _device_times(g.t[:-1] + [t for st in stage_t for t in st], x)
+    times = _evaluation_points(schedule, g.t[:-1] + [t for st in stage_t for t in st], x)
     stage_times = [times[g.n + k * (g.n - 1) : g.n + (k + 1) * (g.n - 1)] for k in range(order - 1)]
     for i in range(g.n):
-        pred = denoiser(x, times[i], cond)
+        pred = _denoise(denoiser, x, times[i], cond)
         if callback is not None:
             callback(i, g.t[i], x, pred.x0)
         if i == g.n - 1:
@@ -483,14 +505,14 @@ def dpm_solver(
         elif order == 2:
             r = ratios[0]
             A1, C1_1, _ = coeffs(i, stage_vals[0][0][i], stage_vals[0][1][i], stage_h[0][i])
-            d = model(denoiser(_combine(A1, x, (C1_1, m)), stage_times[0][i], cond)) - m
+            d = model(_denoise(denoiser, _combine(A1, x, (C1_1, m)), stage_times[0][i], cond)) - m
             x = _combine(A, x, (C1, m), (C1 / (2 * r), d))
         else:
             A1, C1_1, _ = coeffs(i, stage_vals[0][0][i], stage_vals[0][1][i], stage_h[0][i])
-            d1 = model(denoiser(_combine(A1, x, (C1_1, m)), stage_times[0][i], cond)) - m
+            d1 = model(_denoise(denoiser, _combine(A1, x, (C1_1, m)), stage_times[0][i], cond)) - m
             A2, C1_2, C2_2 = coeffs(i, stage_vals[1][0][i], stage_vals[1][1][i], stage_h[1][i])
             u2 = _combine(A2, x, (C1_2, m), (C2_2 / stage_h[0][i], d1))
-            d2 = model(denoiser(u2, stage_times[1][i], cond)) - m
+            d2 = model(_denoise(denoiser, u2, stage_times[1][i], cond)) - m
             x = _combine(A, x, (C1, m), (C2 / stage_h[1][i], d2))
     raise AssertionError("unreachable")
 
@@ -563,10 +585,10 @@ def dpm_solver_pp(
     A = [g.sigma[i + 1] / g.sigma[i] * decay[i] for i in steps]
     std = [g.sigma[i + 1] * math.sqrt(1 - decay[i] ** 2) for i in steps]
     weights = [_multistep_weights(g, i, order, sde) for i in steps]
-    times = _device_times(g.t[:-1], x)
+    times = _evaluation_points(g.schedule, g.t[:-1], x)
     history: list[Tensor] = []  # m_i, m_{i-1}, ... (most recent first)
     for i in range(g.n):
-        pred = denoiser(x, times[i], cond)
+        pred = _denoise(denoiser, x, times[i], cond)
         if callback is not None:
             callback(i, g.t[i], x, pred.x0)
         if i == g.n - 1:
@@ -611,11 +633,11 @@ def unipc(
         past = [(g.ell[i - j] - g.ell[i]) / h for j in range(min(order, i + 1))]
         predict.append([g.alpha[i + 1] * w for w in _interpolation_weights(past, h, False)])
         correct.append([g.alpha[i + 1] * w for w in _interpolation_weights([1.0, *past], h, False)])
-    times = _device_times(g.t[:-1], x)
+    times = _evaluation_points(g.schedule, g.t[:-1], x)
     history: list[Tensor] = []  # m_{i-1}, m_{i-2}, ... (most recent first)
     x_prev = x
     for i in range(g.n):
-        pred = denoiser(x, times[i], cond)
+        pred = _denoise(denoiser, x, times[i], cond)
         if callback is not None:
             callback(i, g.t[i], x, pred.x0)
         if i == g.n - 1:

@@ -347,16 +347,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _best_of(fn: Callable[[], int], device: torch.device, repeats: int) -> float:
-    """Shortest wall time of ``fn`` per call of the network it reports, over repeats."""
-    times = []
+def _best_of(fns: dict[str, Callable[[], int]], device: torch.device, repeats: int) -> dict:
+    """Shortest wall time of each ``fn`` per call of the network it reports, over ``repeats``
+    rounds in which every ``fn`` runs once in turn (so that a slow spell of a shared machine
+    hits all of them alike)."""
+    best = dict.fromkeys(fns, float("inf"))
     for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        calls = fn()
-        _sync(device)
-        times.append((time.perf_counter() - start) / calls)
-    return min(times)
+        for key, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            calls = fn()
+            _sync(device)
+            best[key] = min(best[key], (time.perf_counter() - start) / calls)
+    return best
 
 
 class _Fixed:
@@ -399,29 +402,47 @@ def _diffusers_loop(sched, x: Tensor, n: int, ve_state: bool, device) -> Callabl
     return run
 
 
-def overhead(shape: tuple[int, ...], device: torch.device, steps: int = 50, repeats: int = 5):
+#: The samplers that draw one Gaussian noise tensor per step (both libraries by ``torch.randn``).
+STOCHASTIC = ("ddpm", "dpmpp_2m_sde")
+
+
+def overhead(shape: tuple[int, ...], device: torch.device, steps: int = 50, repeats: int = 15):
     """Per network call: difflab's whole sampler call (its precomputation included) against
-    diffusers' loop of ``scale_model_input`` + ``step`` (``set_timesteps`` subtracted)."""
+    diffusers' loop of ``scale_model_input`` + ``step`` (``set_timesteps`` subtracted).
+
+    For the stochastic samplers the time of the noise draw both make (one ``torch.randn`` of
+    ``x``'s shape) is also reported, and the ratio with it taken out of both sides."""
     x = torch.randn(shape, device=device)
+    gen = torch.Generator(device).manual_seed(0)
+
+    def draw() -> int:
+        torch.randn(shape, generator=gen, device=device)
+        return 1
+
     rows = []
     for name, cls_name, config, ve_state in OVERHEAD_PAIRS:
         n = (steps + 1) // 2 if name == "heun" else steps
-        ours, bare = _difflab_loop(name, x, n, device), _difflab_loop(name, x, n, device, True)
-        ours(), bare()  # warm-up
-        row = {
-            "sampler": name,
-            "difflab": _best_of(ours, device, repeats),
-            "bare": _best_of(bare, device, repeats),
+        fns = {
+            "difflab": _difflab_loop(name, x, n, device),
+            "bare": _difflab_loop(name, x, n, device, True),
+            "draw": draw,
         }
         if diffusers is not None:
             sched = _diffusers_scheduler(cls_name, **config)
-            theirs = _diffusers_loop(sched, x, n, ve_state, device)
-            calls = theirs()
-            setup = _best_of(
-                lambda s=sched, k=n: s.set_timesteps(k, device=device) or 1, device, repeats
-            )
-            row["diffusers"] = _best_of(theirs, device, repeats) - setup / calls
+            fns["diffusers"] = _diffusers_loop(sched, x, n, ve_state, device)
+            fns["setup"] = lambda s=sched, k=n: s.set_timesteps(k, device=device) or 1
+        calls = {key: fn() for key, fn in fns.items()}  # warm-up
+        row = {"sampler": name, **_best_of(fns, device, repeats)}
+        if diffusers is not None:
+            row["diffusers"] -= row.pop("setup") / calls["diffusers"]
             row["ratio"] = row["difflab"] / row["diffusers"]
+            if name in STOCHASTIC:
+                draw_time = row["draw"]
+                row["ratio_without_draw"] = (row["difflab"] - draw_time) / (
+                    row["diffusers"] - draw_time
+                )
+        if name not in STOCHASTIC:
+            del row["draw"]
         rows.append(row)
     return rows
 
@@ -430,13 +451,15 @@ def overhead_table(shape: tuple[int, ...], rows: list[dict]) -> str:
     lines = [
         f"### Overhead per denoiser call, x of shape {shape} (network returns zeros)",
         "",
-        "| sampler | difflab (us) | of which sampler alone (us) | diffusers step (us) | ratio |",
-        "|---|---:|---:|---:|---:|",
+        "| sampler | difflab (us) | of which sampler alone (us) | diffusers step (us) | ratio "
+        "| noise draw (us) | ratio without the draw |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        theirs = f"{1e6 * r['diffusers']:.0f} | {r['ratio']:.2f}" if "diffusers" in r else "- | -"
         ours = f"{1e6 * r['difflab']:.0f} | {1e6 * r['bare']:.0f}"
-        lines.append(f"| {r['sampler']} | {ours} | {theirs} |")
+        theirs = f"{1e6 * r['diffusers']:.0f} | {r['ratio']:.2f}" if "diffusers" in r else "- | -"
+        draw = f"{1e6 * r['draw']:.0f} | {r['ratio_without_draw']:.2f}" if "draw" in r else "- | -"
+        lines.append(f"| {r['sampler']} | {ours} | {theirs} | {draw} |")
     return "\n".join(lines)
 
 

@@ -121,6 +121,24 @@ def test_cfg_is_the_guided_score_of_the_seeds(convention, scale, gamma, schedule
     torch.testing.assert_close(pred.alpha * pred.x0 + pred.sigma * pred.eps, x, rtol=0, atol=1e-9)
 
 
+@pytest.mark.parametrize("kind", ["x0", "v", "score"])
+def test_cfg_of_any_parameterization_is_the_same_guided_prediction(kind):
+    """Guidance combines the form the denoiser gave (eps for an eps network, x0 for an x0 one);
+    the result is one and the same guided prediction whatever the network predicts."""
+    oracle = mixture()
+    x, t, y = points()
+    cond = {"class_labels": y}
+    reference = ClassifierFreeGuidance(
+        Denoiser(oracle.as_network("eps"), SCHEDULE), 2.0, null_label=K
+    )
+    other = ClassifierFreeGuidance(
+        Denoiser(oracle.as_network(kind), SCHEDULE, kind), 2.0, null_label=K
+    )
+    want, got = reference(x, t, cond), other(x, t, cond)
+    torch.testing.assert_close(got.x0, want.x0, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(got.eps, want.eps, rtol=1e-9, atol=1e-9)
+
+
 class CountingUNet(UNet):
     """A U-Net that records the batch size of every call."""
 

@@ -184,3 +184,20 @@ def test_parameterizations_round_trip_exactly(name, kind):
     assert torch.allclose(pred.eps, eps, atol=1e-8)
     for other in KINDS:
         assert torch.allclose(pred.as_kind(other), target(other, x0, eps, alpha, sigma), atol=1e-8)
+
+
+def test_a_prediction_derives_the_form_it_was_not_given_exactly_once():
+    """Given x0 alone, eps = (x_t - alpha x0) / sigma; given eps alone, x0 = (x_t - sigma eps)
+    / alpha; the derived tensor is kept (the same object on every read)."""
+    gen = torch.Generator().manual_seed(3)
+    x_t, x0 = torch.randn(2, 5, 3, generator=gen, dtype=torch.float64)
+    alpha, sigma = torch.tensor(0.6, dtype=torch.float64), torch.tensor(0.8, dtype=torch.float64)
+    from_x0 = Prediction(x_t, alpha, sigma, x0=x0)
+    assert from_x0.given == "x0" and from_x0.x0 is x0
+    torch.testing.assert_close(from_x0.eps, (x_t - 0.6 * x0) / 0.8, rtol=1e-15, atol=1e-15)
+    assert from_x0.eps is from_x0.eps
+    from_eps = Prediction(x_t, alpha, sigma, eps=from_x0.eps)
+    assert from_eps.given == "eps"
+    torch.testing.assert_close(from_eps.x0, x0, rtol=1e-14, atol=1e-14)
+    with pytest.raises(ValueError, match="needs x0, eps or both"):
+        Prediction(x_t, alpha, sigma)

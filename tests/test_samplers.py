@@ -350,6 +350,35 @@ def test_samplers_see_only_predictions_so_every_parameterization_agrees(kind):
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-7, msg=name)
 
 
+class _SchedulePolice(Denoiser):
+    """A Denoiser that checks, on every call, that the sampler's precomputed ``alpha_sigma``
+    is what the schedule gives at ``t`` (cast to x's dtype) and that using it changes nothing."""
+
+    def __call__(self, x_t, t, cond=None, *, alpha_sigma=None):
+        assert alpha_sigma is not None
+        alpha, sigma = self.schedule.alpha_sigma(t)
+        assert torch.equal(alpha_sigma[0].expand_as(alpha), alpha.to(x_t.dtype))
+        assert torch.equal(alpha_sigma[1].expand_as(sigma), sigma.to(x_t.dtype))
+        given = super().__call__(x_t, t, cond, alpha_sigma=alpha_sigma)
+        own = super().__call__(x_t, t, cond)
+        assert torch.equal(given.x0, own.x0) and torch.equal(given.eps, own.eps)
+        return given
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_samplers_hand_the_denoiser_the_schedule_values_at_t(dtype):
+    """The fast samplers evaluate the schedule once per grid and pass (alpha, sigma) with each
+    call; they equal the schedule at that call's t bit for bit, and so do the predictions."""
+    oracle = _mixture(2, LINEAR)
+    police = _SchedulePolice(oracle.as_network("v"), LINEAR, "v")
+    x = torch.randn(4, 2, generator=_gen(0), dtype=dtype)
+    for name in ("ddpm", "ddim", "euler", "heun", "dpm_solver", "dpmpp_2m", "dpmpp_3m",
+                 "dpmpp_2m_sde", "unipc"):  # fmt: skip
+        S.SAMPLERS[name](police, x, S.karras_times(LINEAR, 6), generator=_gen(1))
+    S.heun(police, x, S.karras_times(LINEAR, 6), s_churn=10.0, generator=_gen(1))
+    S.dpm_solver(police, x, S.karras_times(LINEAR, 6), order=3)
+
+
 def test_plain_function_denoiser_and_float32():
     """eps_hat = 0 means the data estimate x_t / alpha_t never changes along the ODE in
     (x / alpha, sigma_ve), so every deterministic sampler must return x / alpha(ts[0])."""

@@ -68,15 +68,15 @@ class Prediction:
     @property
     def x0(self) -> Tensor:
         """The data estimate; ``(x_t - sigma eps) / alpha`` if the denoiser gave ``eps``."""
-        if self._x0 is None:
-            self._x0 = (self.x_t - self.sigma * self._eps) / self.alpha
+        if self._x0 is None:  # one fresh tensor, two passes
+            self._x0 = torch.addcmul(self.x_t, self.sigma, self._eps, value=-1).div_(self.alpha)
         return self._x0
 
     @property
     def eps(self) -> Tensor:
         """The noise estimate; ``(x_t - alpha x0) / sigma`` if the denoiser gave ``x0``."""
         if self._eps is None:
-            self._eps = (self.x_t - self.alpha * self._x0) / self.sigma
+            self._eps = torch.addcmul(self.x_t, self.alpha, self._x0, value=-1).div_(self.sigma)
         return self._eps
 
     @property

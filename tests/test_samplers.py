@@ -365,12 +365,19 @@ class _SchedulePolice(Denoiser):
         return given
 
 
-@pytest.mark.parametrize("dtype", [F64, torch.float32])
-def test_samplers_hand_the_denoiser_the_schedule_values_at_t(dtype):
+@pytest.mark.parametrize(("dtype", "kind"), [(F64, "v"), (torch.float32, "eps"), (F64, "edm")])
+def test_samplers_hand_the_denoiser_the_schedule_values_at_t(dtype, kind):
     """The fast samplers evaluate the schedule once per grid and pass (alpha, sigma) with each
-    call; they equal the schedule at that call's t bit for bit, and so do the predictions."""
+    call; they equal the schedule at that call's t bit for bit, and so do the predictions; the
+    network always sees one noise level per example."""
     oracle = _mixture(2, LINEAR)
-    police = _SchedulePolice(oracle.as_network("v"), LINEAR, "v")
+    exact = oracle.as_network("x0" if kind == "edm" else kind)
+
+    def net(x_t, c_noise, **cond):
+        assert c_noise.shape == (x_t.shape[0],)
+        return exact(x_t, c_noise, **cond) if kind != "edm" else torch.zeros_like(x_t)
+
+    police = _SchedulePolice(net, LINEAR, kind)
     x = torch.randn(4, 2, generator=_gen(0), dtype=dtype)
     for name in ("ddpm", "ddim", "euler", "heun", "dpm_solver", "dpmpp_2m", "dpmpp_3m",
                  "dpmpp_2m_sde", "unipc"):  # fmt: skip

@@ -229,7 +229,8 @@ class Denoiser:
         if self.prediction == "edm":
             c_skip, c_out, c_in, c_noise = edm_preconditioning(sigma / alpha, self.sigma_data)
             x_ve = x_t / broadcast(alpha, x_t)
-            out = self.net(broadcast(c_in, x_t) * x_ve, c_noise.to(x_t.dtype), **(cond or {}))
+            c_noise = c_noise.to(x_t.dtype).expand(t.shape)  # (B,) as for every network
+            out = self.net(broadcast(c_in, x_t) * x_ve, c_noise, **(cond or {}))
             x0 = broadcast(c_skip, x_t) * x_ve + broadcast(c_out, x_t) * out
             return Prediction.from_output("x0", x0, x_t, alpha, sigma)
         out = self.net(x_t, (1000.0 * t).to(x_t.dtype), **(cond or {}))

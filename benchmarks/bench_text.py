@@ -53,6 +53,7 @@ def train_all(args: argparse.Namespace) -> dict[str, tuple[text.LoadedTextModel,
             "train.steps=1000000",  # the time budget ends training
             "train.lr_schedule=constant",
             f"train.batch_size={args.batch_size}",
+            *([f"train.lr={args.lr}"] if args.lr is not None else []),
             f"train.device={args.device}",
             f"data.length={args.length}",
             f"model.width={args.width}",
@@ -181,6 +182,7 @@ def main() -> None:
     parser.add_argument("--kinds", type=lambda s: s.split(","), default=list(KINDS))
     parser.add_argument("--length", type=int, default=256, help="training context")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, help="learning rate (default: the preset's)")
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)

@@ -24,6 +24,7 @@ noise estimate ``-sigma delta``.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -205,20 +206,16 @@ class ClassifierGuidance:
         return rest
 
 
-class StaticThresholding:
-    """``x_0 <- clip(x_0, -limit, limit)`` (Saharia et al. 2022, "static thresholding").
+class _Thresholding(ABC):
+    """A wrapper that edits the data estimate of its denoiser's prediction (:meth:`clip`).
 
     ``eps`` follows from ``x_t = alpha x_0 + sigma eps`` (:meth:`Prediction.with_x0`) where the
-    clip changed ``x_0``; elsewhere both are returned untouched, so the wrapper is exactly the
-    identity when no estimate leaves ``[-limit, limit]``.
+    edit changed ``x_0``; elsewhere both are returned untouched.
     """
 
-    def __init__(self, denoiser: DenoiserFn, limit: float = 1.0):
-        if limit <= 0:
-            raise ValueError(f"the clipping limit must be positive, got {limit}")
+    def __init__(self, denoiser: DenoiserFn):
         self.denoiser = denoiser
         self.schedule = denoiser.schedule
-        self.limit = float(limit)
 
     def __call__(
         self,
@@ -229,10 +226,28 @@ class StaticThresholding:
         alpha_sigma: AlphaSigma | None = None,
     ) -> Prediction:
         pred = self.denoiser(x_t, t, cond, alpha_sigma=alpha_sigma)
-        return _replace_x0(pred, pred.x0.clamp(-self.limit, self.limit))
+        return _replace_x0(pred, self.clip(pred.x0))
+
+    @abstractmethod
+    def clip(self, x0: Tensor) -> Tensor:
+        """The edited data estimate."""
 
 
-class DynamicThresholding:
+class StaticThresholding(_Thresholding):
+    """``x_0 <- clip(x_0, -limit, limit)`` (Saharia et al. 2022, "static thresholding"); exactly
+    the identity when no estimate leaves ``[-limit, limit]``."""
+
+    def __init__(self, denoiser: DenoiserFn, limit: float = 1.0):
+        if limit <= 0:
+            raise ValueError(f"the clipping limit must be positive, got {limit}")
+        super().__init__(denoiser)
+        self.limit = float(limit)
+
+    def clip(self, x0: Tensor) -> Tensor:
+        return x0.clamp(-self.limit, self.limit)
+
+
+class DynamicThresholding(_Thresholding):
     """Imagen's dynamic thresholding (Saharia et al. 2022, Sec. 2.3): per sample,
     ``s = max(1, quantile(|x_0|, percentile))`` over its pixels, then
     ``x_0 <- clip(x_0, -s, s) / s``.
@@ -245,25 +260,15 @@ class DynamicThresholding:
     def __init__(self, denoiser: DenoiserFn, percentile: float = 0.995):
         if not 0.0 < percentile <= 1.0:
             raise ValueError(f"percentile must lie in (0, 1], got {percentile}")
-        self.denoiser = denoiser
-        self.schedule = denoiser.schedule
+        super().__init__(denoiser)
         self.percentile = float(percentile)
 
-    def __call__(
-        self,
-        x_t: Tensor,
-        t: Tensor,
-        cond: dict[str, Any] | None = None,
-        *,
-        alpha_sigma: AlphaSigma | None = None,
-    ) -> Prediction:
-        pred = self.denoiser(x_t, t, cond, alpha_sigma=alpha_sigma)
-        x0 = pred.x0
+    def clip(self, x0: Tensor) -> Tensor:
         flat = x0.abs().reshape(x0.shape[0], -1)
         flat = flat.to(torch.promote_types(flat.dtype, torch.float32))  # quantile needs >= fp32
         level = torch.quantile(flat, self.percentile, dim=1).to(x0.dtype).clamp(min=1.0)
         level = level.reshape(-1, *([1] * (x0.ndim - 1)))
-        return _replace_x0(pred, torch.minimum(torch.maximum(x0, -level), level) / level)
+        return torch.minimum(torch.maximum(x0, -level), level) / level
 
 
 # ------------------------------------------------------------------------------------------------

@@ -54,6 +54,7 @@ def train_all(args: argparse.Namespace) -> dict[str, tuple[text.LoadedTextModel,
             "train.lr_schedule=constant",
             f"train.batch_size={args.batch_size}",
             *([f"train.lr={args.lr}"] if args.lr is not None else []),
+            *args.set,
             f"train.device={args.device}",
             f"data.length={args.length}",
             f"model.width={args.width}",
@@ -183,6 +184,9 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=256, help="training context")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, help="learning rate (default: the preset's)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="any other config override"
+    )
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)

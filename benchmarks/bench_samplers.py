@@ -20,8 +20,10 @@
    log-SNR and Karras rows show the orders (and tests/test_samplers.py measures them).
 2. Overhead: the time per denoiser call of everything but the network (a network returning
    zeros), difflab's sampler against diffusers' ``scheduler.step`` loop, as a ratio. difflab's
-   time includes its ``Denoiser`` (schedule evaluation and eps -> x0 conversion, which
-   diffusers does inside ``step``); the sampler's own share is shown beside it.
+   time includes its ``Denoiser`` (parameterization conversion, which diffusers does inside
+   ``step``); the sampler's own share is shown beside it, and for the stochastic samplers the
+   time of the one ``torch.randn`` per step that both libraries draw. All are timed in
+   interleaved rounds, the fastest round counting.
 3. With ``--checkpoint`` (a digits run of the image recipe): Frechet distance (pixels and the
    digits classifier's features) against held-out digits at 10 and 20 NFE for every sampler,
    next to 1000-step DDPM.

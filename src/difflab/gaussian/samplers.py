@@ -186,9 +186,8 @@ def _evaluation_points(schedule: Schedule, times: list[float], x: Tensor) -> lis
     table = torch.stack([host, alpha.to(torch.float64), sigma.to(torch.float64)]).to(x.device)
     ts = table[0, :, None].expand(len(times), x.shape[0]).unbind()
     alphas, sigmas = table[1:].to(x.dtype).unbind()
-    return [
-        _At(*at) for at in zip(ts, zip(alphas.unbind(), sigmas.unbind(), strict=True), strict=True)
-    ]
+    levels = zip(alphas.unbind(), sigmas.unbind(), strict=True)
+    return [_At(t, level) for t, level in zip(ts, levels, strict=True)]
 
 
 def _denoise(denoiser: DenoiserFn, x: Tensor, at: _At, cond: dict[str, Any] | None) -> Prediction:
@@ -348,9 +347,8 @@ def _edm(
         for i in range(g.n)
     ]
     alpha_hat = _values_at(schedule, t_hat)[0] if any(churned) else g.alpha[:-1]
-    times = _evaluation_points(
-        schedule, t_hat + g.t[1:-1], x
-    )  # evaluations at t_hat_i, then at t_{i+1}
+    # evaluations at t_hat_i, then at t_{i+1}
+    times = _evaluation_points(schedule, t_hat + g.t[1:-1], x)
     for i in range(g.n):
         if churned[i]:
             extra = math.sqrt(sig_hat[i] ** 2 - sig[i] ** 2) * s_noise

@@ -91,9 +91,9 @@ class Counter:
     def denoiser(self):
         """difflab's view of the same oracle (a DenoiserFn that counts)."""
 
-        def call(x_t, t, cond=None):
+        def call(x_t, t, cond=None, *, alpha_sigma=None):
             self.calls += 1
-            return self.oracle(x_t, t, cond)
+            return self.oracle(x_t, t, cond, alpha_sigma=alpha_sigma)
 
         call.schedule = self.oracle.schedule
         return call

@@ -178,15 +178,15 @@ class _At(NamedTuple):
     alpha_sigma: AlphaSigma
 
 
-def _evaluation_points(schedule: Schedule, times: list[float], x: Tensor) -> list[_At]:
-    """Each time with its schedule values, evaluated once on the host and copied to the device
-    in one transfer, so that the denoiser never re-evaluates the schedule inside the loop."""
-    host = torch.tensor(times, dtype=torch.float64)
-    alpha, sigma = schedule.alpha_sigma(host)
-    table = torch.stack([host, alpha.to(torch.float64), sigma.to(torch.float64)]).to(x.device)
+def _evaluation_points(
+    times: list[float], alphas: list[float], sigmas: list[float], x: Tensor
+) -> list[_At]:
+    """Each time with its schedule values (already computed on the host, float64), copied to
+    ``x``'s device in one transfer, so that the denoiser never re-evaluates the schedule."""
+    table = torch.tensor([times, alphas, sigmas], dtype=torch.float64).to(x.device)
     ts = table[0, :, None].expand(len(times), x.shape[0]).unbind()
-    alphas, sigmas = table[1:].to(x.dtype).unbind()
-    levels = zip(alphas.unbind(), sigmas.unbind(), strict=True)
+    alphas_x, sigmas_x = table[1:].to(x.dtype).unbind()
+    levels = zip(alphas_x.unbind(), sigmas_x.unbind(), strict=True)
     return [_At(t, level) for t, level in zip(ts, levels, strict=True)]
 
 
@@ -254,7 +254,7 @@ def ddpm(
     if variance == "beta":
         var = transition_coefficients(g.schedule, s, t)[1]
     c_xt, c_x0, std = c_xt.tolist(), c_x0.tolist(), var.sqrt().tolist()
-    times = _evaluation_points(g.schedule, g.t[:-1], x)
+    times = _evaluation_points(g.t[:-1], g.alpha[:-1], g.sigma[:-1], x)
     for i in range(g.n):
         pred = _denoise(denoiser, x, times[i], cond)
         if callback is not None:
@@ -290,7 +290,7 @@ def ddim(
     noise_var = eta**2 * post_var
     c_eps = (g.sigma_t[1:] ** 2 - noise_var).clamp(min=0.0).sqrt().tolist()
     std = noise_var.sqrt().tolist()
-    times = _evaluation_points(g.schedule, g.t[:-1], x)
+    times = _evaluation_points(g.t[:-1], g.alpha[:-1], g.sigma[:-1], x)
     for i in range(g.n):
         pred = _denoise(denoiser, x, times[i], cond)
         if callback is not None:
@@ -346,9 +346,13 @@ def _edm(
         else g.t[i]
         for i in range(g.n)
     ]
-    alpha_hat = _values_at(schedule, t_hat)[0] if any(churned) else g.alpha[:-1]
+    alpha_hat, sigma_hat = (
+        _values_at(schedule, t_hat) if any(churned) else (g.alpha[:-1], g.sigma[:-1])
+    )
     # evaluations at t_hat_i, then at t_{i+1}
-    times = _evaluation_points(schedule, t_hat + g.t[1:-1], x)
+    times = _evaluation_points(
+        t_hat + g.t[1:-1], alpha_hat + g.alpha[1:-1], sigma_hat + g.sigma[1:-1], x
+    )
     for i in range(g.n):
         if churned[i]:
             extra = math.sqrt(sig_hat[i] ** 2 - sig[i] ** 2) * s_noise
@@ -488,7 +492,12 @@ def dpm_solver(
     def model(pred: Prediction) -> Tensor:
         return pred.x0 if prediction == "data" else pred.eps
 
-    times = _evaluation_points(schedule, g.t[:-1] + [t for st in stage_t for t in st], x)
+    times = _evaluation_points(
+        g.t[:-1] + [t for st in stage_t for t in st],
+        g.alpha[:-1] + [a for alphas, _ in stage_vals for a in alphas],
+        g.sigma[:-1] + [s for _, sigmas in stage_vals for s in sigmas],
+        x,
+    )
     stage_times = [times[g.n + k * (g.n - 1) : g.n + (k + 1) * (g.n - 1)] for k in range(order - 1)]
     for i in range(g.n):
         pred = _denoise(denoiser, x, times[i], cond)
@@ -583,7 +592,7 @@ def dpm_solver_pp(
     A = [g.sigma[i + 1] / g.sigma[i] * decay[i] for i in steps]
     std = [g.sigma[i + 1] * math.sqrt(1 - decay[i] ** 2) for i in steps]
     weights = [_multistep_weights(g, i, order, sde) for i in steps]
-    times = _evaluation_points(g.schedule, g.t[:-1], x)
+    times = _evaluation_points(g.t[:-1], g.alpha[:-1], g.sigma[:-1], x)
     history: list[Tensor] = []  # m_i, m_{i-1}, ... (most recent first)
     for i in range(g.n):
         pred = _denoise(denoiser, x, times[i], cond)
@@ -631,7 +640,7 @@ def unipc(
         past = [(g.ell[i - j] - g.ell[i]) / h for j in range(min(order, i + 1))]
         predict.append([g.alpha[i + 1] * w for w in _interpolation_weights(past, h, False)])
         correct.append([g.alpha[i + 1] * w for w in _interpolation_weights([1.0, *past], h, False)])
-    times = _evaluation_points(g.schedule, g.t[:-1], x)
+    times = _evaluation_points(g.t[:-1], g.alpha[:-1], g.sigma[:-1], x)
     history: list[Tensor] = []  # m_{i-1}, m_{i-2}, ... (most recent first)
     x_prev = x
     for i in range(g.n):

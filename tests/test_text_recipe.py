@@ -212,8 +212,8 @@ def test_ar_evaluation_is_the_exact_nll(trained):
 
 def test_bounds_of_a_uniform_denoiser(trained, text_file, tmp_path):
     """With a zero output head the AR model is uniform over V tokens (NLL = log V exactly) and
-    MDLM's SUBS is uniform over the V - 1 non-mask tokens, whose bound is log(V - 1) in
-    expectation (E_t[(1/t) P(masked at t)] = 1)."""
+    MDLM's SUBS is uniform over the V - 1 non-mask tokens. MDLM's bound in its mask-count form
+    costs each row (n / l) * l * log(V - 1): exactly log(V - 1) per token, whatever is drawn."""
     ar = text.load_model(_run_of(trained["ar"]))
     mdlm = text.load_model(_run_of(trained["mdlm"]))
     for model in (ar, mdlm):
@@ -221,12 +221,33 @@ def test_bounds_of_a_uniform_denoiser(trained, text_file, tmp_path):
         torch.nn.init.zeros_(model.net.head.bias)
     V = ar.tokenizer.vocab_size
     assert text.evaluate(ar, 32)["nats_per_token"] == pytest.approx(math.log(V), rel=1e-6)
-    # The Monte Carlo estimate is unbiased but heavy-tailed (times near 0 with a masked token
-    # weigh 1/t): over seeds 0..99 its relative error had mean +1.1%, std 5.9% and ranged from
-    # -4.3% to +47% (seed 0: -0.6%). A missing 1/t weight would give about 0.5; counting
-    # unmasked tokens as well, about 2 and more.
-    ratio = text.evaluate(mdlm, 32, time_samples=8)["nats_per_token"] / math.log(V - 1)
-    assert 0.85 < ratio < 1.5
+    result = text.evaluate(mdlm, 32, time_samples=2)
+    assert result["nats_per_token"] == pytest.approx(math.log(V - 1), rel=1e-6)
+    assert result["nats_per_token_stderr"] < 1e-6
+
+
+@pytest.mark.parametrize("time_conditioning", [False, True])
+def test_mdlm_bound_form_follows_time_conditioning(text_file, tmp_path, time_conditioning):
+    """A time-agnostic MDLM network is trained and scored on the mask-count form of the bound
+    (exactly l masked tokens, t = l / n); a time-conditioned one on the time form (a Binomial
+    number masked at time t), since only there is its t the samplers' t."""
+    cfg = tiny(text_file, tmp_path, f"model.time_conditioning={str(time_conditioning).lower()}")
+    seen = []
+
+    def spy(x_t, t, cond=None):
+        seen.append((x_t, t))
+        return torch.zeros(*x_t.shape, 8)
+
+    process = text.build_process(cfg, 8)
+    tokens = torch.randint(
+        5, 8, (256, 64), generator=torch.Generator().manual_seed(0)
+    )  # no specials
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    text.continuous_nelbo(cfg, spy, process, tokens, mask, None, torch.Generator().manual_seed(1))
+    x_t, t = seen[0]
+    fraction = (x_t == process.mask_id).double().mean(1)
+    exact = torch.allclose(fraction, t.double(), atol=1e-6)
+    assert exact != time_conditioning
 
 
 # ---------------------------------------------------------------- demo

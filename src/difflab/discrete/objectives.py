@@ -1,8 +1,9 @@
-"""Training objectives of discrete diffusion: continuous-time NELBOs (MDLM, UDLM, GIDD) and D3PM.
+"""Training objectives of discrete diffusion: continuous-time NELBOs (MDLM, UDLM, GIDD; for the
+masked process also in its mask-count form) and D3PM.
 
 A denoiser is any callable ``model(x_t, t, cond) -> logits (B, L, V)``; the process turns the
 logits into ``log x_theta = log p_theta(x_0 | x_t)`` (:meth:`TokenProcess.x0_log_probs`, e.g. SUBS
-for the masked process). Both objectives return a :class:`DiscreteLoss` whose ``token_nelbo`` is
+for the masked process). Every objective returns a :class:`DiscreteLoss` whose ``token_nelbo`` is
 an unbiased per-token estimate of the negative ELBO in nats, so that
 
 - nats per token ``= token_nelbo.sum() / num_tokens``; bits per token: divide by ``ln 2``;
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from difflab.discrete.process import TokenProcess
+from difflab.discrete.process import MaskedProcess, TokenProcess
 from difflab.discrete.samplers import Denoiser
 
 
@@ -96,6 +97,54 @@ def continuous_time_loss(
     x_t = process.sample(x0, t, generator)
     log_x0 = process.x0_log_probs(model(x_t, t, cond).float(), x_t)
     nelbo = process.loss_rate(log_x0, x_t, x0, t) + process.prior_kl(x0).to(log_x0.dtype)
+    return _reduce(nelbo, nelbo, loss_mask, t)
+
+
+def mask_count_loss(
+    model: Denoiser,
+    process: MaskedProcess,
+    x0: Tensor,
+    *,
+    loss_mask: Tensor | None = None,
+    cond: Any = None,
+    antithetic: bool = True,
+    generator: torch.Generator | None = None,
+) -> DiscreteLoss:
+    """The masked process's NELBO drawn through the number of masked tokens (its any-order form;
+    Ou et al. 2024, LLaDA), for a denoiser ``x_theta`` that does not read ``t``:
+
+        -log p(x_0) <= sum_{l=1}^{n} (1 / l) E_{|M| = l} [ sum_{i in M} -log x_theta(x_0^i | x^M) ]
+                     = E_{l ~ U{1..n}, |M| = l} [ (n / l) sum_{i in M} -log x_theta(x_0^i | x^M) ],
+
+    with ``M`` a uniformly random set of ``l`` of the row's ``n`` counted tokens and ``x^M`` the
+    row with ``M`` masked. It is :func:`continuous_time_loss`'s bound for every schedule: given
+    ``t`` the number masked is Binomial(n, 1 - alpha_t), and
+    ``int_0^1 C(n, l) (1 - alpha_t)^(l - 1) alpha_t^(n - l) (-alpha'_t) dt = 1 / l``. Drawing
+    ``l`` (stratified over the batch unless ``antithetic`` is off) instead of ``t`` removes the
+    binomial spread of the count and the unbounded weight ``-alpha'_t / (1 - alpha_t)`` near
+    ``t = 0``: a row's estimate is ``n`` times the mean NLL of its masked tokens. Uncounted
+    (padding) positions are masked with probability ``l / n`` each. The network is called with
+    ``t = l / n``, the masked fraction (the log-linear time with that expected fraction); for a
+    network that reads ``t`` this is a different bound from the one its samplers use.
+    """
+    if not isinstance(process, MaskedProcess):
+        raise ValueError("mask_count_loss needs the masked process")
+    B, L = x0.shape
+    keep = torch.ones_like(x0, dtype=torch.bool) if loss_mask is None else loss_mask.bool()
+    n = keep.sum(1).clamp_min(1).double()
+    times = sample_times(B, antithetic=antithetic, generator=generator, device=x0.device)
+    frac = 1.0 - times.double()  # in [0, 1)
+    count = torch.minimum(torch.floor(frac * n) + 1, n)
+    rank = torch.rand(B, L, generator=generator, device=x0.device).masked_fill(~keep, 2.0)
+    rank = rank.argsort(1).argsort(1)  # counted tokens first, in random order
+    coin = torch.rand(B, L, generator=generator, device=x0.device, dtype=torch.float64)
+    masked = torch.where(keep, rank < count[:, None], coin < (count / n)[:, None])
+    x_t = x0.masked_fill(masked, process.mask_id)
+    t = (count / n).float()
+    log_x0 = process.x0_log_probs(model(x_t, t, cond).float(), x_t)
+    nll = -log_x0.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
+    weight = (n / count).to(nll.dtype)[:, None]
+    nelbo = torch.where(masked, weight * nll, torch.zeros_like(nll))
     return _reduce(nelbo, nelbo, loss_mask, t)
 
 

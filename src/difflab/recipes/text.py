@@ -66,7 +66,12 @@ from difflab.data.text import (
     pack_texts,
     split_documents,
 )
-from difflab.discrete.objectives import continuous_time_loss, d3pm_loss
+from difflab.discrete.objectives import (
+    DiscreteLoss,
+    continuous_time_loss,
+    d3pm_loss,
+    mask_count_loss,
+)
 from difflab.discrete.process import HybridProcess, MaskedProcess, TokenProcess, UniformProcess
 from difflab.discrete.samplers import (
     DiscreteSamples,
@@ -393,10 +398,28 @@ def make_loss(
         if d.kind in DISCRETE_TIME_KINDS:
             return d3pm_loss(model, process, tokens, d.T, ce_weight=d.hybrid_lambda,
                              loss_mask=loss_mask, cond=cond, generator=generator).loss  # fmt: skip
-        return continuous_time_loss(model, process, tokens, loss_mask=loss_mask, cond=cond,
-                                    antithetic=d.antithetic, generator=generator).loss  # fmt: skip
+        return continuous_nelbo(cfg, model, process, tokens, loss_mask, cond, generator).loss
 
     return loss
+
+
+def continuous_nelbo(
+    cfg: TextConfig,
+    net: nn.Module,
+    process: TokenProcess,
+    tokens: Tensor,
+    loss_mask: Tensor,
+    cond: Tensor | None,
+    generator: torch.Generator,
+) -> DiscreteLoss:
+    """The continuous-time bound of ``cfg``'s process, for training and evaluation alike: MDLM with
+    a time-agnostic network (the default) draws it through the number of masked tokens
+    (:func:`mask_count_loss`: the same bound, lower variance), every other kind through the time
+    (:func:`continuous_time_loss`); both stratified over the batch if ``diffusion.antithetic``."""
+    options = {"loss_mask": loss_mask, "cond": cond, "antithetic": cfg.diffusion.antithetic}
+    if cfg.diffusion.kind == "mdlm" and not cfg.time_conditioning:
+        return mask_count_loss(net, process, tokens, **options, generator=generator)
+    return continuous_time_loss(net, process, tokens, **options, generator=generator)
 
 
 def count_parameters(net: nn.Module) -> int:
@@ -697,8 +720,8 @@ def evaluate(
 ) -> dict[str, Any]:
     """Negative log-likelihood per token on ``n_sequences`` held-out rows, spread evenly over the
     held-out split: for ``ar`` the exact value, for diffusion kinds the NELBO (a bound: an upper
-    bound on the true NLL), estimated with ``time_samples`` antithetic times per row (D3PM kinds:
-    their ``T``-step ``L_vb``; the others: the continuous-time bound of their process). Labelled
+    bound on the true NLL), estimated with ``time_samples`` draws per row (D3PM kinds: their
+    ``T``-step ``L_vb``; the others: :func:`continuous_nelbo`). Labelled
     runs are scored given each row's label.
 
     Returns ``kind``, ``step``, ``bound`` (True for diffusion), ``sequences``, ``tokens``
@@ -726,8 +749,8 @@ def evaluate(
             token_nll = d3pm_loss(model.net, process, x0, d.T, loss_mask=mask, cond=cond,
                                   generator=generator).token_nelbo  # fmt: skip
         else:
-            token_nll = continuous_time_loss(model.net, process, x0, loss_mask=mask, cond=cond,
-                                             generator=generator).token_nelbo  # fmt: skip
+            token_nll = continuous_nelbo(model.config, model.net, process, x0, mask, cond,
+                                         generator).token_nelbo  # fmt: skip
         sums.append(token_nll.double().sum(1).view(-1, repeats).mean(1))
         counts.append(loss_mask[chunk].sum(1).double())
     row_sums, row_counts = torch.cat(sums).cpu(), torch.cat(counts)

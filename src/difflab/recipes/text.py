@@ -720,9 +720,9 @@ def evaluate(
 ) -> dict[str, Any]:
     """Negative log-likelihood per token on ``n_sequences`` held-out rows, spread evenly over the
     held-out split: for ``ar`` the exact value, for diffusion kinds the NELBO (a bound: an upper
-    bound on the true NLL), estimated with ``time_samples`` draws per row (D3PM kinds: their
-    ``T``-step ``L_vb``; the others: :func:`continuous_nelbo`). Labelled
-    runs are scored given each row's label.
+    bound on the true NLL), estimated with ``time_samples`` draws per row spread over the noise
+    levels (D3PM kinds: their ``T``-step ``L_vb``; the others: :func:`continuous_nelbo`).
+    Labelled runs are scored given each row's label.
 
     Returns ``kind``, ``step``, ``bound`` (True for diffusion), ``sequences``, ``tokens``
     (scored), ``nats_per_token`` and its Monte Carlo/row-sampling ``nats_per_token_stderr``
@@ -740,9 +740,10 @@ def evaluate(
     repeats = 1 if process is None else time_samples
     sums, counts = [], []
     for chunk in rows.split(batch_size):
-        x0 = tokens[chunk].to(device).repeat_interleave(repeats, 0)
-        mask = loss_mask[chunk].to(device).repeat_interleave(repeats, 0)
-        cond = None if labels is None else labels[chunk].to(device).repeat_interleave(repeats, 0)
+        # Row r's draws sit len(chunk) apart in the batch: in strata 1 / repeats apart.
+        x0 = tokens[chunk].to(device).repeat(repeats, 1)
+        mask = loss_mask[chunk].to(device).repeat(repeats, 1)
+        cond = None if labels is None else labels[chunk].to(device).repeat(repeats)
         if process is None:
             token_nll = ar_token_nll(model.net, x0, cond) * mask
         elif d.kind in DISCRETE_TIME_KINDS:
@@ -751,7 +752,7 @@ def evaluate(
         else:
             token_nll = continuous_nelbo(model.config, model.net, process, x0, mask, cond,
                                          generator).token_nelbo  # fmt: skip
-        sums.append(token_nll.double().sum(1).view(-1, repeats).mean(1))
+        sums.append(token_nll.double().sum(1).view(repeats, -1).mean(0))
         counts.append(loss_mask[chunk].sum(1).double())
     row_sums, row_counts = torch.cat(sums).cpu(), torch.cat(counts)
     nats = float(row_sums.sum() / row_counts.sum())

@@ -67,7 +67,6 @@ from difflab.data.text import (
     split_documents,
 )
 from difflab.discrete.objectives import (
-    DiscreteLoss,
     continuous_time_loss,
     d3pm_loss,
     mask_count_loss,
@@ -398,28 +397,10 @@ def make_loss(
         if d.kind in DISCRETE_TIME_KINDS:
             return d3pm_loss(model, process, tokens, d.T, ce_weight=d.hybrid_lambda,
                              loss_mask=loss_mask, cond=cond, generator=generator).loss  # fmt: skip
-        return continuous_nelbo(cfg, model, process, tokens, loss_mask, cond, generator).loss
+        return continuous_time_loss(model, process, tokens, loss_mask=loss_mask, cond=cond,
+                                    antithetic=d.antithetic, generator=generator).loss  # fmt: skip
 
     return loss
-
-
-def continuous_nelbo(
-    cfg: TextConfig,
-    net: nn.Module,
-    process: TokenProcess,
-    tokens: Tensor,
-    loss_mask: Tensor,
-    cond: Tensor | None,
-    generator: torch.Generator,
-) -> DiscreteLoss:
-    """The continuous-time bound of ``cfg``'s process, for training and evaluation alike: MDLM with
-    a time-agnostic network (the default) draws it through the number of masked tokens
-    (:func:`mask_count_loss`: the same bound, lower variance), every other kind through the time
-    (:func:`continuous_time_loss`); both stratified over the batch if ``diffusion.antithetic``."""
-    options = {"loss_mask": loss_mask, "cond": cond, "antithetic": cfg.diffusion.antithetic}
-    if cfg.diffusion.kind == "mdlm" and not cfg.time_conditioning:
-        return mask_count_loss(net, process, tokens, **options, generator=generator)
-    return continuous_time_loss(net, process, tokens, **options, generator=generator)
 
 
 def count_parameters(net: nn.Module) -> int:
@@ -709,6 +690,12 @@ def held_out_rows(model: LoadedTextModel) -> tuple[Tensor, Tensor, Tensor | None
     return tokens, loss_mask, labels, held
 
 
+def _count_form(cfg: TextConfig) -> bool:
+    """Whether ``cfg``'s bound can be drawn through the number of masked tokens: MDLM whose
+    network does not read ``t``."""
+    return cfg.diffusion.kind == "mdlm" and not cfg.time_conditioning
+
+
 @torch.inference_mode()
 def evaluate(
     model: LoadedTextModel,
@@ -721,8 +708,10 @@ def evaluate(
     """Negative log-likelihood per token on ``n_sequences`` held-out rows, spread evenly over the
     held-out split: for ``ar`` the exact value, for diffusion kinds the NELBO (a bound: an upper
     bound on the true NLL), estimated with ``time_samples`` draws per row spread over the noise
-    levels (D3PM kinds: their ``T``-step ``L_vb``; the others: :func:`continuous_nelbo`).
-    Labelled runs are scored given each row's label.
+    levels (D3PM kinds: their ``T``-step ``L_vb``; the others: the continuous-time bound of their
+    process). MDLM with a time-agnostic network (the default) is scored in the bound's mask-count
+    form (:func:`mask_count_loss`: the same bound, lower variance); it is trained in the time form,
+    which trained better (docs/BENCHMARKS.md). Labelled runs are scored given each row's label.
 
     Returns ``kind``, ``step``, ``bound`` (True for diffusion), ``sequences``, ``tokens``
     (scored), ``nats_per_token`` and its Monte Carlo/row-sampling ``nats_per_token_stderr``
@@ -750,8 +739,9 @@ def evaluate(
             token_nll = d3pm_loss(model.net, process, x0, d.T, loss_mask=mask, cond=cond,
                                   generator=generator).token_nelbo  # fmt: skip
         else:
-            token_nll = continuous_nelbo(model.config, model.net, process, x0, mask, cond,
-                                         generator).token_nelbo  # fmt: skip
+            objective = mask_count_loss if _count_form(model.config) else continuous_time_loss
+            token_nll = objective(model.net, process, x0, loss_mask=mask, cond=cond,
+                                  generator=generator).token_nelbo  # fmt: skip
         sums.append(token_nll.double().sum(1).view(repeats, -1).mean(0))
         counts.append(loss_mask[chunk].sum(1).double())
     row_sums, row_counts = torch.cat(sums).cpu(), torch.cat(counts)

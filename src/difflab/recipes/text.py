@@ -66,11 +66,7 @@ from difflab.data.text import (
     pack_texts,
     split_documents,
 )
-from difflab.discrete.objectives import (
-    continuous_time_loss,
-    d3pm_loss,
-    mask_count_loss,
-)
+from difflab.discrete.objectives import continuous_time_loss, d3pm_loss, mask_count_loss
 from difflab.discrete.process import HybridProcess, MaskedProcess, TokenProcess, UniformProcess
 from difflab.discrete.samplers import (
     DiscreteSamples,

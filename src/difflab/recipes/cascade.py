@@ -1,4 +1,4 @@
-"""Recipe: image-conditioned super-resolution and a two-stage cascade (Ho et al. 2021; seeds 002
+"""Recipe ``cascade``: image-conditioned super-resolution and a two-stage cascade (Ho et al. 2021; seeds 002
 and 004, "Cascade networks").
 
 Stage 1 is a class-conditional base model of the digits downsampled to ``low_res x low_res``
@@ -19,11 +19,14 @@ Both stages are class-conditional with conditioning dropout ``diffusion.cond_dro
 be sampled with classifier-free guidance.
 """
 
+Config: the image recipe's sections (both stages share ``model``, ``diffusion`` and ``train``) plus
+``cascade`` (:class:`CascadeSection`). The stages are written to ``<train.out>/base`` and
+``<train.out>/sr``, each an ordinary run folder recording ``stage``.
+"""
+
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,25 +34,40 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from difflab.config import Config, config_from_dict
+from difflab.config import check
 from difflab.errors import UserError
 from difflab.gaussian import samplers as gaussian_samplers
-from difflab.gaussian.guidance import ClassifierFreeGuidance
-from difflab.gaussian.objectives import loss_fn
-from difflab.gaussian.parameterization import Denoiser, DenoiserFn
 from difflab.gaussian.process import q_sample
 from difflab.gaussian.schedules import Schedule
-from difflab.nets.unet import UNet
-from difflab.recipes import image
-from difflab.train.checkpoint import load_checkpoint
-from difflab.train.trainer import Trainer, TrainResult, load_ema
+from difflab.gaussian.objectives import make_objective
+from difflab.gaussian.parameterization import DenoiserFn
+from difflab.nets.super_resolution import SuperResolutionNet
+from difflab.recipes import Evaluation, Recipe, Samples, finite, load_network
+from difflab.recipes.image import (
+    ImageConfig,
+    LoadedModel,
+    build_denoiser,
+    build_net,
+    build_schedule,
+    build_unet,
+    config_from_run,
+    data_splits,
+    draw,
+    drop_labels,
+    guided_denoiser,
+    labels_and_rows,
+    make_loss,
+    resolve_threshold,
+    run_metadata,
+    sampler_settings,
+)
+from difflab.train.trainer import Trainer, TrainResult
 
-BASE_RECIPE = "cascade-base"
-SR_RECIPE = "cascade-super-resolution"
+STAGES = ("base", "sr")
 
 
 @dataclass
-class CascadeConfig:
+class CascadeSection:
     """``low_res``: side of the base stage's images; ``aug_max``: training range ``[0, aug_max]``
     of the augmentation level ``s`` (a diffusion time); ``aug_sample``: the fixed level used at
     sampling."""
@@ -58,13 +76,22 @@ class CascadeConfig:
     aug_max: float = 0.5
     aug_sample: float = 0.1
 
-    def validate(self, image_size: int) -> CascadeConfig:
-        if self.low_res < 1 or image_size % self.low_res:
-            raise UserError(
-                f"the low resolution {self.low_res} must divide the image size {image_size}"
-            )
-        if not 0.0 <= self.aug_max <= 1.0 or not 0.0 <= self.aug_sample <= 1.0:
-            raise UserError("the augmentation levels aug_max and aug_sample must lie in [0, 1]")
+    def validate(self) -> None:
+        check(self.low_res >= 1, "cascade.low_res must be at least 1")
+        check(0.0 <= self.aug_max <= 1.0 and 0.0 <= self.aug_sample <= 1.0,
+              "cascade.aug_max and cascade.aug_sample must lie in [0, 1]")  # fmt: skip
+
+
+@dataclass
+class CascadeConfig(ImageConfig):
+    """The image recipe's config plus the cascade's own section."""
+
+    cascade: CascadeSection = field(default_factory=CascadeSection)
+
+    def validate(self) -> CascadeConfig:
+        super().validate()
+        check(self.model.kind == "unet", "the cascade recipe needs model.kind=unet")
+        self.cascade.validate()
         return self
 
 
@@ -84,167 +111,27 @@ def augment_low_res(
     return q_sample(schedule, x_lr, s, eps)
 
 
-class SuperResolutionNet(nn.Module):
-    """``(x_t, c_noise, low_res, aug_level, class_labels) -> prediction``: a U-Net whose input is
-    ``x_t`` concatenated with the upsampled ``[z_s, s]`` (the augmented low-resolution image and
-    a constant channel holding its level ``s``)."""
-
-    def __init__(self, unet: UNet):
-        super().__init__()
-        if unet.cond_channels != unet.in_channels + 1:
-            raise ValueError("the U-Net needs cond_channels = in_channels + 1 (image and level)")
-        self.unet = unet
-
-    def forward(
-        self,
-        x: Tensor,
-        c_noise: Tensor,
-        low_res: Tensor,
-        aug_level: Tensor,
-        class_labels: Tensor | None = None,
-    ) -> Tensor:
-        level = (
-            aug_level.to(low_res.dtype)
-            .reshape(-1, 1, 1, 1)
-            .expand(low_res.shape[0], 1, *low_res.shape[-2:])
-        )
-        return self.unet(x, c_noise, class_labels, low_res=torch.cat([low_res, level], dim=1))
-
-
-def build_super_resolution_net(
-    cfg: Config, shape: tuple[int, ...], num_classes: int | None
-) -> SuperResolutionNet:
-    """The super-resolution network of ``cfg.model`` (a U-Net) for images of ``shape``."""
-    return SuperResolutionNet(
-        image.unet_from_config(cfg, shape, num_classes, cond_channels=shape[0] + 1)
-    )
-
-
 def make_super_resolution_loss(
-    cfg: Config, cascade: CascadeConfig, schedule: Schedule, num_classes: int | None
-) -> Callable[[nn.Module, tuple[Tensor, ...], torch.Generator], Tensor]:
+    cfg: CascadeConfig, num_classes: int | None
+) -> Any:
     """``loss(model, (x, labels), generator)``: downsample, augment at ``s ~ U[0, aug_max]``,
-    drop labels with probability ``diffusion.cond_drop``, then the diffusion objective."""
-    d = cfg.diffusion
+    drop labels with probability ``diffusion.cond_drop``, then the objective of the
+    parameterization."""
+    d, c = cfg.diffusion, cfg.cascade
+    schedule = build_schedule(d)
+    objective = make_objective(d.prediction, d.weighting)
 
     def loss(model: nn.Module, batch: tuple[Tensor, ...], generator: torch.Generator) -> Tensor:
         x = batch[0]
-        s = cascade.aug_max * torch.rand(
-            x.shape[0], generator=generator, device=x.device, dtype=torch.float64
-        )
-        z = augment_low_res(schedule, downsample(x, cascade.low_res), s, generator)
+        s = c.aug_max * torch.rand(x.shape[0], generator=generator, device=x.device,
+                                   dtype=torch.float64)  # fmt: skip
+        z = augment_low_res(schedule, downsample(x, c.low_res), s, generator)
         cond: dict[str, Any] = {"low_res": z, "aug_level": s}
         if num_classes is not None:
-            cond["class_labels"] = image.drop_labels(batch[1], num_classes, d.cond_drop, generator)
-        den = Denoiser(model, schedule, d.prediction)
-        return loss_fn(den, x, cond, weighting=d.weighting, generator=generator)
+            cond["class_labels"] = drop_labels(batch[1], num_classes, d.cond_drop, generator)
+        return objective(build_denoiser(model, d), x, cond, generator)
 
     return loss
-
-
-def train(
-    cfg: Config,
-    cascade: CascadeConfig | None = None,
-    resume: bool = False,
-    progress: bool = True,
-) -> tuple[TrainResult, TrainResult]:
-    """Train both stages on ``cfg.data`` into ``<train.out>/base`` and ``<train.out>/sr``, each
-    with the model, diffusion and optimiser settings of ``cfg``. Returns both results."""
-    cascade = cascade or CascadeConfig()
-    data, _ = image.data_splits(cfg)
-    if len(data.shape) != 3:
-        raise UserError(f"a cascade needs images (C, H, W), got examples of shape {data.shape}")
-    cascade.validate(data.shape[1])
-    num_classes = data.num_classes if cfg.diffusion.class_conditional else None
-    schedule = image.build_schedule(cfg)
-    tensors = (data.x,) if num_classes is None else (data.x, data.labels)
-    low_tensors = (downsample(data.x, cascade.low_res), *tensors[1:])
-    low_shape = (data.shape[0], cascade.low_res, cascade.low_res)
-    out = Path(cfg.train.out)
-
-    def meta(recipe: str, shape: tuple[int, ...]) -> dict[str, Any]:
-        return {
-            "recipe": recipe,
-            "config": cfg.to_dict(),
-            "cascade": dataclasses.asdict(cascade),
-            "shape": list(shape),
-            "class_names": data.class_names if num_classes else None,
-        }
-
-    torch.manual_seed(cfg.train.seed)
-    base_net = image.build_net(cfg, low_shape, num_classes)
-    base = Trainer(
-        base_net,
-        image.make_loss(cfg, schedule, num_classes),
-        low_tensors,
-        cfg.train,
-        meta(BASE_RECIPE, low_shape),
-        out / "base",
-    ).fit(resume=resume, progress=progress)
-    torch.manual_seed(cfg.train.seed)
-    sr_net = build_super_resolution_net(cfg, data.shape, num_classes)
-    sr = Trainer(
-        sr_net,
-        make_super_resolution_loss(cfg, cascade, schedule, num_classes),
-        tensors,
-        cfg.train,
-        meta(SR_RECIPE, data.shape),
-        out / "sr",
-    ).fit(resume=resume, progress=progress)
-    return base, sr
-
-
-@dataclass
-class Cascade:
-    """Both trained stages (EMA weights): the base model as the image recipe's
-    :class:`~difflab.recipes.image.LoadedModel` and the super-resolution denoiser."""
-
-    base: image.LoadedModel
-    super_resolution: Denoiser
-    cascade: CascadeConfig
-    shape: tuple[int, ...]
-
-    @property
-    def num_classes(self) -> int | None:
-        return self.base.num_classes
-
-
-def load_cascade(path: str | Path, device: str = "auto") -> Cascade:
-    """Load a cascade trained by :func:`train` from its run folder (holding base/ and sr/)."""
-    path = Path(path)
-    base_ckpt = load_checkpoint(path / "base")
-    sr_ckpt = load_checkpoint(path / "sr")
-    if base_ckpt.config.get("recipe") != BASE_RECIPE or sr_ckpt.config.get("recipe") != SR_RECIPE:
-        raise UserError(f"{path} does not hold a cascade (base/ and sr/ of the cascade recipe)")
-    cfg = config_from_dict(base_ckpt.config["config"])
-    class_names = base_ckpt.config["class_names"]
-    num_classes = len(class_names) if class_names else None
-    low_shape = tuple(base_ckpt.config["shape"])
-    shape = tuple(sr_ckpt.config["shape"])
-    sr_cfg = config_from_dict(sr_ckpt.config["config"])
-    base_net = image.build_net(cfg, low_shape, num_classes)
-    sr_net = build_super_resolution_net(sr_cfg, shape, num_classes)
-    for net, ckpt, stage in ((base_net, base_ckpt, "base"), (sr_net, sr_ckpt, "sr")):
-        load_ema(net, ckpt.ema, path / stage, device)
-    schedule = image.build_schedule(cfg)
-    prediction = cfg.diffusion.prediction
-    base = image.LoadedModel(
-        Denoiser(base_net, schedule, prediction), cfg, low_shape, class_names, base_ckpt.step
-    )
-    sr = Denoiser(sr_net, image.build_schedule(sr_cfg), sr_cfg.diffusion.prediction)
-    return Cascade(base, sr, CascadeConfig(**sr_ckpt.config["cascade"]), shape)
-
-
-def _guided(
-    denoiser: DenoiserFn, guidance: float, num_classes: int | None, threshold: str
-) -> DenoiserFn:
-    """Classifier-free guidance of scale ``w = guidance`` (skipped at 0, conditional sampling),
-    then x_0 thresholding (``sample.threshold``)."""
-    if guidance:
-        if num_classes is None:
-            raise UserError("guidance needs a class-conditional model")
-        denoiser = ClassifierFreeGuidance(denoiser, guidance, null_label=num_classes)
-    return image.thresholded(denoiser, threshold)
 
 
 @torch.inference_mode()
@@ -252,20 +139,17 @@ def super_resolve(
     denoiser: DenoiserFn,
     low_res: Tensor,
     shape: tuple[int, ...],
+    ts: Tensor,
     *,
     aug_level: float,
     labels: Tensor | None = None,
     sampler: str = "ddim",
-    steps: int = 50,
     generator: torch.Generator | None = None,
     **options: Any,
 ) -> Tensor:
     """Sample high-resolution images of ``shape`` given ``low_res`` ``(N, C, h, w)``: corrupt it
-    once to ``z_s`` at the fixed level ``s = aug_level``, then run ``sampler`` with
-    ``cond = {low_res: z_s, aug_level: s[, class_labels]}``."""
-    if sampler not in gaussian_samplers.SAMPLERS:
-        names = ", ".join(gaussian_samplers.SAMPLERS)
-        raise UserError(f"unknown sampler {sampler!r}: choose one of {names}")
+    once to ``z_s`` at the fixed level ``s = aug_level``, then run ``sampler`` over the times
+    ``ts`` with ``cond = {low_res: z_s, aug_level: s[, class_labels]}``."""
     n, device = low_res.shape[0], low_res.device
     schedule = denoiser.schedule
     s = torch.full((n,), float(aug_level), dtype=torch.float64, device=device)
@@ -277,45 +161,143 @@ def super_resolve(
         cond["class_labels"] = labels.to(device)
     x = torch.randn((n, *shape), generator=generator, device=device, dtype=low_res.dtype)
     fn = gaussian_samplers.SAMPLERS[sampler]
-    ts = schedule.timesteps(steps)
     return fn(denoiser, x * schedule.prior_std, ts, cond=cond, generator=generator, **options)
 
 
-def generate(
-    cascade: Cascade,
-    n: int,
-    *,
-    labels: Tensor | None = None,
-    guidance: float = 0.0,
-    sampler: str = "ddim",
-    steps: int = 50,
-    aug_level: float | None = None,
-    seed: int = 0,
-) -> tuple[Tensor, Tensor]:
-    """``(low, high)``: ``n`` base samples at low resolution (clipped to ``[-1, 1]``) and their
-    super-resolved versions, both stages with classifier-free guidance ``w = guidance`` towards
-    ``labels`` (``None``: the null label, unconditional). ``aug_level`` overrides the trained
-    ``aug_sample``."""
-    k = cascade.num_classes
-    if k is not None and labels is None:
-        labels = torch.full((n,), k, dtype=torch.long)
-    base = cascade.base
-    guided_base = _guided(base.denoiser, guidance, k, base.config.sample.threshold)
-    low = image.generate(
-        base, n, sampler=sampler, steps=steps, labels=labels, seed=seed, denoiser=guided_base
-    ).clamp(-1.0, 1.0)
-    level = cascade.cascade.aug_sample if aug_level is None else aug_level
-    if not 0.0 <= level <= 1.0:
-        raise UserError(f"the augmentation level must lie in [0, 1], got {level}")
-    gen = torch.Generator(low.device).manual_seed(seed + 1)
-    high = super_resolve(
-        _guided(cascade.super_resolution, guidance, k, base.config.sample.threshold),
-        low,
-        cascade.shape,
-        aug_level=level,
-        labels=labels,
-        sampler=sampler,
-        steps=steps,
-        generator=gen,
-    )
-    return low, high
+@dataclass
+class Cascade:
+    """Both trained stages (EMA weights) as the image recipe's :class:`LoadedModel`: the base at
+    low resolution, the super-resolution model at full resolution."""
+
+    base: LoadedModel
+    sr: LoadedModel
+    config: CascadeConfig
+    step: int
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return self.base.class_names
+
+
+def stage_of(meta: dict[str, Any]) -> str:
+    """``base`` or ``sr`` (difflab 0.1 recorded the stage as the recipe's name)."""
+    former = {"cascade-base": "base", "cascade-super-resolution": "sr"}
+    return meta.get("stage") or former[meta["recipe"]]
+
+
+class CascadeRecipe(Recipe):
+    name = "cascade"
+    config_type = CascadeConfig
+    preset = "digits"
+    data = "images"
+
+    def config_from_run(self, meta: dict[str, Any]) -> CascadeConfig:
+        if not meta.get("config_version"):  # difflab 0.1 kept the cascade section beside it
+            meta = {**meta, "config": {**meta["config"], "cascade": meta["cascade"]}}
+        return config_from_run(self.config_type, meta)
+
+    def build(self, cfg: CascadeConfig, meta: dict[str, Any]) -> nn.Module:
+        shape, k = tuple(meta["shape"]), len(meta["class_names"] or []) or None
+        if stage_of(meta) == "base":
+            return build_net(cfg.model, shape, k)
+        try:
+            return SuperResolutionNet(build_unet(cfg.model.net, shape, k,
+                                                 cond_channels=shape[0] + 1))  # fmt: skip
+        except ValueError as e:
+            raise UserError(f"model.unet: {e}") from None
+
+    def train(
+        self, cfg: CascadeConfig, *, resume: bool = False, progress: bool = True
+    ) -> TrainResult:
+        """Train both stages on ``data`` into ``<train.out>/base`` and ``<train.out>/sr``;
+        returns the super-resolution stage's result."""
+        data, _ = data_splits(cfg.data)
+        if len(data.shape) != 3:
+            raise UserError(f"a cascade needs images (C, H, W), got examples of shape {data.shape}")
+        low = cfg.cascade.low_res
+        check(data.shape[1] % low == 0 and data.shape[2] % low == 0,
+              f"cascade.low_res={low} must divide the image size {data.shape[1]}")  # fmt: skip
+        sr_meta = run_metadata(self.name, cfg, data, stage="sr")
+        k = len(sr_meta["class_names"] or []) or None
+        labels = () if k is None else (data.labels,)
+        base_meta = {**sr_meta, "stage": "base", "shape": [data.shape[0], low, low]}
+        out = Path(cfg.train.out)
+        stages = [
+            (base_meta, make_loss(cfg.diffusion, k), (downsample(data.x, low), *labels)),
+            (sr_meta, make_super_resolution_loss(cfg, k), (data.x, *labels)),
+        ]
+        for meta, loss, tensors in stages:
+            torch.manual_seed(cfg.train.seed)  # network initialisation
+            net = self.build(cfg, meta)
+            trainer = Trainer(net, loss, tensors, cfg.train, meta, out / meta["stage"])
+            result = trainer.fit(resume=resume, progress=progress)
+        return result
+
+    def load(self, path: Path, device: str = "auto") -> Cascade:
+        stages = {}
+        for stage in STAGES:
+            cfg, meta, net, step = load_network(self, path / stage, device)
+            if stage_of(meta) != stage:
+                raise UserError(f"{path / stage} holds the {stage_of(meta)} stage, not {stage}")
+            stages[stage] = LoadedModel(build_denoiser(net, cfg.diffusion), cfg,
+                                        tuple(meta["shape"]), meta["class_names"], step)  # fmt: skip
+        return Cascade(stages["base"], stages["sr"], stages["sr"].config, stages["sr"].step)
+
+    def sample(
+        self,
+        model: Cascade,
+        n: int,
+        *,
+        sampler: str | None = None,
+        steps: int | None = None,
+        grid: str | None = None,
+        eta: float | None = None,
+        sampler_options: dict[str, Any] | None = None,
+        label: Any = None,
+        guidance: float | None = None,
+        convention: str | None = None,
+        threshold: str | None = None,
+        percentile: float | None = None,
+        aug_level: float | None = None,
+        seed: int | None = None,
+    ) -> Samples:
+        """``n`` base samples at low resolution (clipped to ``[-1, 1]``, in ``extras["low"]``)
+        and their super-resolved versions, both stages with the same sampler settings and
+        classifier-free guidance towards ``label`` (one row per class by default). The base
+        output is corrupted once at ``aug_level`` (default ``cascade.aug_sample``)."""
+        s, base, sr = model.config.sample, model.base, model.sr
+        sampler, steps, grid, options = sampler_settings(s, sampler, steps, grid, eta,
+                                                         sampler_options)  # fmt: skip
+        labels, nrow = labels_and_rows(label, model.class_names, n)
+        guidance = s.guidance if guidance is None else finite("guidance", guidance, 0.0)
+        if convention is not None and guidance == 0:
+            raise UserError("--convention applies with --guidance only")
+        threshold = resolve_threshold(threshold or s.threshold, base.shape)
+        if percentile is not None and threshold != "dynamic":
+            raise UserError("--percentile applies with --threshold dynamic only")
+        level = model.config.cascade.aug_sample if aug_level is None else aug_level
+        level = finite("aug_level", level, 0.0, 1.0)
+        seed = s.seed if seed is None else seed
+        wrap = {"guidance": guidance, "convention": convention or "w", "threshold": threshold,
+                "percentile": 0.995 if percentile is None else percentile}  # fmt: skip
+        cond = None
+        if model.class_names is not None:
+            null = torch.full((n,), len(model.class_names), dtype=torch.long)
+            cond = {"class_labels": (null if labels is None else labels).to(base.device)}
+        low = draw(base, guided_denoiser(base, **wrap), n, cond, sampler=sampler, steps=steps,
+                   grid=grid, seed=seed, options=options).clamp(-1.0, 1.0)  # fmt: skip
+        gen = torch.Generator(sr.device).manual_seed(seed + 1)
+        try:
+            ts = gaussian_samplers.time_grid(sr.denoiser.schedule, steps, grid)
+            high = super_resolve(guided_denoiser(sr, **wrap), low, sr.shape, ts, aug_level=level,
+                                 labels=cond and cond["class_labels"], sampler=sampler,
+                                 generator=gen, **options)  # fmt: skip
+        except ValueError as e:
+            raise UserError(f"sampler {sampler}: {e}") from None
+        return Samples(x=high, labels=labels, nrow=nrow, extras={"low": low})
+
+    def evaluate(self, model: Cascade) -> Evaluation:
+        raise UserError("a cascade has no likelihood evaluation yet")
+
+
+RECIPE = CascadeRecipe()

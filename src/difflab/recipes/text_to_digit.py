@@ -1,4 +1,4 @@
-"""Recipe: text-conditioned digits, with captions written from each digit's measured properties.
+"""Recipe ``text-to-digit``: text-conditioned digits, with captions written from each digit's measured properties.
 
 Every training digit gets a caption from its label and two measured properties (issue 4):
 
@@ -27,28 +27,35 @@ empty caption's tokens).
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from difflab.config import Config, config_from_dict
+from difflab.config import check
 from difflab.data.images import ArrayData
 from difflab.errors import UserError
-from difflab.gaussian import samplers as gaussian_samplers
-from difflab.gaussian.guidance import ClassifierFreeGuidance
-from difflab.gaussian.objectives import loss_fn
+from difflab.gaussian.objectives import make_objective
 from difflab.gaussian.parameterization import Denoiser
-from difflab.gaussian.schedules import Schedule
-from difflab.nets.unet import UNet
-from difflab.recipes.image import build_schedule, data_splits, thresholded, unet_from_config
-from difflab.train.checkpoint import load_checkpoint
-from difflab.train.trainer import Trainer, TrainResult, load_ema
+from difflab.nets.text_encoder import TextEncoder, TextToDigitNet
+from difflab.recipes import Evaluation, Recipe, Samples, finite, load_network
+from difflab.recipes.image import (
+    ImageConfig,
+    build_denoiser,
+    build_unet,
+    config_from_run,
+    data_splits,
+    draw,
+    guided_denoiser,
+    resolve_threshold,
+    run_metadata,
+    sampler_settings,
+)
+from difflab.train.trainer import Trainer, TrainResult
 
 RECIPE = "text-to-digit"
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -234,66 +241,47 @@ def caption_variants(attributes: Attributes) -> Tensor:
 
 
 @dataclass
-class TextConfig:
-    """The text encoder and the caption dropout of training."""
+class TextEncoderConfig:
+    """The text encoder (width, layers, heads) and the caption dropout of training: each
+    attribute word is dropped with probability ``word_drop``."""
 
     dim: int = 64
     depth: int = 2
     num_heads: int = 4
     word_drop: float = 0.25
 
-
-class TextEncoder(nn.Module):
-    """``tokens (B, L) -> (states (B, L, dim), mask (B, L))``: word plus learned position
-    embeddings, ``depth`` pre-norm transformer layers attending to the real words only, and a
-    final LayerNorm. ``mask`` is ``True`` at real words; the cross-attention ignores the rest, so
-    the empty caption conditions on nothing."""
-
-    def __init__(self, dim: int = 64, depth: int = 2, num_heads: int = 4):
-        super().__init__()
-        self.words = nn.Embedding(len(VOCAB), dim, padding_idx=PAD)
-        self.positions = nn.Parameter(torch.randn(MAX_TOKENS, dim) * 0.02)
-        self.layers = nn.ModuleList(
-            nn.TransformerEncoderLayer(
-                dim,
-                num_heads,
-                dim_feedforward=2 * dim,
-                dropout=0.0,
-                batch_first=True,
-                norm_first=True,
-            )
-            for _ in range(depth)
-        )
-        self.norm = nn.LayerNorm(dim)
-
-    def forward(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
-        mask = tokens != PAD
-        # A caption without words would leave its attention rows empty (0/0): let those attend
-        # everywhere; the U-Net's cross-attention ignores them anyway.
-        ignore = ~mask & mask.any(dim=1, keepdim=True)
-        h = self.words(tokens) + self.positions[: tokens.shape[1]]
-        for layer in self.layers:
-            h = layer(h, src_key_padding_mask=ignore)
-        return self.norm(h), mask
+    def validate(self) -> None:
+        check(self.dim >= 1 and self.depth >= 1 and self.num_heads >= 1,
+              "text_encoder.dim, depth and num_heads must be at least 1")  # fmt: skip
+        check(self.dim % self.num_heads == 0,
+              "text_encoder.num_heads must divide text_encoder.dim")  # fmt: skip
+        check(0.0 <= self.word_drop < 1.0, "text_encoder.word_drop must be in [0, 1)")
 
 
-class TextToDigitNet(nn.Module):
-    """The denoising network ``(x_t, c_noise, tokens) -> prediction``: a U-Net cross-attending
-    to the :class:`TextEncoder` states of ``tokens``."""
+@dataclass
+class TextToDigitConfig(ImageConfig):
+    """The image recipe's config plus the text encoder."""
 
-    def __init__(self, encoder: TextEncoder, unet: UNet):
-        super().__init__()
-        self.encoder, self.unet = encoder, unet
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
 
-    def forward(self, x: Tensor, c_noise: Tensor, tokens: Tensor) -> Tensor:
-        context, mask = self.encoder(tokens)
-        return self.unet(x, c_noise, context=context, context_mask=mask)
+    def validate(self) -> TextToDigitConfig:
+        super().validate()
+        check(self.data.name == "digits",
+              f"the text-to-digit recipe trains on data.name=digits, not {self.data.name}")  # fmt: skip
+        check(self.model.kind == "unet", "the text-to-digit recipe needs model.kind=unet")
+        self.text_encoder.validate()
+        return self
 
 
-def build_net(cfg: Config, text: TextConfig, shape: tuple[int, ...]) -> TextToDigitNet:
-    """The network of ``cfg.model`` (a U-Net) with a text encoder of ``text``."""
-    unet = unet_from_config(cfg, shape, context_dim=text.dim)
-    return TextToDigitNet(TextEncoder(text.dim, text.depth, text.num_heads), unet)
+def build_net(cfg: TextToDigitConfig, shape: tuple[int, ...]) -> TextToDigitNet:
+    """The U-Net of ``model.unet`` cross-attending to a text encoder of ``text_encoder``."""
+    t = cfg.text_encoder
+    try:
+        unet = build_unet(cfg.model.net, shape, None, context_dim=t.dim)
+        encoder = TextEncoder(len(VOCAB), MAX_TOKENS, t.dim, t.depth, t.num_heads, pad=PAD)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return TextToDigitNet(encoder, unet)
 
 
 # ================================================================================================
@@ -309,51 +297,24 @@ def training_captions(data: ArrayData) -> tuple[Thresholds, Tensor]:
     return thresholds, caption_variants(measure(data.x, data.labels, thresholds))
 
 
-def make_loss(cfg: Config, text: TextConfig, schedule: Schedule) -> Callable:
+def make_loss(cfg: TextToDigitConfig) -> Callable:
     """``loss(model, (x0, variants), generator)``: pick each caption's word-dropout variant, drop
-    whole captions to the empty one with probability ``diffusion.cond_drop``, then the
-    diffusion objective of ``cfg.diffusion``."""
-    d = cfg.diffusion
+    whole captions to the empty one with probability ``diffusion.cond_drop``, then the objective
+    of the parameterization."""
+    d, word_drop = cfg.diffusion, cfg.text_encoder.word_drop
+    objective = make_objective(d.prediction, d.weighting)
 
     def loss(model: nn.Module, batch: tuple[Tensor, ...], generator: torch.Generator) -> Tensor:
         x0, variants = batch
         B, device = x0.shape[0], x0.device
-        drop_words = torch.rand(B, 2, device=device, generator=generator) < text.word_drop
+        drop_words = torch.rand(B, 2, device=device, generator=generator) < word_drop
         which = 2 * drop_words[:, 0].long() + drop_words[:, 1].long()
         tokens = variants[torch.arange(B, device=device), which]
         drop_all = torch.rand(B, device=device, generator=generator) < d.cond_drop
         tokens = torch.where(drop_all[:, None], torch.full_like(tokens, PAD), tokens)
-        denoiser = Denoiser(model, schedule, d.prediction)
-        return loss_fn(denoiser, x0, {"tokens": tokens}, weighting=d.weighting, generator=generator)
+        return objective(build_denoiser(model, d), x0, {"tokens": tokens}, generator)
 
     return loss
-
-
-def train(
-    cfg: Config, text: TextConfig | None = None, resume: bool = False, progress: bool = True
-) -> TrainResult:
-    """Train a text-to-digit model on the digits' training split into ``cfg.train.out``."""
-    text = text or TextConfig()
-    if cfg.data.name != "digits":
-        raise UserError(f"the text-to-digit recipe trains on data.name=digits, got {cfg.data.name}")
-    if not 0.0 <= text.word_drop < 1.0:
-        raise UserError("the caption word dropout must be in [0, 1)")
-    data, _ = data_splits(cfg)
-    thresholds, variants = training_captions(data)
-    meta = {
-        "recipe": RECIPE,
-        "config": cfg.to_dict(),
-        "text": dataclasses.asdict(text),
-        "shape": list(data.shape),
-        "vocab": list(VOCAB),
-        "thresholds": thresholds.to_dict(),
-    }
-    schedule = build_schedule(cfg)
-    torch.manual_seed(cfg.train.seed)  # network initialisation
-    net = build_net(cfg, text, data.shape)
-    loss = make_loss(cfg, text, schedule)
-    trainer = Trainer(net, loss, (data.x, variants), cfg.train, meta, Path(cfg.train.out))
-    return trainer.fit(resume=resume, progress=progress)
 
 
 @dataclass
@@ -361,77 +322,108 @@ class TextToDigitModel:
     """A trained text-to-digit model (EMA weights) and what sampling and measuring need."""
 
     denoiser: Denoiser
-    config: Config
-    text: TextConfig
+    config: TextToDigitConfig
     shape: tuple[int, ...]
     thresholds: Thresholds
     step: int
+    class_names: None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.net.parameters()).device
 
 
-def load_model(path: str | Path, device: str = "auto") -> TextToDigitModel:
-    """Load a checkpoint written by :func:`train` (a run folder or the file)."""
-    ckpt = load_checkpoint(path)
-    meta = ckpt.config
-    if meta.get("recipe") != RECIPE:
-        raise UserError(f"{path} is not a checkpoint of the text-to-digit recipe")
-    if tuple(meta["vocab"]) != VOCAB:
-        raise UserError(f"{path} was trained with another vocabulary")
-    cfg = config_from_dict(meta["config"])
-    text = TextConfig(**meta["text"])
-    shape = tuple(meta["shape"])
-    net = build_net(cfg, text, shape)
-    load_ema(net, ckpt.ema, path, device)
-    denoiser = Denoiser(net, build_schedule(cfg), cfg.diffusion.prediction)
-    thresholds = Thresholds.from_dict(meta["thresholds"])
-    return TextToDigitModel(denoiser, cfg, text, shape, thresholds, ckpt.step)
+class TextToDigitRecipe(Recipe):
+    name = "text-to-digit"
+    config_type = TextToDigitConfig
+    preset = "digits"
+    data = "images"
+
+    def config_from_run(self, meta: dict[str, Any]) -> TextToDigitConfig:
+        if not meta.get("config_version"):  # difflab 0.1 kept the encoder's size beside it
+            meta = {**meta, "config": {**meta["config"], "text_encoder": meta["text"]}}
+        return config_from_run(self.config_type, meta)
+
+    def build(self, cfg: TextToDigitConfig, meta: dict[str, Any]) -> TextToDigitNet:
+        if tuple(meta.get("vocab", VOCAB)) != VOCAB:
+            raise UserError("this run was trained with another caption vocabulary")
+        return build_net(cfg, tuple(meta["shape"]))
+
+    def train(
+        self, cfg: TextToDigitConfig, *, resume: bool = False, progress: bool = True
+    ) -> TrainResult:
+        data, _ = data_splits(cfg.data)
+        thresholds, variants = training_captions(data)
+        meta = run_metadata(self.name, cfg, data, vocab=list(VOCAB),
+                            thresholds=thresholds.to_dict())  # fmt: skip
+        meta["class_names"] = None  # conditioned on captions, not on class labels
+        torch.manual_seed(cfg.train.seed)  # network initialisation
+        net = self.build(cfg, meta)
+        trainer = Trainer(net, make_loss(cfg), (data.x, variants), cfg.train, meta,
+                          Path(cfg.train.out))  # fmt: skip
+        return trainer.fit(resume=resume, progress=progress)
+
+    def load(self, path: Path, device: str = "auto") -> TextToDigitModel:
+        cfg, meta, net, step = load_network(self, path, device)
+        thresholds = Thresholds.from_dict(meta["thresholds"])
+        return TextToDigitModel(build_denoiser(net, cfg.diffusion), cfg, tuple(meta["shape"]),
+                                thresholds, step)  # fmt: skip
+
+    def sample(
+        self,
+        model: TextToDigitModel,
+        n: int,
+        *,
+        prompt: str | Sequence[str] | None = None,
+        guidance: float | None = None,
+        convention: str | None = None,
+        sampler: str | None = None,
+        steps: int | None = None,
+        grid: str | None = None,
+        eta: float | None = None,
+        sampler_options: dict[str, Any] | None = None,
+        threshold: str | None = None,
+        percentile: float | None = None,
+        seed: int | None = None,
+    ) -> Samples:
+        """Digits for ``prompt`` (captions separated by ``;`` or a list, cycled over the ``n``
+        samples), with classifier-free guidance of scale ``w = guidance`` (default 2) against
+        the empty caption; at 0 the unconditional pass is skipped."""
+        s = model.config.sample
+        if prompt is None:
+            raise UserError("a text-to-digit model needs --prompt, e.g. 'a thin three'")
+        prompts = [p.strip() for p in prompt.split(";")] if isinstance(prompt, str) else prompt
+        prompts = [p for p in prompts if p]
+        if not prompts:
+            raise UserError("--prompt holds no caption")
+        try:
+            tokens = tokenize(prompts)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        sampler, steps, grid, options = sampler_settings(s, sampler, steps, grid, eta,
+                                                         sampler_options)  # fmt: skip
+        guidance = DEFAULT_GUIDANCE if guidance is None else finite("guidance", guidance, 0.0)
+        if convention is not None and guidance == 0:
+            raise UserError("--convention applies with --guidance only")
+        threshold = resolve_threshold(threshold or s.threshold, model.shape)
+        if percentile is not None and threshold != "dynamic":
+            raise UserError("--percentile applies with --threshold dynamic only")
+        device = model.device
+        tokens = tokens.repeat(-(-n // len(prompts)), 1)[:n].to(device)
+        empty = torch.full((1, MAX_TOKENS), PAD, dtype=torch.long, device=device)
+        den = guided_denoiser(model, guidance=guidance, convention=convention or "w",
+                              threshold=threshold, null_cond={"tokens": empty},
+                              percentile=0.995 if percentile is None else percentile)  # fmt: skip
+        x = draw(model, den, n, {"tokens": tokens}, sampler=sampler, steps=steps, grid=grid,
+                 seed=s.seed if seed is None else seed, options=options)  # fmt: skip
+        return Samples(x=x, nrow=min(10, n))
+
+    def evaluate(self, model: TextToDigitModel) -> Evaluation:
+        raise UserError("a text-to-digit run has no likelihood evaluation yet")
 
 
-def generate(
-    model: TextToDigitModel,
-    prompts: str | Sequence[str],
-    n: int | None = None,
-    *,
-    guidance: float = 2.0,
-    sampler: str = "ddim",
-    steps: int = 50,
-    seed: int = 0,
-    **options: Any,
-) -> Tensor:
-    """Digits in ``[-1, 1]`` for ``prompts`` (one prompt, or a list cycled to ``n`` samples;
-    ``n`` defaults to the number of prompts), with classifier-free guidance of scale ``w =
-    guidance`` (``(1 + w) eps(prompt) - w eps(empty caption)``; at 0 the unconditional pass is
-    skipped: plain conditional sampling)."""
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    if not prompts:
-        raise UserError("give at least one prompt")
-    n = len(prompts) if n is None else n
-    if n < 1:
-        raise UserError(f"the number of samples must be at least 1, got {n}")
-    if sampler not in gaussian_samplers.SAMPLERS:
-        names = ", ".join(gaussian_samplers.SAMPLERS)
-        raise UserError(f"unknown sampler {sampler!r}: choose one of {names}")
-    try:
-        tokens = tokenize(prompts)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    device = next(model.denoiser.net.parameters()).device
-    tokens = tokens.repeat((n + len(prompts) - 1) // len(prompts), 1)[:n].to(device)
-    empty = torch.full((1, MAX_TOKENS), PAD, dtype=torch.long, device=device)
-    guided = (
-        ClassifierFreeGuidance(model.denoiser, guidance, null_cond={"tokens": empty})
-        if guidance
-        else model.denoiser
-    )
-    guided = thresholded(guided, model.config.sample.threshold)
-    schedule = model.denoiser.schedule
-    try:
-        ts = schedule.timesteps(steps)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    gen = torch.Generator(device).manual_seed(seed)
-    x = torch.randn((n, *model.shape), generator=gen, device=device) * schedule.prior_std
-    fn = gaussian_samplers.SAMPLERS[sampler]
-    return fn(guided, x, ts, cond={"tokens": tokens}, generator=gen, **options)
+#: Classifier-free guidance scale of text-to-digit sampling when none is given.
+DEFAULT_GUIDANCE = 2.0
 
 
 @dataclass(frozen=True)
@@ -481,3 +473,6 @@ def prompt_adherence(
         share(ok_slant, named_s),
         share(ok_all, everyone),
     )
+
+
+RECIPE = TextToDigitRecipe()

@@ -1,4 +1,5 @@
-"""Pictures: sample grids (PNG), reverse-process animations (GIF) and loss curves (PNG)."""
+"""Pictures: sample grids (PNG), one PNG per sample, reverse-process animations (GIF) and loss
+curves (PNG), each file written whole or not at all (:func:`difflab.files.write_atomically`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
+
+from difflab.files import make_folder, write_atomically
 
 
 def to_uint8(x: Tensor) -> np.ndarray:
@@ -39,10 +42,20 @@ def _image(arr: np.ndarray) -> Image.Image:
 
 def save_grid(x: Tensor, path: str | Path, nrow: int, scale: int = 4) -> Path:
     """Save a grid of images as PNG (one row per ``nrow`` images)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _image(grid_array(x, nrow, scale)).save(path)
-    return path
+    image = _image(grid_array(x, nrow, scale))
+    return write_atomically(path, lambda f: image.save(f, format="PNG"))
+
+
+def save_images(x: Tensor, folder: str | Path) -> list[Path]:
+    """Save each image of ``(N, C, H, W)`` in ``[-1, 1]`` as its own 8-bit PNG
+    ``folder/000000.png``, ... (the layout FID tools such as clean-fid read)."""
+    make_folder(folder)
+    paths = []
+    for i, arr in enumerate(to_uint8(x)):
+        image = _image(arr)
+        paths.append(write_atomically(Path(folder) / f"{i:06d}.png",
+                                      lambda f, im=image: im.save(f, format="PNG")))  # fmt: skip
+    return paths
 
 
 def save_animation(
@@ -50,15 +63,14 @@ def save_animation(
 ) -> Path:
     """An animated GIF of the reverse process: each frame shows a row of ``x_t`` above a row of
     the current ``x_0`` estimate; the last frame is held for a second."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     images = []
     for x_t, x0 in frames:
         both = torch.cat([x_t, x0.clamp(-1, 1)])
         images.append(_image(grid_array(both, nrow=x_t.shape[0], scale=scale)))
     durations = [ms] * (len(images) - 1) + [1000]
-    images[0].save(path, save_all=True, append_images=images[1:], duration=durations, loop=0)
-    return path
+    return write_atomically(path, lambda f: images[0].save(
+        f, format="GIF", save_all=True, append_images=images[1:], duration=durations, loop=0
+    ))
 
 
 def save_loss_curve(log_csv: str | Path, path: str | Path) -> Path:
@@ -79,7 +91,7 @@ def save_loss_curve(log_csv: str | Path, path: str | Path) -> Path:
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    try:
+        return write_atomically(path, lambda f: fig.savefig(f, format="png"))
+    finally:
+        plt.close(fig)

@@ -1,0 +1,5 @@
+"""``python -m difflab``: the same as the ``difflab`` command."""
+
+from difflab.cli import main
+
+main()

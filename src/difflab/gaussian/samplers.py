@@ -32,6 +32,7 @@ exponential integrators use the half log-SNR ``ell = log(alpha / sigma) = lambda
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple, Protocol
@@ -101,6 +102,25 @@ def log_snr_times(
     lo, hi = _sigma_range(schedule, n, sigma_min, sigma_max)
     sigmas = torch.logspace(math.log10(hi), math.log10(lo), n, dtype=torch.float64)
     return _times_of_sigmas(schedule, sigmas)
+
+
+GRIDS: tuple[str, ...] = ("trailing", "leading", "linspace", "karras", "log-snr")
+"""The sampling grids :func:`time_grid` builds by name."""
+
+
+def time_grid(schedule: Schedule, steps: int, grid: str = "trailing") -> Tensor:
+    """The ``steps + 1`` decreasing float64 sampling times, ending with 0, of the grid named
+    ``grid`` (:data:`GRIDS`): ``trailing``, ``leading`` or ``linspace`` steps of the schedule's
+    own grid (:meth:`Schedule.timesteps`), ``karras`` (:func:`karras_times`, ``rho = 7`` in
+    ``sigma_ve``) or ``log-snr`` (:func:`log_snr_times`, uniform in ``lambda``). Raises
+    ``ValueError`` for any other name."""
+    if grid in ("trailing", "leading", "linspace"):
+        return schedule.timesteps(steps, grid)  # type: ignore[arg-type]
+    if grid == "karras":
+        return karras_times(schedule, steps)
+    if grid == "log-snr":
+        return log_snr_times(schedule, steps)
+    raise ValueError(f"unknown time grid {grid!r}: choose one of {', '.join(GRIDS)}")
 
 
 def _sigma_range(
@@ -669,3 +689,20 @@ _register("pc", "predictor-corrector, Langevin corrector; snr, corrector_steps",
           predictor_corrector)  # fmt: skip
 _register("annealed_langevin", "annealed Langevin over the levels of ts; steps_per_level, eps",
           annealed_langevin_sampler)  # fmt: skip
+
+
+def sampler_options(name: str) -> dict[str, Any]:
+    """The options sampler ``name`` takes, with their defaults: the keyword arguments of its
+    function beyond the contract's ``cond``, ``generator`` and ``callback``, less those its
+    registration fixes (``order`` and ``sde`` of ``dpmpp_2m_sde``), e.g. ``{"eta": 0.0}`` for
+    ``ddim`` and ``{}`` for ``dpmpp_2m_sde``. Raises ``ValueError`` for a name not in
+    :data:`SAMPLERS`."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}: choose one of {', '.join(SAMPLERS)}")
+    fn = SAMPLERS[name]
+    fixed = fn.keywords if isinstance(fn, functools.partial) else {}
+    return {
+        p.name: p.default
+        for p in inspect.signature(fn).parameters.values()
+        if p.kind is p.KEYWORD_ONLY and p.name not in ("cond", "generator", "callback", *fixed)
+    }

@@ -14,8 +14,8 @@ import torch
 from difflab.discrete.objectives import (
     continuous_time_loss,
     d3pm_loss,
+    draw_times,
     mask_count_loss,
-    sample_times,
 )
 from difflab.discrete.oracle import ExactDenoiser, enumerate_sequences
 from difflab.discrete.process import HybridProcess, MaskedProcess, TokenProcess, UniformProcess
@@ -205,7 +205,7 @@ def test_mask_count_loss_estimates_the_continuous_bound(name, denoiser):
     bound as continuous_time_loss (the count form sums the time integral in closed form), whatever
     the schedule: its mean over x_0 ~ p matches the bound by quadrature within 5 standard errors,
     for the exact denoiser (bound = H(p)) and for a random one (bound > H(p)). Its variance is
-    lower than that of continuous_time_loss with antithetic times."""
+    lower than that of continuous_time_loss with stratified times."""
     process = PROCESSES[name]()
     oracle = setup(process)
     model = oracle if denoiser == "exact" else StateTable(process.vocab_size)
@@ -377,13 +377,13 @@ def test_loss_mask_excludes_padding(objective):
     assert float(logits[0].grad[loss_mask].abs().max()) > 0.0
 
 
-def test_sample_times_are_antithetic():
+def test_draw_times_are_stratified():
     g = torch.Generator().manual_seed(5)
     B = 16
-    t = sample_times(B, generator=g)
+    t = draw_times(B, generator=g)
     assert t.dtype == torch.float32 and float(t.min()) > 0 and float(t.max()) <= 1
     # One time in each stratum ((k - 1) / B, k / B].
     strata = torch.ceil(t.double() * B).long()
     assert torch.equal(strata.sort().values, torch.arange(1, B + 1))
-    plain = sample_times(1000, antithetic=False, generator=g)
+    plain = draw_times(1000, stratified=False, generator=g)
     assert float(plain.min()) > 0 and float(plain.max()) <= 1

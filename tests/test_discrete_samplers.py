@@ -30,7 +30,6 @@ from difflab.discrete.oracle import (
 )
 from difflab.discrete.process import HybridProcess, MaskedProcess, TokenProcess, UniformProcess
 from difflab.discrete.samplers import (
-    SamplerStep,
     adjust_log_probs,
     ancestral_sample,
     classifier_free_guidance,
@@ -39,6 +38,7 @@ from difflab.discrete.samplers import (
     sample_categorical,
     semi_autoregressive_sample,
     truncate_at_eos,
+    uniform_times,
 )
 
 F64 = torch.float64
@@ -78,10 +78,10 @@ def test_ancestral_sampler_reproduces_the_data(name):
     oracle = setup(process)
     steps = 32
     out = ancestral_sample(
-        oracle, process, (N, L), steps, generator=torch.Generator().manual_seed(0)
+        oracle, process, (N, L), uniform_times(steps), generator=torch.Generator().manual_seed(0)
     )
     empirical = empirical_distribution(out.tokens, oracle.sequences)
-    states, law = ancestral_law(oracle, process, L, steps)
+    states, law = ancestral_law(oracle, process, L, uniform_times(steps))
     exact = law_on(oracle.sequences, states, law)
     bias = total_variation(exact, oracle.probs)  # masked 0.014, uniform 0.025, hybrid 0.022
     assert bias < 0.04
@@ -99,7 +99,7 @@ def test_discretisation_error_decays_like_one_over_steps():
         oracle = setup(process)
         tv = {}
         for steps in (1, 25, 50, 100):
-            states, law = ancestral_law(oracle, process, L, steps)
+            states, law = ancestral_law(oracle, process, L, uniform_times(steps))
             tv[steps] = total_variation(law_on(oracle.sequences, states, law), oracle.probs)
         assert tv[1] > 0.3
         assert 0.4 < tv[50] / tv[25] < 0.6 and 0.4 < tv[100] / tv[50] < 0.6
@@ -127,26 +127,24 @@ def test_cache_changes_the_number_of_calls_not_the_samples():
     process = PROCESSES["masked"]()
     model = TimeDependent(setup(process))
     steps, B = 100, 4
-    results, reported = {}, {}
+    results = {}
     for cache in (True, False):
-        called = []
         model.calls = 0
         out = ancestral_sample(
             model,
             process,
             (B, L),
-            steps,
+            uniform_times(steps),
             cache=cache,
             generator=torch.Generator().manual_seed(7),
-            callback=lambda step, called=called: called.append(step.model_called),
         )
-        assert out.nfe == model.calls == sum(called)
-        results[cache], reported[cache] = out, called
+        assert out.nfe == model.calls
+        results[cache] = out
     assert torch.equal(results[True].tokens, results[False].tokens)
     assert results[False].nfe == steps
     assert results[True].nfe <= B * L  # at most one call per unmasking event
     other = ancestral_sample(
-        model, process, (B, L), steps, generator=torch.Generator().manual_seed(8)
+        model, process, (B, L), uniform_times(steps), generator=torch.Generator().manual_seed(8)
     )
     assert not torch.equal(other.tokens, results[True].tokens)
 
@@ -155,27 +153,34 @@ def test_cache_changes_the_number_of_calls_not_the_samples():
 def test_uniform_and_hybrid_samplers_correct_placed_tokens(name):
     process = PROCESSES[name]()
     oracle = setup(process)
-    corrections, previous = [0], [None]
-
-    def watch(step: SamplerStep):
-        x = step.x
-        if previous[0] is not None:
-            data_before = process.data_tokens[previous[0]]
-            changed = data_before & process.data_tokens[x] & (x != previous[0])
-            corrections[0] += int(changed.sum())
-        previous[0] = x.clone()
-
-    ancestral_sample(oracle, process, (500, L), 20, generator=torch.Generator(), callback=watch)
-    assert corrections[0] > 0
+    states = []
+    out = ancestral_sample(
+        oracle,
+        process,
+        (500, L),
+        uniform_times(20),
+        generator=torch.Generator(),
+        callback=lambda i, t, x_t, x0: states.append(x_t.clone()),
+    )
+    corrections = 0
+    for before, after in itertools.pairwise([*states, out.tokens]):
+        changed = process.data_tokens[before] & process.data_tokens[after] & (after != before)
+        corrections += int(changed.sum())
+    assert corrections > 0
 
 
 def test_masked_sampler_never_changes_an_unmasked_token():
     process = PROCESSES["masked"]()
     oracle = setup(process)
     seen = []
-    ancestral_sample(
-        oracle, process, (500, L), 20, callback=lambda step: seen.append(step.x.clone())
+    out = ancestral_sample(
+        oracle,
+        process,
+        (500, L),
+        uniform_times(20),
+        callback=lambda i, t, x_t, x0: seen.append(x_t),
     )
+    seen.append(out.tokens)
     for before, after in itertools.pairwise(seen):
         placed = before != process.mask_id
         assert torch.equal(before[placed], after[placed])
@@ -185,11 +190,14 @@ def test_masked_sampler_never_changes_an_unmasked_token():
 def test_callback_contract():
     process = PROCESSES["uniform"]()
     steps = []
-    ancestral_sample(setup(process), process, (5, L), 8, callback=steps.append)
-    assert [s.step for s in steps] == list(range(8))
-    assert steps[0].t == 1.0 and steps[-1].s == 0.0
-    assert all(a.s == b.t for a, b in itertools.pairwise(steps))
-    assert steps[3].x0_log_probs.shape == (5, L, 3)
+    times = uniform_times(8)
+    ancestral_sample(
+        setup(process), process, (5, L), times, callback=lambda *step: steps.append(step)
+    )
+    assert [i for i, *_ in steps] == list(range(8))
+    assert [t for _, t, *_ in steps] == times[:-1].tolist()  # t = 1, ..., 1/8; the last s = 0
+    _, _, x_t, x0 = steps[3]
+    assert x_t.shape == x0.shape == (5, L) and x0.dtype == torch.long
 
 
 # ---------------------------------------------------------------------------- conditioning
@@ -204,14 +212,14 @@ def test_infilling_never_changes_given_tokens(name):
     fixed_mask = given.expand_as(fixed_tokens)
     steps = 24
 
-    def check(step: SamplerStep):
-        assert bool((step.x[:, 1] == 2).all())
+    def check(i, t, x_t, x0):
+        assert bool((x_t[:, 1] == 2).all()) and bool((x0[:, 1] == 2).all())
 
     out = ancestral_sample(
         oracle,
         process,
         tuple(fixed_tokens.shape),
-        steps,
+        uniform_times(steps),
         fixed_tokens=fixed_tokens,
         fixed_mask=fixed_mask,
         generator=torch.Generator().manual_seed(1),
@@ -219,7 +227,7 @@ def test_infilling_never_changes_given_tokens(name):
     )
     assert bool((out.tokens[:, 1] == 2).all())
     states, law = ancestral_law(
-        oracle, process, L, steps, fixed_tokens=fixed_tokens[0], fixed_mask=given
+        oracle, process, L, uniform_times(steps), fixed_tokens=fixed_tokens[0], fixed_mask=given
     )
     exact = law_on(oracle.sequences, states, law)
     empirical = empirical_distribution(out.tokens, oracle.sequences)
@@ -274,22 +282,22 @@ def test_classifier_free_guidance_one_batched_call():
     assert torch.allclose(got[masked], expected.log_softmax(-1)[masked], atol=1e-5)
 
     # Sampling: one doubled-batch call per step; w = 0 is the conditional model.
-    steps, n = 12, N
+    times, n = uniform_times(12), N
     batches.clear()
     labels = torch.ones(n, dtype=torch.long)
     plain = classifier_free_guidance(model, 0.0, null_cond=torch.tensor(2))
     out = ancestral_sample(
-        plain, process, (n, L), steps, cond=labels, generator=torch.Generator().manual_seed(3)
+        plain, process, (n, L), times, cond=labels, generator=torch.Generator().manual_seed(3)
     )
     assert batches == [2 * n] * out.nfe
-    states, law = ancestral_law(plain, process, L, steps, cond=torch.ones(1, dtype=torch.long))
+    states, law = ancestral_law(plain, process, L, times, cond=torch.ones(1, dtype=torch.long))
     bias = total_variation(law_on(sequences, states, law), p1)
     assert total_variation(empirical_distribution(out.tokens, sequences), p1) < BOUND + bias
     # w = 1.5 follows the exact law of the guided sampler.
     out = ancestral_sample(
-        guided, process, (n, L), steps, cond=labels, generator=torch.Generator().manual_seed(4)
+        guided, process, (n, L), times, cond=labels, generator=torch.Generator().manual_seed(4)
     )
-    states, law = ancestral_law(guided, process, L, steps, cond=torch.ones(1, dtype=torch.long))
+    states, law = ancestral_law(guided, process, L, times, cond=torch.ones(1, dtype=torch.long))
     exact = law_on(sequences, states, law)
     assert total_variation(empirical_distribution(out.tokens, sequences), exact) < BOUND
     # Guidance sharpens towards the class: E log p1(x)/p0(x) grows.
@@ -310,7 +318,7 @@ def test_confidence_orders_that_ignore_the_candidate_are_exact(confidence):
         oracle,
         process,
         (N, L),
-        L,
+        uniform_times(L),
         confidence=confidence,
         generator=torch.Generator().manual_seed(5),
     )
@@ -347,7 +355,12 @@ def test_confidence_prob_follows_its_exact_law_and_is_biased():
     process = PROCESSES["masked"]()
     oracle = setup(process)
     out = confidence_sample(
-        oracle, process, (N, L), L, confidence="prob", generator=torch.Generator().manual_seed(6)
+        oracle,
+        process,
+        (N, L),
+        uniform_times(L),
+        confidence="prob",
+        generator=torch.Generator().manual_seed(6),
     )
     exact = prob_confidence_law(oracle, process)
     assert total_variation(empirical_distribution(out.tokens, oracle.sequences), exact) < BOUND
@@ -357,7 +370,7 @@ def test_confidence_prob_follows_its_exact_law_and_is_biased():
 def test_greedy_confidence_decoding():
     process = PROCESSES["masked"]()
     oracle = setup(process)
-    out = confidence_sample(oracle, process, (4, L), L, temperature=0.0)
+    out = confidence_sample(oracle, process, (4, L), uniform_times(L), temperature=0.0)
     state = torch.full((1, L), process.mask_id)
     for _ in range(L):  # most confident masked position, set to its argmax
         probs = oracle.marginals(state, 1.0)[0]
@@ -370,14 +383,15 @@ def test_greedy_confidence_decoding():
 def test_confidence_unmasks_on_schedule():
     process = MaskedProcess(4, 3)
     oracle = setup(process)
-    masks = []
-    confidence_sample(
-        oracle, process, (2, L), 3, callback=lambda s: masks.append(int((s.x == 3).sum()))
+    states = []
+    out = confidence_sample(
+        oracle, process, (2, L), uniform_times(3), callback=lambda i, t, x_t, x0: states.append(x_t)
     )
+    masks = [int((x == 3).sum()) for x in [*states[1:], out.tokens]]  # after each step
     # 3 masked tokens per sequence, alpha = 1/3, 2/3, 1 after the steps: one token per step.
     assert masks == [4, 2, 0]
     with pytest.raises(ValueError, match="masked"):
-        confidence_sample(oracle, UniformProcess(3), (2, L), 2)
+        confidence_sample(oracle, UniformProcess(3), (2, L), uniform_times(2))
 
 
 # ---------------------------------------------------------------------------- semi-AR
@@ -401,9 +415,9 @@ def test_semi_autoregressive_beyond_the_context_on_a_markov_chain():
         oracle,
         process,
         (N, 6),
+        uniform_times(3),
         context_length=3,
         block_length=1,
-        steps_per_block=3,
         sampler=confidence_sample,
         confidence="random",  # one token per step: exact within each window
         generator=torch.Generator().manual_seed(9),
@@ -417,9 +431,9 @@ def test_semi_autoregressive_beyond_the_context_on_a_markov_chain():
         oracle,
         process,
         (5, 5),
+        uniform_times(4),
         context_length=3,
         block_length=2,
-        steps_per_block=4,
         prompt=torch.tensor([[1, 0]]).expand(5, 2),
     )
     assert bool((prompted.tokens[:, :2] == torch.tensor([1, 0])).all())
@@ -449,12 +463,12 @@ def test_adjust_log_probs():
 def test_temperature_and_nucleus_in_the_sampler():
     process = PROCESSES["masked"]()
     oracle = setup(process)
-    steps = 12
+    times = uniform_times(12)
     opts = {"temperature": 0.7, "top_p": 0.8}
     out = ancestral_sample(
-        oracle, process, (N, L), steps, generator=torch.Generator().manual_seed(10), **opts
+        oracle, process, (N, L), times, generator=torch.Generator().manual_seed(10), **opts
     )
-    states, law = ancestral_law(oracle, process, L, steps, **opts)
+    states, law = ancestral_law(oracle, process, L, times, **opts)
     exact = law_on(oracle.sequences, states, law)
     assert total_variation(empirical_distribution(out.tokens, oracle.sequences), exact) < BOUND
     assert total_variation(exact, oracle.probs) > 0.05  # it did change the distribution
@@ -481,7 +495,13 @@ def test_sampler_truncates_at_eos():
     process = PROCESSES["masked"]()
     oracle = setup(process)
     out = ancestral_sample(
-        oracle, process, (200, L), 10, eos_id=1, pad_id=2, generator=torch.Generator()
+        oracle,
+        process,
+        (200, L),
+        uniform_times(10),
+        eos_id=1,
+        pad_id=2,
+        generator=torch.Generator(),
     )
     for row, length in zip(out.tokens.tolist(), out.lengths.tolist(), strict=True):
         assert 1 not in row[: length - 1]

@@ -9,16 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from difflab.gaussian.edm import (
-    EDMSchedule,
-    edm_loss,
-    edm_weight,
-    sample_edm_sigma,
-)
+from difflab.gaussian.edm import edm_loss, edm_weight, sample_edm_sigma
 from difflab.gaussian.oracles import GaussianMixtureOracle, GaussianOracle
-from difflab.gaussian.parameterization import Denoiser, broadcast, edm_preconditioning
+from difflab.gaussian.parameterization import Denoiser, edm_preconditioning
 from difflab.gaussian.samplers import karras_times
-from difflab.gaussian.schedules import VESchedule, cosine_logsnr, linear_beta
+from difflab.gaussian.schedules import (
+    EDMSchedule,
+    VESchedule,
+    broadcast,
+    cosine_logsnr,
+    linear_beta,
+)
 from difflab.nets.mlp import MLPDenoiserNet
 from difflab.nets.unet import UNet
 

@@ -35,6 +35,7 @@ from difflab.gaussian.guidance import (
     ClassifierGuidance,
     DynamicThresholding,
     StaticThresholding,
+    thresholded,
 )
 from difflab.gaussian.oracles import GaussianMixtureOracle
 from difflab.gaussian.parameterization import Denoiser
@@ -464,3 +465,14 @@ def test_thresholding_rejects_bad_settings():
         StaticThresholding(oracle, limit=0.0)
     with pytest.raises(ValueError, match="percentile"):
         DynamicThresholding(oracle, percentile=1.5)
+    with pytest.raises(ValueError, match="unknown threshold 'soft': choose one of none, static"):
+        thresholded(oracle, "soft")
+
+
+def test_thresholded_by_name():
+    oracle = mixture()
+    assert thresholded(oracle, "none") is oracle
+    static = thresholded(oracle, "static")
+    assert isinstance(static, StaticThresholding) and static.limit == 1.0
+    dynamic = thresholded(oracle, "dynamic", percentile=0.9)
+    assert isinstance(dynamic, DynamicThresholding) and dynamic.percentile == 0.9

@@ -13,11 +13,15 @@ import math
 import pytest
 import torch
 
-from difflab.gaussian.edm import EDMSchedule
 from difflab.gaussian.likelihood import ode_bits_per_dim, ode_log_likelihood
 from difflab.gaussian.oracles import GaussianOracle
-from difflab.gaussian.schedules import VESchedule, cosine_logsnr, linear_beta
-from difflab.gaussian.sde import vp_linear
+from difflab.gaussian.schedules import (
+    EDMSchedule,
+    VESchedule,
+    cosine_logsnr,
+    linear_beta,
+    vp_linear,
+)
 
 F64 = torch.float64
 MU = torch.tensor([0.3, -0.5, 0.1, 0.0], dtype=F64)

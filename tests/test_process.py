@@ -8,6 +8,7 @@ import torch
 from difflab.gaussian import process
 from difflab.gaussian.parameterization import KINDS, Prediction, target
 from difflab.gaussian.schedules import (
+    SCHEDULES,
     LogSNRSchedule,
     VESchedule,
     constant_beta,
@@ -17,6 +18,7 @@ from difflab.gaussian.schedules import (
     linear_logsnr,
     make_schedule,
     schedule_from_config,
+    schedule_parameters,
 )
 
 ALL = {
@@ -101,6 +103,22 @@ def test_schedule_config_round_trip():
             assert torch.allclose(u, v)
     with pytest.raises(ValueError, match="unknown schedule"):
         make_schedule("quadratic")
+
+
+def test_registry_lists_every_schedule_with_its_parameters():
+    assert list(SCHEDULES) == ["linear", "cosine", "constant", "cosine-logsnr", "linear-logsnr",
+                               "vp-linear", "sub-vp", "ve", "edm"]  # fmt: skip
+    assert schedule_parameters("linear") == {"T": 1000, "beta_start": 1e-4, "beta_end": 0.02}
+    assert list(schedule_parameters("cosine-logsnr")) == ["shift", "log_snr_min", "log_snr_max"]
+    assert list(schedule_parameters("edm")) == ["sigma_min", "sigma_max", "rho"]
+    for name in SCHEDULES:  # every schedule builds from its defaults and records its name
+        s = make_schedule(name, **schedule_parameters(name))
+        assert s.config()["kind"] == name
+    assert make_schedule("linear", T=10).T == 10
+    with pytest.raises(ValueError, match="unknown schedule 'quadratic': choose one of linear"):
+        schedule_parameters("quadratic")
+    with pytest.raises(ValueError, match="takes no parameter shift: its parameters are T, beta"):
+        make_schedule("linear", shift=1.0)
 
 
 def test_marginal_equals_t_single_steps_in_distribution():

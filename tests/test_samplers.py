@@ -449,6 +449,28 @@ def test_time_grids():
             S.karras_times(ve, 5, **bad)
 
 
+def test_time_grid_by_name():
+    assert S.GRIDS == ("trailing", "leading", "linspace", "karras", "log-snr")
+    for spacing in ("trailing", "leading", "linspace"):
+        assert torch.equal(S.time_grid(LINEAR, 7, spacing), LINEAR.timesteps(7, spacing))
+    assert torch.equal(S.time_grid(LINEAR, 7, "karras"), S.karras_times(LINEAR, 7))
+    assert torch.equal(S.time_grid(LINEAR, 7, "log-snr"), S.log_snr_times(LINEAR, 7))
+    with pytest.raises(ValueError, match="unknown time grid 'uniform': choose one of trailing"):
+        S.time_grid(LINEAR, 7, "uniform")
+
+
+def test_sampler_options_are_the_keywords_each_sampler_takes():
+    assert S.sampler_options("ddim") == {"eta": 0.0}
+    assert S.sampler_options("ddpm") == {"variance": "beta_tilde"}
+    assert S.sampler_options("dpm_solver") == {"order": 2, "prediction": "noise"}
+    assert S.sampler_options("dpmpp_2m") == {"sde": False}  # its order is fixed
+    assert S.sampler_options("dpmpp_2m_sde") == {}
+    assert list(S.sampler_options("heun")) == ["s_churn", "s_tmin", "s_tmax", "s_noise"]
+    assert S.sampler_options("pc") == {"snr": 0.16, "corrector_steps": 1}
+    with pytest.raises(ValueError, match="unknown sampler 'plms': choose one of ddpm"):
+        S.sampler_options("plms")
+
+
 def test_registry_describes_every_sampler():
     assert set(S.SAMPLERS) == set(S.DESCRIPTIONS)
     assert {"ddpm", "ddim", "euler", "heun", "dpm_solver", "dpmpp_2m", "dpmpp_3m",

@@ -11,16 +11,20 @@ import pytest
 import torch
 
 from difflab.gaussian.oracles import GaussianOracle
-from difflab.gaussian.schedules import VESchedule, cosine_logsnr, linear_beta
+from difflab.gaussian.schedules import (
+    SubVPSchedule,
+    VESchedule,
+    cosine_logsnr,
+    linear_beta,
+    vp_linear,
+)
 from difflab.gaussian.sde import (
     ForwardSDE,
-    SubVPSchedule,
     langevin_corrector_step,
     predictor_corrector,
     probability_flow,
     probability_flow_velocity,
     reverse_sde,
-    vp_linear,
 )
 
 F64 = torch.float64

@@ -1,5 +1,5 @@
 """TextTransformer: rotary relative positions, causal and bidirectional attention, KV-cache
-decoding against recomputation, time/class conditioning, EOS handling, initialisation."""
+decoding against recomputation, time/class conditioning, initialisation."""
 
 from __future__ import annotations
 
@@ -7,16 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from difflab.nets.transformer import (
-    EOS_CHECK_EVERY,
-    TextTransformer,
-    apply_rotary,
-    rotary_angles,
-    sample_next_token,
-)
+from difflab.nets.transformer import TextTransformer, apply_rotary, rotary_angles
 
 VOCAB, LENGTH = 23, 32
-EOS, PAD = 2, 0
 
 
 def randomized(model: TextTransformer, std: float = 0.1, seed: int = 0) -> TextTransformer:
@@ -93,51 +86,6 @@ def test_kv_cache_decoding_equals_recomputation_step_by_step():
     torch.testing.assert_close(torch.cat(chunks, dim=1), full, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize(("temperature", "top_p"), [(0.0, 1.0), (1.0, 1.0), (0.8, 0.9)])
-def test_generate_with_cache_equals_naive_recomputation(temperature, top_p):
-    model = randomized(TextTransformer(VOCAB, LENGTH, width=32, depth=2, causal=True))
-    prompt = tokens(4, 3)
-    out = model.generate(prompt, 20, temperature, top_p, generator=torch.Generator().manual_seed(5))
-    gen = torch.Generator().manual_seed(5)
-    seq = prompt
-    with torch.no_grad():
-        for _ in range(20):  # no cache: rerun the whole sequence for every new token
-            nxt = sample_next_token(model(seq)[:, -1], temperature, top_p, gen)
-            seq = torch.cat([seq, nxt[:, None]], dim=1)
-    assert torch.equal(out, seq)
-
-
-def test_generate_stops_at_eos_and_pads_after_it():
-    model = randomized(TextTransformer(VOCAB, 128, width=32, depth=2, causal=True))
-    with torch.no_grad():
-        model.head.bias[EOS] += 4.0  # makes EOS likely enough that every row ends early
-    prompt = torch.full((6, 1), 1)
-    free = model.generate(prompt, 100, generator=torch.Generator().manual_seed(0))
-    out = model.generate(
-        prompt, 100, generator=torch.Generator().manual_seed(0), eos_id=EOS, pad_id=PAD
-    )
-    assert out.shape[1] < 101 and (out.shape[1] - 1) % EOS_CHECK_EVERY == 0
-    lengths = []
-    for row_free, row in zip(free, out, strict=True):
-        end = int((row_free == EOS).nonzero()[0])
-        lengths.append(end)
-        assert torch.equal(row[: end + 1], row_free[: end + 1])  # same text up to its EOS
-        assert bool((row[end + 1 :] == PAD).all())
-    assert len(set(lengths)) > 1 and max(lengths) < out.shape[1]  # rows of different lengths
-
-
-def test_nucleus_sampling_keeps_the_smallest_set_reaching_top_p():
-    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
-    logits = probs.log().expand(4000, -1)
-    gen = torch.Generator().manual_seed(0)
-    draws = sample_next_token(logits, 1.0, 0.75, gen)
-    assert set(draws.tolist()) == {0, 1}  # 0.5 < 0.75 <= 0.5 + 0.3
-    freq = (draws == 0).float().mean()
-    # Renormalised nucleus: P(0) = 0.5 / 0.8 = 0.625; binomial s.d. sqrt(.625 .375 / 4000) = .0077
-    assert abs(float(freq) - 0.625) < 4 * 0.0077
-    assert torch.equal(sample_next_token(logits[:3], 0.0), torch.zeros(3, dtype=torch.long))
-
-
 # ---------------------------------------------------------------- conditioning
 
 
@@ -188,7 +136,7 @@ def test_initialisation_tying_and_limits():
     with pytest.raises(ValueError, match="context"):
         untied(tokens(1, LENGTH + 1), torch.rand(1))
     with pytest.raises(ValueError, match="exceeds the context"):
-        TextTransformer(VOCAB, LENGTH, 32, 1, causal=True).generate(x[:, :4], LENGTH)
+        TextTransformer(VOCAB, LENGTH, 32, 1, causal=True).new_cache(1, 4 + LENGTH)
 
 
 @pytest.mark.parametrize("causal", [True, False])

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from difflab.discrete.process import MaskedProcess, TokenProcess
-from difflab.discrete.samplers import Denoiser
+from difflab.discrete.samplers import TokenDenoiser
 
 
 @dataclass(frozen=True)
@@ -48,20 +48,21 @@ class DiscreteLoss:
         return self.token_nelbo.sum() / self.num_tokens
 
 
-def sample_times(
+def draw_times(
     batch_size: int,
     *,
-    antithetic: bool = True,
+    stratified: bool = True,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> Tensor:
     """Times in ``(0, 1]`` for a batch, float32 ``(B,)``.
 
-    Antithetic (low-discrepancy, MDLM/VDM): ``t_b = 1 - ((u + b / B) mod 1)`` for one
-    ``u ~ U[0, 1)``, so the batch covers ``[0, 1]`` evenly and each ``t_b`` is still uniform.
-    ``t = 0`` is excluded (nothing is corrupted there).
+    Stratified (MDLM's low-discrepancy sampler, VDM): ``t_b = 1 - ((u + b / B) mod 1)`` for one
+    ``u ~ U[0, 1)``, so the batch covers ``[0, 1]`` evenly, one time per stratum of width
+    ``1 / B``, and each ``t_b`` is still uniform. ``t = 0`` is excluded (nothing is corrupted
+    there).
     """
-    if antithetic:
+    if stratified:
         u = torch.rand((), generator=generator, device=device, dtype=torch.float64)
         offsets = torch.arange(batch_size, device=device, dtype=torch.float64) / batch_size
         frac = torch.remainder(u + offsets, 1.0)
@@ -71,14 +72,14 @@ def sample_times(
 
 
 def continuous_time_loss(
-    model: Denoiser,
+    model: TokenDenoiser,
     process: TokenProcess,
     x0: Tensor,
     *,
     loss_mask: Tensor | None = None,
     cond: Any = None,
     t: Tensor | None = None,
-    antithetic: bool = True,
+    stratified: bool = True,
     generator: torch.Generator | None = None,
 ) -> DiscreteLoss:
     """The continuous-time NELBO of ``process`` (MDLM, UDLM or the GIDD hybrid):
@@ -89,11 +90,11 @@ def continuous_time_loss(
     with ``l_t`` the process's :meth:`~TokenProcess.loss_rate`: for the masked process MDLM's
     ``-alpha'_t / (1 - alpha_t) log x_theta(x_0)`` at masked tokens (SUBS), for the uniform process
     seed 003's UDLM integrand, for the hybrid its GIDD generalisation. One ``t`` per sequence
-    (antithetic over the batch unless ``t`` is given); one network call.
+    (stratified over the batch unless ``t`` is given); one network call.
     """
     B = x0.shape[0]
     if t is None:
-        t = sample_times(B, antithetic=antithetic, generator=generator, device=x0.device)
+        t = draw_times(B, stratified=stratified, generator=generator, device=x0.device)
     x_t = process.sample(x0, t, generator)
     log_x0 = process.x0_log_probs(model(x_t, t, cond).float(), x_t)
     nelbo = process.loss_rate(log_x0, x_t, x0, t) + process.prior_kl(x0).to(log_x0.dtype)
@@ -101,13 +102,13 @@ def continuous_time_loss(
 
 
 def mask_count_loss(
-    model: Denoiser,
+    model: TokenDenoiser,
     process: MaskedProcess,
     x0: Tensor,
     *,
     loss_mask: Tensor | None = None,
     cond: Any = None,
-    antithetic: bool = True,
+    stratified: bool = True,
     generator: torch.Generator | None = None,
 ) -> DiscreteLoss:
     """The masked process's NELBO drawn through the number of masked tokens (its any-order form;
@@ -120,7 +121,7 @@ def mask_count_loss(
     row with ``M`` masked. It is :func:`continuous_time_loss`'s bound for every schedule: given
     ``t`` the number masked is Binomial(n, 1 - alpha_t), and
     ``int_0^1 C(n, l) (1 - alpha_t)^(l - 1) alpha_t^(n - l) (-alpha'_t) dt = 1 / l``. Drawing
-    ``l`` (stratified over the batch unless ``antithetic`` is off) instead of ``t`` removes the
+    ``l`` (stratified over the batch unless ``stratified`` is off) instead of ``t`` removes the
     binomial spread of the count and the unbounded weight ``-alpha'_t / (1 - alpha_t)`` near
     ``t = 0``: a row's estimate is ``n`` times the mean NLL of its masked tokens. Uncounted
     (padding) positions are masked with probability ``l / n`` each. The network is called with
@@ -132,7 +133,7 @@ def mask_count_loss(
     B, L = x0.shape
     keep = torch.ones_like(x0, dtype=torch.bool) if loss_mask is None else loss_mask.bool()
     n = keep.sum(1).clamp_min(1).double()
-    times = sample_times(B, antithetic=antithetic, generator=generator, device=x0.device)
+    times = draw_times(B, stratified=stratified, generator=generator, device=x0.device)
     frac = 1.0 - times.double()  # in [0, 1)
     count = torch.minimum(torch.floor(frac * n) + 1, n)
     rank = torch.rand(B, L, generator=generator, device=x0.device).masked_fill(~keep, 2.0)
@@ -149,7 +150,7 @@ def mask_count_loss(
 
 
 def d3pm_loss(
-    model: Denoiser,
+    model: TokenDenoiser,
     process: TokenProcess,
     x0: Tensor,
     num_steps: int | None = None,
@@ -179,7 +180,7 @@ def d3pm_loss(
     if num_steps < 1:
         raise ValueError(f"num_steps must be at least 1, got {num_steps}")
     B = x0.shape[0]
-    frac = 1.0 - sample_times(B, generator=generator, device=x0.device).double()  # in [0, 1)
+    frac = 1.0 - draw_times(B, generator=generator, device=x0.device).double()  # in [0, 1)
     k = torch.floor(frac * num_steps).clamp(max=num_steps - 1) + 1
     t, s = k / num_steps, (k - 1) / num_steps
     x_t = process.sample(x0, t, generator)

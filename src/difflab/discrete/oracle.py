@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from difflab.discrete.process import TokenProcess
-from difflab.discrete.samplers import Denoiser, adjust_log_probs
+from difflab.discrete.samplers import TokenDenoiser, adjust_log_probs
 
 
 def enumerate_sequences(tokens: Tensor | list[int], length: int) -> Tensor:
@@ -108,10 +109,10 @@ class ExactDenoiser:
 
 
 def ancestral_law(
-    model: Denoiser,
+    model: TokenDenoiser,
     process: TokenProcess,
     length: int,
-    steps: int,
+    times: Tensor | Sequence[float],
     *,
     cond: Any = None,
     fixed_tokens: Tensor | None = None,
@@ -121,9 +122,10 @@ def ancestral_law(
 ) -> tuple[Tensor, Tensor]:
     """The exact output law of :func:`~difflab.discrete.samplers.ancestral_sample`, by enumeration.
 
-    Propagates a distribution over all ``V^L`` states through the ``steps`` factorised reverse
-    steps ``T_k[z, z'] = prod_l p(z'_l | z)`` (:meth:`TokenProcess.reverse_probs` with the
-    denoiser's ``x_theta`` after temperature/top-p), starting from the prior, with positions in
+    Propagates a distribution over all ``V^L`` states through the factorised reverse steps
+    ``T_i[z, z'] = prod_l p(z'_l | z)`` from ``t_i`` to ``t_{i+1}`` of the grid ``times`` (from 1
+    to 0; :meth:`TokenProcess.reverse_probs` with the denoiser's ``x_theta`` after
+    temperature/top-p), starting from the prior, with positions in
     ``fixed_mask`` (``(L,)``, one pattern for all) held at ``fixed_tokens`` (``(L,)``). The
     distance of this law from the data distribution is the sampler's discretisation error, with
     no sampling noise. ``cond`` (if any) must describe one sequence; it is expanded to the
@@ -141,10 +143,8 @@ def ancestral_law(
     law = torch.where(fixed, 1.0, prior).prod(-1) * consistent
     if cond is not None:
         cond = cond.expand(S, *cond.shape[1:]) if isinstance(cond, Tensor) else cond
-    times = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
     positions = torch.arange(length)
-    for k in range(steps):
-        t, s = float(times[k]), float(times[k + 1])
+    for t, s in itertools.pairwise(torch.as_tensor(times, dtype=torch.float64).tolist()):
         t_vec = torch.full((S,), t, dtype=torch.float32)
         log_x0 = process.x0_log_probs(model(states, t_vec, cond).double(), states)
         x0_probs = adjust_log_probs(log_x0, temperature, top_p).exp()

@@ -1,13 +1,24 @@
 """Samplers of discrete diffusion: ancestral (MDLM/D3PM/UDLM/GIDD), confidence-based (LLaDA),
 semi-autoregressive blocks, with prompts/infilling, temperature, nucleus and guidance.
 
-A denoiser is any callable ``model(x_t, t, cond) -> logits (B, L, V)`` with ``x_t`` long
-``(B, L)`` and ``t`` float32 ``(B,)``; the process turns logits into ``log p_theta(x_0 | x_t)``
-(:meth:`TokenProcess.x0_log_probs`). Samplers are stateless functions that run under
-``torch.inference_mode()``, draw every random number from ``generator`` (categorical draws by
-Gumbel-max in float64: float32 Gumbel noise cannot reach the tail and acts like a lower
-temperature), never synchronise with the host inside the step loop, and report each step to
-``callback`` as a :class:`SamplerStep`.
+Every sampler has the signature (DESIGN.md, "Sampler")::
+
+    sampler(model, process, shape, times, *, cond=None, generator=None, callback=None, **options)
+        -> DiscreteSamples
+
+- ``model`` is any :data:`TokenDenoiser` ``model(x_t, t, cond) -> logits (B, L, V)`` with ``x_t``
+  long ``(B, L)`` and ``t`` float32 ``(B,)``; the process turns logits into
+  ``log x_theta = log p_theta(x_0 | x_t)`` (:meth:`TokenProcess.x0_log_probs`).
+- ``times`` is a strictly decreasing 1-D grid from ``t = 1`` (the prior, where sampling starts)
+  to ``t = 0``, e.g. :func:`uniform_times`; ``n = len(times) - 1`` steps ``t_i -> t_{i+1}``.
+- ``generator`` drives every random draw (categorical draws by Gumbel-max in float64: float32
+  Gumbel noise cannot reach the tail and acts like a lower temperature).
+- ``callback(i, t, x_t, x0)`` is called once per step ``i = 0..n-1``, as by the Gaussian samplers
+  (:mod:`difflab.gaussian.samplers`), with the time ``t = t_i``, the state ``x_t`` there and the
+  current estimate of the clean tokens ``x0 = argmax x_theta`` (given tokens kept).
+
+Samplers run under ``torch.inference_mode()``, keep no state between calls and never synchronise
+with the host inside the step loop. :data:`TOKEN_SAMPLERS` names them.
 
 Prompts and infilling: positions where ``fixed_mask`` is true hold ``fixed_tokens`` from start to
 end and are never noised (for the masked process the denoiser sees them as clean tokens, which
@@ -18,8 +29,10 @@ length: with ``eos_id`` every sequence is cut after its first EOS and the rest f
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -28,27 +41,13 @@ from torch import Tensor
 
 from difflab.discrete.process import TokenProcess
 
-#: ``model(x_t (B, L) long, t (B,) float32, cond) -> logits (B, L, V)``
-Denoiser = Callable[[Tensor, Tensor, Any], Tensor]
+TokenDenoiser = Callable[[Tensor, Tensor, Any], Tensor]
+"""``model(x_t (B, L) long, t (B,) float32, cond) -> logits (B, L, V)``."""
+
+Callback = Callable[[int, float, Tensor, Tensor], None]
+"""``callback(i, t, x_t, x0)``: step index, time, current state, current clean-token estimate."""
+
 Confidence = Literal["prob", "margin", "entropy", "random"]
-
-
-@dataclass(frozen=True)
-class SamplerStep:
-    """One step ``t -> s`` of a sampler, as reported to the callback.
-
-    ``x`` is the state after the step (at time ``s``); ``x0_log_probs`` the ``(B, L, V)``
-    denoiser estimate ``log p(x_0 | x_t)`` used by the step, after temperature and top-p (for
-    the cached ancestral sampler, the last one computed); ``model_called`` whether the network
-    ran in this step.
-    """
-
-    step: int
-    t: float
-    s: float
-    x: Tensor
-    x0_log_probs: Tensor | None
-    model_called: bool
 
 
 @dataclass(frozen=True)
@@ -61,7 +60,11 @@ class DiscreteSamples:
     nfe: int
 
 
-Callback = Callable[[SamplerStep], None]
+def uniform_times(steps: int) -> Tensor:
+    """The grid ``t_i = 1 - i / steps``, ``i = 0..steps``: float64 ``(steps + 1,)`` from 1 to 0."""
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
 
 
 # --------------------------------------------------------------------------------------------
@@ -133,7 +136,7 @@ def prompt_to_fixed(prompt: Tensor, length: int) -> tuple[Tensor, Tensor]:
     return tokens, mask
 
 
-def classifier_free_guidance(model: Denoiser, scale: float, null_cond: Any) -> Denoiser:
+def classifier_free_guidance(model: TokenDenoiser, scale: float, null_cond: Any) -> TokenDenoiser:
     """Classifier-free guidance for discrete diffusion: a denoiser returning
 
         log p_w(x_0 | x_t, c) = (1 + w) log p(x_0 | x_t, c) - w log p(x_0 | x_t, null)
@@ -168,10 +171,10 @@ def classifier_free_guidance(model: Denoiser, scale: float, null_cond: Any) -> D
 
 @torch.inference_mode()
 def ancestral_sample(
-    model: Denoiser,
+    model: TokenDenoiser,
     process: TokenProcess,
     shape: tuple[int, int],
-    steps: int,
+    times: Tensor | Sequence[float],
     *,
     cond: Any = None,
     fixed_tokens: Tensor | None = None,
@@ -185,78 +188,59 @@ def ancestral_sample(
     device: torch.device | str | None = None,
     callback: Callback | None = None,
 ) -> DiscreteSamples:
-    """Ancestral sampling ``z_s ~ p_theta(z_s | z_t)`` on ``steps`` equal steps from ``t = 1``.
+    """Ancestral sampling ``z_s ~ p_theta(z_s | z_t)`` from ``t = t_i`` to ``s = t_{i+1}`` over
+    the grid ``times``, from the prior at ``t = 1`` to ``t = 0``.
 
     The reverse is the process's ``p(z_s | z_t) = sum_x q(z_s | z_t, x) x_theta(x)``
     (:meth:`TokenProcess.reverse_probs`), factorised over tokens, with temperature and top-p
-    applied to ``x_theta``. The last step lands on ``t = 0``.
+    applied to ``x_theta``.
 
     Masked process (MDLM): a masked token is unmasked between ``t`` and ``s`` with probability
     ``(alpha_s - alpha_t) / (1 - alpha_t)`` whatever the network says, and then takes a value
-    drawn from ``x_theta``. So the step at which each token is unmasked is drawn up front (one
-    uniform per token, inverted through ``alpha``: the same law; one host synchronisation before
-    the loop), and with ``cache=True`` the network runs only at steps where some token of the
-    batch is unmasked. At every other step no token can change, so the output of a call would
-    go unused (MDLM's cache skips the call when nothing changed since the last one and reuses
-    that output; here the call is not even needed; the callback reports the last estimate).
-    The random numbers drawn are the same with and without the cache, so the samples are
-    identical for the same generator state, for any denoiser (time-conditioned or not); only
-    ``nfe`` changes. The saving is largest for small batches and many steps (at most one call
-    per token).
+    drawn from ``x_theta``. So the step at which each token is unmasked is drawn up front
+    (:func:`_unmasking_steps`: the same law; one host synchronisation before the loop), and with
+    ``cache=True`` the network runs only at steps where some token of the batch is unmasked. At
+    every other step no token can change, so the output of a call would go unused (MDLM's cache
+    skips the call when nothing changed since the last one and reuses that output; here the call
+    is not even needed; the callback reports the last estimate). The random numbers drawn are the
+    same with and without the cache, so the samples are identical for the same generator state,
+    for any denoiser (time-conditioned or not); only ``nfe`` changes. The saving is largest for
+    small batches and many steps (at most one call per token).
 
     Uniform and hybrid processes (D3PM/UDLM/GIDD): every step redraws every free token from the
     reverse, so tokens already placed can be corrected; ``cache`` does not apply.
     """
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
+    grid = _time_grid(times)
+    ts = grid.tolist()
     x, fixed, fixed_tokens = _initial_state(
         process, shape, fixed_tokens, fixed_mask, generator, device
     )
-    times = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-    B = x.shape[0]
-
-    def denoise(x_t: Tensor, t: float) -> Tensor:
-        t_vec = torch.full((B,), t, dtype=torch.float32, device=x_t.device)
-        log_x0 = process.x0_log_probs(model(x_t, t_vec, cond).float(), x_t)
-        return adjust_log_probs(log_x0, temperature, top_p)
-
-    nfe = 0
     if process.absorbing:
-        alphas_after = process.alpha(times[1:]).to(x.device)
-        alphas_after[-1] = 1.0
-        u = 1.0 - torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float64)
-        step_of = torch.where(fixed, -1, torch.searchsorted(alphas_after, u))
-        counts = torch.bincount((step_of + 1).flatten(), minlength=steps + 1)[1:].tolist()
-        log_x0: Tensor | None = None
-        for k in range(steps):
-            t, s = float(times[k]), float(times[k + 1])
-            called = not cache or counts[k] > 0
-            if called:
-                log_x0 = denoise(x, t)
-                nfe += 1
-            if counts[k] > 0:
-                proposal = sample_categorical(log_x0, generator)
-                x = torch.where(step_of == k, proposal, x)
-            if callback is not None:
-                callback(SamplerStep(k, t, s, x, log_x0, called))
+        unmask_at, moves = _unmasking_steps(process, grid, fixed, generator)
     else:
-        for k in range(steps):
-            t, s = float(times[k]), float(times[k + 1])
-            log_x0 = denoise(x, t)
+        unmask_at, moves = None, [True] * (len(ts) - 1)
+    log_x0, nfe = None, 0
+    for i, (t, s) in enumerate(itertools.pairwise(ts)):
+        if moves[i] or not cache:
+            log_x0 = adjust_log_probs(_x0_log_probs(model, process, x, t, cond), temperature, top_p)
             nfe += 1
-            probs = process.reverse_probs(log_x0.to(torch.float64).exp(), x, s, t)
-            x = torch.where(fixed, fixed_tokens, sample_categorical(torch.log(probs), generator))
-            if callback is not None:
-                callback(SamplerStep(k, t, s, x, log_x0, True))
+        if callback is not None:
+            callback(i, t, x, _x0_estimate(x, log_x0, fixed))
+        if not moves[i]:
+            continue
+        if process.absorbing:
+            x = _unmask_step(x, log_x0, unmask_at == i, generator)
+        else:
+            x = _reverse_step(process, x, log_x0, t, s, fixed, fixed_tokens, generator)
     return _finish(x, nfe, eos_id, pad_id)
 
 
 @torch.inference_mode()
 def confidence_sample(
-    model: Denoiser,
+    model: TokenDenoiser,
     process: TokenProcess,
     shape: tuple[int, int],
-    steps: int,
+    times: Tensor | Sequence[float],
     *,
     confidence: Confidence = "prob",
     cond: Any = None,
@@ -274,10 +258,11 @@ def confidence_sample(
 
     At each step every masked token gets a candidate ``~ x_theta`` (after temperature/top-p) and
     a confidence computed from the model's own ``x_theta`` (before temperature, as in LLaDA, so
-    that greedy decoding still ranks positions); the ``n_k`` most confident candidates are kept
+    that greedy decoding still ranks positions); the ``n_i`` most confident candidates are kept
     and the rest stay masked (LLaDA phrases this as predicting all masks and remasking the least
-    confident). ``n_k`` follows the schedule deterministically: after step ``k``,
-    ``round(n alpha(s_k))`` of the ``n`` initially masked tokens of each sequence are unmasked.
+    confident). ``n_i`` follows the schedule deterministically: after step ``i``,
+    ``round(m alpha(t_{i+1}))`` of the ``m`` initially masked tokens of each sequence are
+    unmasked.
 
     Confidence: ``prob`` (probability of the candidate: LLaDA's low-confidence remasking),
     ``margin`` (top-1 minus top-2 probability), ``entropy`` (negative entropy of ``x_theta``) or
@@ -290,44 +275,30 @@ def confidence_sample(
         raise ValueError("confidence-based unmasking needs the masked (absorbing) process")
     if confidence not in ("prob", "margin", "entropy", "random"):
         raise ValueError(f"unknown confidence {confidence!r}: prob, margin, entropy or random")
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
+    grid = _time_grid(times)
+    ts = grid.tolist()
     x, fixed, _ = _initial_state(process, shape, fixed_tokens, fixed_mask, generator, device)
-    B, L = x.shape
-    times = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-    alphas = process.alpha(times).to(x.device)
-    alphas[-1] = 1.0
-    initially_masked = (~fixed).sum(-1).to(torch.float64)
-    unmasked_by = torch.round(alphas.unsqueeze(1) * initially_masked).long()  # (steps + 1, B)
-    per_step = unmasked_by.diff(dim=0)  # (steps, B)
-    positions = torch.arange(L, device=x.device).expand(B, L)
-    for k in range(steps):
-        t, s = float(times[k]), float(times[k + 1])
-        t_vec = torch.full((B,), t, dtype=torch.float32, device=x.device)
-        raw = process.x0_log_probs(model(x, t_vec, cond).float(), x)
+    quota = _unmasking_quota(process, grid, fixed)
+    for i, t in enumerate(ts[:-1]):
+        raw = _x0_log_probs(model, process, x, t, cond)
         log_x0 = adjust_log_probs(raw, temperature, top_p)
+        if callback is not None:
+            callback(i, t, x, _x0_estimate(x, log_x0, fixed))
         candidate = sample_categorical(log_x0, generator)
         score = _confidence(confidence, raw, candidate, generator)
-        masked = x == process.mask_id
-        score = torch.where(masked, score, -math.inf)
-        order = score.argsort(dim=-1, descending=True, stable=True)
-        rank = torch.empty_like(order).scatter_(-1, order, positions)
-        chosen = masked & (rank < per_step[k].unsqueeze(-1))
-        x = torch.where(chosen, candidate, x)
-        if callback is not None:
-            callback(SamplerStep(k, t, s, x, log_x0, True))
-    return _finish(x, steps, eos_id, pad_id)
+        x = _keep_most_confident(x, candidate, score, quota[i], process.mask_id)
+    return _finish(x, len(ts) - 1, eos_id, pad_id)
 
 
 @torch.inference_mode()
 def semi_autoregressive_sample(
-    model: Denoiser,
+    model: TokenDenoiser,
     process: TokenProcess,
     shape: tuple[int, int],
+    times: Tensor | Sequence[float],
     *,
     context_length: int,
     block_length: int,
-    steps_per_block: int,
     sampler: Callable[..., DiscreteSamples] = ancestral_sample,
     prompt: Tensor | None = None,
     eos_id: int | None = None,
@@ -342,8 +313,8 @@ def semi_autoregressive_sample(
     window holds the last ``context_length - block_length`` tokens generated so far, given and
     never noised, and ``block_length`` new positions that ``sampler`` (:func:`ancestral_sample`
     or :func:`confidence_sample`; ``options`` go to it, e.g. ``temperature``, ``cache``,
-    ``cond``, ``callback``) generates in ``steps_per_block`` steps. Every network call sees
-    exactly ``min(context_length, length)`` tokens.
+    ``cond``, ``callback``) generates over the grid ``times``. Every network call sees exactly
+    ``min(context_length, length)`` tokens.
     """
     B, length = shape
     if not 0 < block_length <= context_length:
@@ -369,7 +340,7 @@ def semi_autoregressive_sample(
             model,
             process,
             (B, keep + new),
-            steps_per_block,
+            times,
             fixed_tokens=window,
             fixed_mask=given,
             generator=generator,
@@ -382,6 +353,69 @@ def semi_autoregressive_sample(
 
 
 # --------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------
+
+TOKEN_SAMPLERS: dict[str, Callable[..., DiscreteSamples]] = {}
+"""Every token sampler by name (the text recipe's ``sample.sampler``); each follows the contract
+of the module docstring (``semi-ar`` also needs ``context_length`` and ``block_length``)."""
+
+TOKEN_SAMPLER_DESCRIPTIONS: dict[str, str] = {}
+"""One line per entry of :data:`TOKEN_SAMPLERS`, for ``difflab sample --list``."""
+
+
+def _register(
+    name: str, description: str, fn: Callable[..., DiscreteSamples], **preset: Any
+) -> None:
+    TOKEN_SAMPLERS[name] = functools.partial(fn, **preset) if preset else fn
+    TOKEN_SAMPLER_DESCRIPTIONS[name] = description
+
+
+_register(
+    "ancestral", "ancestral sampling z_s ~ p(z_s | z_t), one network call per step (any process)",
+    ancestral_sample, cache=False,
+)  # fmt: skip
+_register(
+    "cached", "ancestral, skipping the network at steps where no token can change; same samples "
+    "as ancestral for the same seed (masked process; identical to ancestral otherwise)",
+    ancestral_sample, cache=True,
+)  # fmt: skip
+_register(
+    "confidence", "predict every masked token, keep the most confident ones by the margin "
+    "between its two likeliest values (MaskGIT-style; masked process)",
+    confidence_sample, confidence="margin",
+)  # fmt: skip
+_register(
+    "remask", "LLaDA's low-confidence remasking: keep the most probable predictions, remask "
+    "the rest (masked process)",
+    confidence_sample, confidence="prob",
+)  # fmt: skip
+_register(
+    "semi-ar", "semi-autoregressive windows of block_length new tokens (cached ancestral "
+    "inside), for lengths beyond the model's context_length",
+    semi_autoregressive_sample,
+)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# Steps
+# --------------------------------------------------------------------------------------------
+
+
+def _time_grid(times: Tensor | Sequence[float]) -> Tensor:
+    """``times`` as float64 on the host, checked: 1-D, strictly decreasing from 1 to 0."""
+    grid = torch.as_tensor(times, dtype=torch.float64).cpu()
+    if (
+        grid.ndim != 1
+        or len(grid) < 2
+        or grid[0] != 1.0
+        or grid[-1] != 0.0
+        or not bool((grid.diff() < 0).all())
+    ):
+        raise ValueError(
+            "times must be a strictly decreasing 1-D grid from 1 to 0, e.g. uniform_times(steps)"
+        )
+    return grid
 
 
 def _initial_state(
@@ -405,6 +439,86 @@ def _initial_state(
         fixed_tokens = torch.zeros(shape, dtype=torch.long, device=device)
     x = process.sample_prior(tuple(shape), generator, fixed.device)
     return torch.where(fixed, fixed_tokens, x), fixed, fixed_tokens
+
+
+def _x0_log_probs(
+    model: TokenDenoiser, process: TokenProcess, x_t: Tensor, t: float, cond: Any
+) -> Tensor:
+    """``log x_theta = log p_theta(x_0 | x_t)`` ``(B, L, V)``: one network call at time ``t``."""
+    t_vec = torch.full((x_t.shape[0],), t, dtype=torch.float32, device=x_t.device)
+    return process.x0_log_probs(model(x_t, t_vec, cond).float(), x_t)
+
+
+def _x0_estimate(x_t: Tensor, log_x0: Tensor | None, fixed: Tensor) -> Tensor:
+    """The clean-token estimate of the callback: ``argmax x_theta`` at free positions, ``x_t`` at
+    given ones (``x_t`` itself before the first network call, which the cache may postpone)."""
+    if log_x0 is None:
+        return x_t
+    return torch.where(fixed, x_t, log_x0.argmax(-1))
+
+
+def _unmasking_steps(
+    process: TokenProcess, grid: Tensor, fixed: Tensor, generator: torch.Generator | None
+) -> tuple[Tensor, list[bool]]:
+    """``(unmask_at, moves)``: the step in which each token of the masked process is unmasked
+    (``-1`` for given tokens), and per step whether any token is.
+
+    One ``u ~ U(0, 1]`` per token, inverted through the grid's ``alpha``: step ``i`` iff
+    ``alpha(t_i) < u <= alpha(t_{i+1})`` (``alpha(t_n)`` taken as 1, so every token is unmasked
+    by the end), with probability ``alpha(t_{i+1}) - alpha(t_i)``: the ancestral law, where a
+    token masked at ``t`` is unmasked by ``s`` with probability
+    ``(alpha_s - alpha_t) / (1 - alpha_t)``. ``moves`` costs one host synchronisation.
+    """
+    alphas_after = process.alpha(grid[1:]).to(fixed.device)
+    alphas_after[-1] = 1.0
+    u = 1.0 - torch.rand(fixed.shape, generator=generator, device=fixed.device, dtype=torch.float64)
+    unmask_at = torch.where(fixed, -1, torch.searchsorted(alphas_after, u))
+    counts = torch.bincount((unmask_at + 1).flatten(), minlength=len(grid))[1:]
+    return unmask_at, (counts > 0).tolist()
+
+
+def _unmask_step(
+    x: Tensor, log_x0: Tensor, unmasking: Tensor, generator: torch.Generator | None
+) -> Tensor:
+    """The masked tokens ``unmasking`` in this step take a value drawn from ``x_theta``."""
+    return torch.where(unmasking, sample_categorical(log_x0, generator), x)
+
+
+def _reverse_step(
+    process: TokenProcess,
+    x: Tensor,
+    log_x0: Tensor,
+    t: float,
+    s: float,
+    fixed: Tensor,
+    fixed_tokens: Tensor,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """Every free token redrawn from ``p_theta(z_s | z_t) = sum_x q(z_s | z_t, x) x_theta(x)``."""
+    probs = process.reverse_probs(log_x0.to(torch.float64).exp(), x, s, t)
+    return torch.where(fixed, fixed_tokens, sample_categorical(torch.log(probs), generator))
+
+
+def _unmasking_quota(process: TokenProcess, grid: Tensor, fixed: Tensor) -> Tensor:
+    """``(n, B)`` tokens each row unmasks per step, so that ``round(m alpha(t_{i+1}))`` of its
+    ``m`` initially masked tokens are unmasked after step ``i`` (``alpha(t_n)`` taken as 1)."""
+    alphas = process.alpha(grid).to(fixed.device)
+    alphas[-1] = 1.0
+    initially_masked = (~fixed).sum(-1).to(torch.float64)
+    return torch.round(alphas.unsqueeze(1) * initially_masked).long().diff(dim=0)
+
+
+def _keep_most_confident(
+    x: Tensor, candidate: Tensor, score: Tensor, count: Tensor, mask_id: int
+) -> Tensor:
+    """Unmask, in each row, the ``count`` masked positions of highest ``score`` to their
+    ``candidate`` (ties: leftmost first)."""
+    masked = x == mask_id
+    score = torch.where(masked, score, -math.inf)
+    order = score.argsort(dim=-1, descending=True, stable=True)
+    positions = torch.arange(x.shape[1], device=x.device).expand_as(x)
+    rank = torch.empty_like(order).scatter_(-1, order, positions)
+    return torch.where(masked & (rank < count.unsqueeze(-1)), candidate, x)
 
 
 def _confidence(

@@ -1,5 +1,6 @@
 """EDM (Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative Models"):
-its schedule, its log-normal noise-level distribution and its loss weighting.
+its log-normal noise-level distribution and its loss weighting. Its schedule is
+:class:`~difflab.gaussian.schedules.EDMSchedule`.
 
 The preconditioning itself is a parameterization of the denoiser,
 ``Denoiser(net, schedule, prediction="edm", sigma_data=0.5)``
@@ -25,54 +26,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from difflab.gaussian.parameterization import DenoiserFn, broadcast
-from difflab.gaussian.schedules import Schedule, Spacing
+from difflab.gaussian.parameterization import DenoiserFn
+from difflab.gaussian.schedules import broadcast
 
 #: Karras et al.'s training distribution of ``ln sigma`` and their ``sigma_data``.
 P_MEAN, P_STD, SIGMA_DATA = -1.2, 1.2, 0.5
-
-
-class EDMSchedule(Schedule):
-    """EDM's VE process with Karras time: ``alpha = 1``, ``sigma(t) = sigma_max t^rho``.
-
-    ``sigma`` is continuous and increasing on ``[0, 1]`` with ``sigma(0) = 0`` (the data), so every
-    level in ``(0, sigma_max]`` is a time (training with log-normal levels needs that; difflab's
-    :class:`~difflab.gaussian.schedules.VESchedule` starts at ``sigma_min``). ``sigma_min`` only
-    shapes the sampling grid: :meth:`timesteps` is Karras et al.'s (eq. 5)
-
-        sigma_i = (sigma_max^(1/rho) + i / (n - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho,
-
-    ``i = 0..n-1``, then ``sigma_n = 0``; in time, ``t_i`` falls linearly from 1 to
-    ``(sigma_min / sigma_max)^(1/rho)``. Defaults: ``sigma_min = 0.002``, ``sigma_max = 80``,
-    ``rho = 7``.
-    """
-
-    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0):
-        if not 0 < sigma_min < sigma_max or rho <= 0:
-            raise ValueError("EDM schedule needs 0 < sigma_min < sigma_max and rho > 0")
-        self.sigma_min, self.sigma_max, self.rho = float(sigma_min), float(sigma_max), float(rho)
-        self._config = {"kind": "edm", "sigma_min": sigma_min, "sigma_max": sigma_max, "rho": rho}
-
-    def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        dtype = t.dtype if t.is_floating_point() else torch.get_default_dtype()
-        sigma = self.sigma_max * t.to(torch.float64).clamp(0.0, 1.0) ** self.rho
-        return torch.ones_like(sigma).to(dtype), sigma.to(dtype)
-
-    def t_of_log_snr(self, log_snr: Tensor) -> Tensor:
-        sigma = torch.exp(-0.5 * log_snr.to(torch.float64))
-        t = (sigma / self.sigma_max) ** (1.0 / self.rho)
-        dtype = log_snr.dtype if log_snr.is_floating_point() else torch.get_default_dtype()
-        return t.clamp(0.0, 1.0).to(dtype)
-
-    def timesteps(self, n: int, spacing: Spacing = "trailing") -> Tensor:
-        """Karras et al.'s ``n`` noise levels as times, then 0 (``n + 1`` float64 entries);
-        ``spacing`` is ignored (a continuous schedule)."""
-        del spacing
-        if n < 1:
-            raise ValueError(f"the number of sampling steps must be at least 1, got {n}")
-        t_min = (self.sigma_min / self.sigma_max) ** (1.0 / self.rho)
-        ts = 1.0 + torch.linspace(0.0, 1.0, n, dtype=torch.float64) * (t_min - 1.0)
-        return torch.cat([ts, torch.zeros(1, dtype=torch.float64)])
 
 
 def edm_weight(sigma: Tensor, sigma_data: float = SIGMA_DATA) -> Tensor:

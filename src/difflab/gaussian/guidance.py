@@ -271,6 +271,29 @@ class DynamicThresholding(_Thresholding):
         return torch.minimum(torch.maximum(x0, -level), level) / level
 
 
+THRESHOLDS: tuple[str, ...] = ("none", "static", "dynamic")
+"""The thresholdings :func:`thresholded` applies by name."""
+
+
+def thresholded(denoiser: DenoiserFn, threshold: str, percentile: float = 0.995) -> DenoiserFn:
+    """``denoiser`` with its data estimate thresholded by name (:data:`THRESHOLDS`): ``static``
+    is :class:`StaticThresholding` (``x_0 <- clip(x_0, -1, 1)``), ``dynamic`` is
+    :class:`DynamicThresholding` (``s = max(1, quantile(|x_0|, percentile))``,
+    ``x_0 <- clip(x_0, -s, s) / s``), ``none`` returns ``denoiser`` itself. Raises
+    ``ValueError`` for any other name.
+
+    Without it an eps-prediction model sampled from ``t = 1`` (``alpha ~ 0``) has
+    ``x_0 = (x_t - sigma eps) / alpha`` amplified by ``1 / alpha``, and DDIM-type samplers
+    diverge."""
+    if threshold == "static":
+        return StaticThresholding(denoiser)
+    if threshold == "dynamic":
+        return DynamicThresholding(denoiser, percentile)
+    if threshold != "none":
+        raise ValueError(f"unknown threshold {threshold!r}: choose one of {', '.join(THRESHOLDS)}")
+    return denoiser
+
+
 # ------------------------------------------------------------------------------------------------
 
 

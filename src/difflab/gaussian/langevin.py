@@ -32,12 +32,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from difflab.gaussian.parameterization import DenoiserFn, broadcast
-from difflab.gaussian.schedules import Schedule
+from difflab.gaussian.grid import Callback, Grid
+from difflab.gaussian.parameterization import DenoiserFn
+from difflab.gaussian.schedules import Schedule, broadcast
 
 #: ``score(x~, sigma, cond) -> grad log p_sigma(x~)``, ``sigma`` of shape ``(B,)``.
 ScoreFn = Callable[..., Tensor]
-Callback = Callable[[int, float, Tensor, Tensor], None]
 
 
 def langevin_step(x: Tensor, score: Tensor, step_size: Tensor | float, noise: Tensor) -> Tensor:
@@ -167,20 +167,17 @@ def annealed_langevin_sampler(
     noise at ``ts[0]`` (rescaled to the VE variable, ``x / alpha(ts[0])``), the final denoising
     step lands on ``t = 0``, and ``callback(i, t_i, x_{t_i}, x0_hat)`` reports each level in the
     schedule's variable ``x_t = alpha(t) x~``."""
-    ts = torch.as_tensor(ts, dtype=torch.float64).detach().cpu()
-    if ts.ndim != 1 or len(ts) < 2 or float(ts[-1]) != 0.0:
-        raise ValueError("ts must be a decreasing 1-D grid ending with exactly 0")
-    alphas, _ = denoiser.schedule.alpha_sigma(ts[:-1])
-    sigmas = denoiser.schedule.sigma_ve(ts[:-1]).flip(0)
+    grid = Grid(denoiser.schedule, ts)
+    sigmas = grid.schedule.sigma_ve(grid.ts[:-1]).flip(0)
     report = None
     if callback is not None:
 
         def report(i: int, sigma: float, x_ve: Tensor, x0: Tensor) -> None:
-            callback(i, float(ts[i]), float(alphas[i]) * x_ve, x0)
+            callback(i, grid.t[i], grid.alpha[i] * x_ve, x0)
 
     return annealed_langevin(
         denoiser,
-        x / float(alphas[0]),
+        x / grid.alpha[0],
         sigmas,
         steps_per_level=steps_per_level,
         eps=eps,

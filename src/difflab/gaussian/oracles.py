@@ -35,8 +35,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from difflab.gaussian.parameterization import AlphaSigma, Kind, Prediction, broadcast
-from difflab.gaussian.schedules import Schedule
+from difflab.gaussian.parameterization import AlphaSigma, Kind, Prediction
+from difflab.gaussian.schedules import Schedule, broadcast
 
 
 class GaussianMixtureOracle:

@@ -24,21 +24,13 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import Tensor
 
-from difflab.gaussian.schedules import Schedule
+from difflab.gaussian.schedules import Schedule, broadcast
 
 Kind = Literal["eps", "x0", "v", "score"]
 KINDS: tuple[str, ...] = ("eps", "x0", "v", "score")
 #: What a :class:`Denoiser`'s network may output: a raw prediction of one of :data:`KINDS`, or
 #: ``"edm"``, the output ``F`` of Karras et al.'s preconditioning (:func:`edm_preconditioning`).
 PREDICTIONS: tuple[str, ...] = (*KINDS, "edm")
-
-
-def broadcast(a: Tensor, x: Tensor) -> Tensor:
-    """Reshape a per-sample ``(B,)`` or scalar tensor to broadcast against ``x`` of ``(B, ...)``."""
-    a = a.to(dtype=x.dtype, device=x.device)
-    if a.ndim == 0:
-        return a
-    return a.reshape(a.shape[0], *([1] * (x.ndim - 1)))
 
 
 class Prediction:

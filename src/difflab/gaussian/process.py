@@ -21,8 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from difflab.gaussian.parameterization import broadcast
-from difflab.gaussian.schedules import Schedule
+from difflab.gaussian.schedules import Schedule, broadcast
 
 
 @dataclass(frozen=True)

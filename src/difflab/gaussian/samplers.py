@@ -32,6 +32,7 @@ exponential integrators use the half log-SNR ``ell = log(alpha / sigma) = lambda
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple, Protocol
@@ -40,12 +41,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from difflab.gaussian.grid import Callback, Grid
+from difflab.gaussian.langevin import annealed_langevin_sampler
 from difflab.gaussian.parameterization import AlphaSigma, DenoiserFn, Prediction
 from difflab.gaussian.process import posterior_coefficients, transition_coefficients
 from difflab.gaussian.schedules import Schedule
-
-Callback = Callable[[int, float, Tensor, Tensor], None]
-"""``callback(i, t, x_t, x0)``: step index, time, current state, current data estimate."""
+from difflab.gaussian.sde import predictor_corrector, probability_flow, reverse_sde
 
 
 class Sampler(Protocol):
@@ -103,6 +104,25 @@ def log_snr_times(
     return _times_of_sigmas(schedule, sigmas)
 
 
+GRIDS: tuple[str, ...] = ("trailing", "leading", "linspace", "karras", "log-snr")
+"""The sampling grids :func:`time_grid` builds by name."""
+
+
+def time_grid(schedule: Schedule, steps: int, grid: str = "trailing") -> Tensor:
+    """The ``steps + 1`` decreasing float64 sampling times, ending with 0, of the grid named
+    ``grid`` (:data:`GRIDS`): ``trailing``, ``leading`` or ``linspace`` steps of the schedule's
+    own grid (:meth:`Schedule.timesteps`), ``karras`` (:func:`karras_times`, ``rho = 7`` in
+    ``sigma_ve``) or ``log-snr`` (:func:`log_snr_times`, uniform in ``lambda``). Raises
+    ``ValueError`` for any other name."""
+    if grid in ("trailing", "leading", "linspace"):
+        return schedule.timesteps(steps, grid)  # type: ignore[arg-type]
+    if grid == "karras":
+        return karras_times(schedule, steps)
+    if grid == "log-snr":
+        return log_snr_times(schedule, steps)
+    raise ValueError(f"unknown time grid {grid!r}: choose one of {', '.join(GRIDS)}")
+
+
 def _sigma_range(
     schedule: Schedule, n: int, sigma_min: float | None, sigma_max: float | None
 ) -> tuple[float, float]:
@@ -137,31 +157,6 @@ def _times_of_sigmas(schedule: Schedule, sigmas: Tensor) -> Tensor:
 # ================================================================================================
 # Shared machinery
 # ================================================================================================
-
-
-class _Grid:
-    """Schedule values at the sampling times, as float64 host lists (plus the raw tensors)."""
-
-    def __init__(self, schedule: Schedule, ts: Tensor | Sequence[float]):
-        ts = torch.as_tensor(ts, dtype=torch.float64).detach().cpu()
-        if ts.ndim != 1 or len(ts) < 2:
-            raise ValueError("ts must be a 1-D sequence of at least two times (one step)")
-        if float(ts[-1]) != 0.0:
-            raise ValueError(f"ts must end with exactly 0 (the data), got {float(ts[-1])}")
-        if not bool((ts[:-1] > ts[1:]).all()):
-            raise ValueError("ts must be strictly decreasing")
-        if float(ts[0]) > 1.0:
-            raise ValueError(f"times must lie in [0, 1], got ts[0] = {float(ts[0])}")
-        self.schedule = schedule
-        self.ts = ts
-        self.n = len(ts) - 1
-        alpha, sigma = schedule.alpha_sigma(ts)
-        self.alpha_t, self.sigma_t = alpha.to(torch.float64), sigma.to(torch.float64)
-        self.t: list[float] = ts.tolist()
-        self.alpha: list[float] = self.alpha_t.tolist()
-        self.sigma: list[float] = self.sigma_t.tolist()
-        # half log-SNR ell = log(alpha / sigma); +inf at t = 0
-        self.ell: list[float] = (self.alpha_t.log() - self.sigma_t.log()).tolist()
 
 
 def _values_at(schedule: Schedule, t: list[float]) -> tuple[list[float], list[float]]:
@@ -248,7 +243,7 @@ def ddpm(
     added on the step into ``t = 0``, which returns ``x0_hat``.
     """
     _check_choice("variance", variance, ("beta", "beta_tilde"))
-    g = _Grid(denoiser.schedule, ts)
+    g = Grid(denoiser.schedule, ts)
     s, t = g.ts[1:], g.ts[:-1]
     c_xt, c_x0, var = posterior_coefficients(g.schedule, s, t)
     if variance == "beta":
@@ -285,7 +280,7 @@ def ddim(
     """
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must lie in [0, 1], got {eta}")
-    g = _Grid(denoiser.schedule, ts)
+    g = Grid(denoiser.schedule, ts)
     post_var = posterior_coefficients(g.schedule, g.ts[1:], g.ts[:-1])[2]
     noise_var = eta**2 * post_var
     c_eps = (g.sigma_t[1:] ** 2 - noise_var).clamp(min=0.0).sqrt().tolist()
@@ -330,7 +325,7 @@ def _edm(
     """
     if s_churn < 0 or s_noise < 0:
         raise ValueError("s_churn and s_noise must be non-negative")
-    g = _Grid(denoiser.schedule, ts)
+    g = Grid(denoiser.schedule, ts)
     schedule = g.schedule
     sig = (g.sigma_t / g.alpha_t).tolist()
     sigma_top = float(schedule.sigma_ve(torch.ones((), dtype=torch.float64))) if s_churn else 0.0
@@ -470,7 +465,7 @@ def dpm_solver(
     """
     _check_choice("order", order, (1, 2, 3))
     _check_choice("prediction", prediction, ("noise", "data"))
-    g = _Grid(denoiser.schedule, ts)
+    g = Grid(denoiser.schedule, ts)
     schedule = g.schedule
     ratios = {1: [], 2: [0.5], 3: [1.0 / 3.0, 2.0 / 3.0]}[order]
     steps = range(g.n - 1)  # the last step lands on x0_hat
@@ -541,7 +536,7 @@ def _interpolation_weights(nodes: list[float], h: float, sde: bool) -> list[floa
     return np.linalg.solve(vandermonde.T, np.asarray(moments)).tolist()
 
 
-def _multistep_weights(g: _Grid, i: int, order: int, sde: bool) -> list[float]:
+def _multistep_weights(g: Grid, i: int, order: int, sde: bool) -> list[float]:
     """Predictor weights on ``(m_i, m_{i-1}, ...)`` for the step ``t_i -> t_{i+1}``, times
     ``alpha_{i+1}``: the paper's 2M at order 2, the exact interpolant otherwise."""
     h = g.ell[i + 1] - g.ell[i]
@@ -585,7 +580,7 @@ def dpm_solver_pp(
     The step into ``t = 0`` returns the current data estimate.
     """
     _check_choice("order", order, (1, 2, 3))
-    g = _Grid(denoiser.schedule, ts)
+    g = Grid(denoiser.schedule, ts)
     # x_{i+1} = A_i x_i + sum_j w_ij m_{i-j} (+ std_i z), all on the host
     steps = range(g.n - 1)
     decay = [math.exp(g.ell[i] - g.ell[i + 1]) if sde else 1.0 for i in steps]
@@ -630,7 +625,7 @@ def unipc(
     the last evaluation, whose data estimate is returned.
     """
     _check_choice("order", order, (1, 2, 3))
-    g = _Grid(denoiser.schedule, ts)
+    g = Grid(denoiser.schedule, ts)
     steps = range(g.n - 1)
     A = [g.sigma[i + 1] / g.sigma[i] for i in steps]
     predict = []
@@ -687,21 +682,27 @@ _register(
     "dpmpp_2m_sde", "DPM-Solver++(2M) SDE, stochastic; 1 NFE/step", dpm_solver_pp, order=2, sde=True
 )
 _register("unipc", "UniPC predictor-corrector; order=1|2|3 (accuracy order+1); 1 NFE/step", unipc)
+_register("reverse_sde", "reverse-time SDE, Euler-Maruyama (Song et al. 2021); 1 NFE/step",
+          reverse_sde)  # fmt: skip
+_register("pf_ode_rk4", "probability-flow ODE by RK4 in log-SNR; 4 NFE/step", probability_flow)
+_register("pc", "predictor-corrector, Langevin corrector; snr, corrector_steps",
+          predictor_corrector)  # fmt: skip
+_register("annealed_langevin", "annealed Langevin over the levels of ts; steps_per_level, eps",
+          annealed_langevin_sampler)  # fmt: skip
 
 
-def _register_score_samplers() -> None:
-    """The score-SDE family (``sde.py``, ``langevin.py``), registered here so that every sampler
-    has one name; imported late because those modules build on this one's contract."""
-    from difflab.gaussian.langevin import annealed_langevin_sampler
-    from difflab.gaussian.sde import predictor_corrector, probability_flow, reverse_sde
-
-    _register("reverse_sde", "reverse-time SDE, Euler-Maruyama (Song et al. 2021); 1 NFE/step",
-              reverse_sde)  # fmt: skip
-    _register("pf_ode_rk4", "probability-flow ODE by RK4 in log-SNR; 4 NFE/step", probability_flow)
-    _register("pc", "predictor-corrector, Langevin corrector; snr, corrector_steps",
-              predictor_corrector)  # fmt: skip
-    _register("annealed_langevin", "annealed Langevin over the levels of ts; steps_per_level, eps",
-              annealed_langevin_sampler)  # fmt: skip
-
-
-_register_score_samplers()
+def sampler_options(name: str) -> dict[str, Any]:
+    """The options sampler ``name`` takes, with their defaults: the keyword arguments of its
+    function beyond the contract's ``cond``, ``generator`` and ``callback``, less those its
+    registration fixes (``order`` and ``sde`` of ``dpmpp_2m_sde``), e.g. ``{"eta": 0.0}`` for
+    ``ddim`` and ``{}`` for ``dpmpp_2m_sde``. Raises ``ValueError`` for a name not in
+    :data:`SAMPLERS`."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}: choose one of {', '.join(SAMPLERS)}")
+    fn = SAMPLERS[name]
+    fixed = fn.keywords if isinstance(fn, functools.partial) else {}
+    return {
+        p.name: p.default
+        for p in inspect.signature(fn).parameters.values()
+        if p.kind is p.KEYWORD_ONLY and p.name not in ("cond", "generator", "callback", *fixed)
+    }

@@ -5,6 +5,11 @@ Every schedule in difflab is a continuous curve on ``t in [0, 1]`` with ``t = 0`
 seed 001) are the same object: step ``i in 1..T`` sits at ``t = i / T`` and the curve between grid
 points interpolates ``log alpha_bar`` linearly, so it is exact on the grid and monotone between.
 
+Every schedule of the library lives here, and :data:`SCHEDULES` names them: DDPM betas, VP curves
+given by their log-SNR, Song et al.'s VP, sub-VP and VE SDEs (whose dynamics are in ``sde.py``)
+and Karras et al.'s EDM schedule (its training distribution and loss are in ``edm.py``). This is
+the bottom of ``gaussian/``: it imports nothing from the package.
+
 Notation (DESIGN.md): ``alpha_bar_i = prod_{s<=i} (1 - beta_s)``; in continuous time
 ``alpha(t)``, ``sigma(t)``, ``lambda(t) = log(alpha^2 / sigma^2)`` (the log signal-to-noise ratio,
 seed 002) and the VE noise level ``sigma_ve = sigma / alpha``.
@@ -12,15 +17,25 @@ seed 002) and the VE noise level ``sigma_ve = sigma / alpha``.
 
 from __future__ import annotations
 
+import inspect
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 Spacing = Literal["linspace", "leading", "trailing"]
+
+
+def broadcast(a: Tensor, x: Tensor) -> Tensor:
+    """Reshape a per-sample ``(B,)`` or scalar tensor (a schedule value such as ``alpha(t)``) to
+    broadcast against ``x`` of ``(B, ...)``, in ``x``'s dtype and on its device."""
+    a = a.to(dtype=x.dtype, device=x.device)
+    if a.ndim == 0:
+        return a
+    return a.reshape(a.shape[0], *([1] * (x.ndim - 1)))
 
 
 class Schedule(ABC):
@@ -305,58 +320,173 @@ class VESchedule(Schedule):
 
 
 # --------------------------------------------------------------------------------------------
+# Song et al.'s score SDEs (2021): VP with linear beta(t), and sub-VP
+# --------------------------------------------------------------------------------------------
+
+
+def _beta_integral(t: Tensor, beta_min: float, beta_max: float) -> Tensor:
+    """``B(t) = int_0^t beta = beta_min t + (beta_max - beta_min) t^2 / 2``."""
+    return beta_min * t + 0.5 * (beta_max - beta_min) * t**2
+
+
+def _t_of_beta_integral(b: Tensor, beta_min: float, beta_max: float) -> Tensor:
+    """Inverse of :func:`_beta_integral` on ``t >= 0`` (the root of the quadratic, written as
+    ``2 B / (beta_min + sqrt(beta_min^2 + 2 (beta_max - beta_min) B))`` to avoid cancellation)."""
+    return 2.0 * b / (beta_min + torch.sqrt(beta_min**2 + 2.0 * (beta_max - beta_min) * b))
+
+
+def _check_betas(beta_min: float, beta_max: float) -> None:
+    if not 0 < beta_min <= beta_max:
+        raise ValueError(f"need 0 < beta_min <= beta_max, got {beta_min} and {beta_max}")
+
+
+def vp_linear(beta_min: float = 0.1, beta_max: float = 20.0) -> LogSNRSchedule:
+    """Song et al.'s VP SDE, ``beta(t) = beta_min + t (beta_max - beta_min)``, as a VP schedule:
+    ``alpha^2 = exp(-B(t))``, so ``lambda(t) = -log(exp(B(t)) - 1)`` and
+    ``B = log(1 + exp(-lambda))`` inverts it. With the defaults, DDPM's linear betas
+    ``linspace(1e-4, 0.02, 1000)`` are ``beta(t) / T`` on a grid of ``T = 1000`` steps: this is
+    their continuous-time limit (``log alpha_bar`` agrees to ``O(1 / T)``)."""
+    _check_betas(beta_min, beta_max)
+
+    def fn(t: Tensor) -> Tensor:
+        return -torch.log(torch.expm1(_beta_integral(t, beta_min, beta_max)))
+
+    def inverse(lam: Tensor) -> Tensor:
+        return _t_of_beta_integral(torch.nn.functional.softplus(-lam), beta_min, beta_max)
+
+    cfg = {"kind": "vp-linear", "beta_min": beta_min, "beta_max": beta_max}
+    return LogSNRSchedule(fn, inverse, 0.0, cfg)
+
+
+class SubVPSchedule(Schedule):
+    """Marginals of Song et al.'s sub-VP SDE: ``alpha = exp(-B/2)``, ``sigma = 1 - exp(-B)`` with
+    ``B(t) = beta_min t + (beta_max - beta_min) t^2 / 2``; ``sigma^2 <= 1 - alpha^2`` (hence
+    "sub"). ``lambda = -B - 2 log(1 - exp(-B))``; with ``c = exp(-lambda)`` the inverse is
+    ``exp(B) = 1 + c/2 + sqrt(c + c^2/4)`` (the root in ``B > 0`` of a quadratic in ``exp(-B)``).
+    """
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0):
+        _check_betas(beta_min, beta_max)
+        self.beta_min, self.beta_max = float(beta_min), float(beta_max)
+        self._config = {"kind": "sub-vp", "beta_min": beta_min, "beta_max": beta_max}
+
+    def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        b = _beta_integral(t.to(torch.float64), self.beta_min, self.beta_max)
+        return torch.exp(-0.5 * b).to(_float(t)), (-torch.expm1(-b)).to(_float(t))
+
+    def t_of_log_snr(self, log_snr: Tensor) -> Tensor:
+        c = torch.exp(-log_snr.to(torch.float64))
+        b = torch.log(1.0 + 0.5 * c + torch.sqrt(c + 0.25 * c**2))
+        t = _t_of_beta_integral(b, self.beta_min, self.beta_max).clamp(0.0, 1.0)
+        return t.to(_float(log_snr))
+
+
+# --------------------------------------------------------------------------------------------
+# EDM (Karras et al. 2022)
+# --------------------------------------------------------------------------------------------
+
+
+class EDMSchedule(Schedule):
+    """EDM's VE process with Karras time: ``alpha = 1``, ``sigma(t) = sigma_max t^rho``.
+
+    ``sigma`` is continuous and increasing on ``[0, 1]`` with ``sigma(0) = 0`` (the data), so every
+    level in ``(0, sigma_max]`` is a time (training with log-normal levels, ``edm.py``, needs
+    that; :class:`VESchedule` starts at ``sigma_min``). ``sigma_min`` only shapes the sampling
+    grid: :meth:`timesteps` is Karras et al.'s (eq. 5)
+
+        sigma_i = (sigma_max^(1/rho) + i / (n - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho,
+
+    ``i = 0..n-1``, then ``sigma_n = 0``; in time, ``t_i`` falls linearly from 1 to
+    ``(sigma_min / sigma_max)^(1/rho)``. Defaults: ``sigma_min = 0.002``, ``sigma_max = 80``,
+    ``rho = 7``.
+    """
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0):
+        if not 0 < sigma_min < sigma_max or rho <= 0:
+            raise ValueError("EDM schedule needs 0 < sigma_min < sigma_max and rho > 0")
+        self.sigma_min, self.sigma_max, self.rho = float(sigma_min), float(sigma_max), float(rho)
+        self._config = {"kind": "edm", "sigma_min": sigma_min, "sigma_max": sigma_max, "rho": rho}
+
+    def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        sigma = self.sigma_max * t.to(torch.float64).clamp(0.0, 1.0) ** self.rho
+        return torch.ones_like(sigma).to(_float(t)), sigma.to(_float(t))
+
+    def t_of_log_snr(self, log_snr: Tensor) -> Tensor:
+        sigma = torch.exp(-0.5 * log_snr.to(torch.float64))
+        t = (sigma / self.sigma_max) ** (1.0 / self.rho)
+        return t.clamp(0.0, 1.0).to(_float(log_snr))
+
+    def timesteps(self, n: int, spacing: Spacing = "trailing") -> Tensor:
+        """Karras et al.'s ``n`` noise levels as times, then 0 (``n + 1`` float64 entries);
+        ``spacing`` is ignored (a continuous schedule)."""
+        del spacing
+        if n < 1:
+            raise ValueError(f"the number of sampling steps must be at least 1, got {n}")
+        t_min = (self.sigma_min / self.sigma_max) ** (1.0 / self.rho)
+        ts = 1.0 + torch.linspace(0.0, 1.0, n, dtype=torch.float64) * (t_min - 1.0)
+        return torch.cat([ts, torch.zeros(1, dtype=torch.float64)])
 
 
 def _float(t: Tensor) -> torch.dtype:
     return t.dtype if t.is_floating_point() else torch.get_default_dtype()
 
 
-_FACTORIES: dict[str, Callable[..., Schedule]] = {
+# --------------------------------------------------------------------------------------------
+# The registry: every schedule by name, with the parameters its factory takes
+# --------------------------------------------------------------------------------------------
+
+SCHEDULES: dict[str, Callable[..., Schedule]] = {
     "linear": linear_beta,
     "cosine": cosine_beta,
     "constant": constant_beta,
     "cosine-logsnr": cosine_logsnr,
     "linear-logsnr": linear_logsnr,
+    "vp-linear": vp_linear,
+    "sub-vp": SubVPSchedule,
     "ve": VESchedule,
+    "edm": EDMSchedule,
 }
+"""Schedule factories by name: discrete ``linear``, ``cosine``, ``constant`` (``T`` steps),
+continuous VP ``cosine-logsnr``, ``linear-logsnr`` (``shift``), Song et al.'s ``vp-linear``,
+``sub-vp`` and ``ve``, and Karras et al.'s ``edm``. :func:`schedule_parameters` lists what each
+takes."""
 
 
-def _vp_linear(**kwargs) -> Schedule:
-    from difflab.gaussian.sde import vp_linear
-
-    return vp_linear(**kwargs)
-
-
-def _sub_vp(**kwargs) -> Schedule:
-    from difflab.gaussian.sde import SubVPSchedule
-
-    return SubVPSchedule(**kwargs)
+def _known(kind: str) -> Callable[..., Schedule]:
+    if kind not in SCHEDULES:
+        raise ValueError(f"unknown schedule {kind!r}: choose one of {', '.join(SCHEDULES)}")
+    return SCHEDULES[kind]
 
 
-def _edm(**kwargs) -> Schedule:
-    from difflab.gaussian.edm import EDMSchedule
+def schedule_parameters(kind: str) -> dict[str, Any]:
+    """The keyword parameters of the schedule ``kind`` with their defaults, in the order of its
+    factory's signature, e.g. ``{"T": 1000, "beta_start": 1e-4, "beta_end": 0.02}`` for
+    ``linear``. Raises ``ValueError`` for a name not in :data:`SCHEDULES`."""
+    params = inspect.signature(_known(kind)).parameters.values()
+    return {p.name: p.default for p in params}
 
-    return EDMSchedule(**kwargs)
 
+def make_schedule(kind: str, **params: Any) -> Schedule:
+    """The schedule ``SCHEDULES[kind](**params)``; any parameter left out takes its default.
 
-_FACTORIES.update({"vp-linear": _vp_linear, "sub-vp": _sub_vp, "edm": _edm})
-
-
-def make_schedule(kind: str, **kwargs) -> Schedule:
-    """Build a schedule by name: ``linear``, ``cosine``, ``constant`` (discrete, ``T=...``),
-    ``cosine-logsnr``, ``linear-logsnr`` (continuous, ``shift=...``), ``ve``, ``vp-linear``,
-    ``sub-vp`` (score SDEs, ``sde.py``) or ``edm`` (``edm.py``)."""
-    if kind == "discrete":
-        return DiscreteSchedule(torch.tensor(kwargs["betas"], dtype=torch.float64))
-    if kind not in _FACTORIES:
-        raise ValueError(f"unknown schedule {kind!r}: choose one of {', '.join(_FACTORIES)}")
-    try:
-        return _FACTORIES[kind](**kwargs)
-    except TypeError as e:
-        raise ValueError(f"bad options for schedule {kind!r}: {e}") from None
+    Raises ``ValueError`` (one line, listing the choices) for an unknown name or a parameter
+    the schedule does not take (:func:`schedule_parameters`)."""
+    factory, allowed = _known(kind), schedule_parameters(kind)
+    unknown = [name for name in params if name not in allowed]
+    if unknown:
+        raise ValueError(
+            f"schedule {kind!r} takes no parameter {', '.join(unknown)}: "
+            f"its parameters are {', '.join(allowed) or 'none'}"
+        )
+    return factory(**params)
 
 
 def schedule_from_config(cfg: dict) -> Schedule:
-    """Inverse of :meth:`Schedule.config`."""
+    """Inverse of :meth:`Schedule.config`: ``{"kind": name, **params}`` for a schedule of
+    :data:`SCHEDULES`, or ``{"kind": "discrete", "betas": [...]}`` for a
+    :class:`DiscreteSchedule` built from its betas."""
     cfg = dict(cfg)
-    return make_schedule(cfg.pop("kind"), **cfg)
+    kind = cfg.pop("kind")
+    if kind == "discrete":
+        return DiscreteSchedule(torch.tensor(cfg["betas"], dtype=torch.float64))
+    return make_schedule(kind, **cfg)

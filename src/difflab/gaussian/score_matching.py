@@ -32,7 +32,8 @@ import torch
 from torch import Tensor
 
 from difflab.gaussian.langevin import check_noise_levels
-from difflab.gaussian.parameterization import DenoiserFn, broadcast
+from difflab.gaussian.parameterization import DenoiserFn
+from difflab.gaussian.schedules import broadcast
 
 
 def ncsn_loss(

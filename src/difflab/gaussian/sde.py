@@ -12,11 +12,11 @@ so that ``q(x_t | x_0) = N(alpha(t) x_0, sigma(t)^2 I)`` holds at every ``t``.
 VP SDE agrees with its difflab schedule by construction. The three SDEs of Song et al.:
 
 - **VP**: ``alpha^2 + sigma^2 = 1``, ``f = -beta(t) / 2``, ``g^2 = beta(t)``. Any VP schedule
-  (DDPM betas, cosine, any log-SNR curve); :func:`vp_linear` is theirs,
+  (DDPM betas, cosine, any log-SNR curve); :func:`~difflab.gaussian.schedules.vp_linear` is theirs,
   ``beta(t) = beta_min + t (beta_max - beta_min)``.
 - **sub-VP**: ``f = -beta(t) / 2``, ``g^2 = beta(t) (1 - exp(-2 int_0^t beta))``; its marginal
   is ``alpha = exp(-B/2)``, ``sigma = 1 - exp(-B)``, ``B(t) = int_0^t beta``
-  (:class:`SubVPSchedule`).
+  (:class:`~difflab.gaussian.schedules.SubVPSchedule`).
 - **VE**: ``alpha = 1``, ``f = 0``, ``g^2 = d sigma^2 / dt``; for
   :class:`~difflab.gaussian.schedules.VESchedule`, ``g^2 = 2 sigma^2 log(sigma_max / sigma_min)``.
   Its ``sigma(0) = 0`` is a jump from ``sigma(0+) = sigma_min``: the process on ``(0, 1]`` is the
@@ -42,20 +42,16 @@ state the step starts from and the denoiser's estimate there.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from difflab.gaussian.grid import Callback, Grid
 from difflab.gaussian.langevin import langevin_step
-from difflab.gaussian.parameterization import DenoiserFn, Prediction, broadcast
+from difflab.gaussian.parameterization import DenoiserFn, Prediction
 from difflab.gaussian.process import Gaussian, marginal
-from difflab.gaussian.schedules import LogSNRSchedule, Schedule
-
-Callback = Callable[[int, float, Tensor, Tensor], None]
-"""``callback(i, t, x_t, x0)`` as in :mod:`difflab.gaussian.samplers`."""
-
+from difflab.gaussian.schedules import Schedule, broadcast
 
 # --------------------------------------------------------------------------------------------
 # Forward SDE
@@ -111,90 +107,8 @@ def _derivative(y: Tensor, t: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# Song et al.'s VP and sub-VP schedules (VE is schedules.VESchedule)
-# --------------------------------------------------------------------------------------------
-
-
-def _beta_integral(t: Tensor, beta_min: float, beta_max: float) -> Tensor:
-    """``B(t) = int_0^t beta = beta_min t + (beta_max - beta_min) t^2 / 2``."""
-    return beta_min * t + 0.5 * (beta_max - beta_min) * t**2
-
-
-def _t_of_beta_integral(b: Tensor, beta_min: float, beta_max: float) -> Tensor:
-    """Inverse of :func:`_beta_integral` on ``t >= 0`` (the root of the quadratic, written as
-    ``2 B / (beta_min + sqrt(beta_min^2 + 2 (beta_max - beta_min) B))`` to avoid cancellation)."""
-    return 2.0 * b / (beta_min + torch.sqrt(beta_min**2 + 2.0 * (beta_max - beta_min) * b))
-
-
-def _check_betas(beta_min: float, beta_max: float) -> None:
-    if not 0 < beta_min <= beta_max:
-        raise ValueError(f"need 0 < beta_min <= beta_max, got {beta_min} and {beta_max}")
-
-
-def vp_linear(beta_min: float = 0.1, beta_max: float = 20.0) -> LogSNRSchedule:
-    """Song et al.'s VP SDE, ``beta(t) = beta_min + t (beta_max - beta_min)``, as a VP schedule:
-    ``alpha^2 = exp(-B(t))``, so ``lambda(t) = -log(exp(B(t)) - 1)`` and
-    ``B = log(1 + exp(-lambda))`` inverts it. With the defaults, DDPM's linear betas
-    ``linspace(1e-4, 0.02, 1000)`` are ``beta(t) / T`` on a grid of ``T = 1000`` steps: this is
-    their continuous-time limit (``log alpha_bar`` agrees to ``O(1 / T)``)."""
-    _check_betas(beta_min, beta_max)
-
-    def fn(t: Tensor) -> Tensor:
-        return -torch.log(torch.expm1(_beta_integral(t, beta_min, beta_max)))
-
-    def inverse(lam: Tensor) -> Tensor:
-        return _t_of_beta_integral(torch.nn.functional.softplus(-lam), beta_min, beta_max)
-
-    cfg = {"kind": "vp-linear", "beta_min": beta_min, "beta_max": beta_max}
-    return LogSNRSchedule(fn, inverse, 0.0, cfg)
-
-
-class SubVPSchedule(Schedule):
-    """Marginals of Song et al.'s sub-VP SDE: ``alpha = exp(-B/2)``, ``sigma = 1 - exp(-B)`` with
-    ``B(t) = beta_min t + (beta_max - beta_min) t^2 / 2``; ``sigma^2 <= 1 - alpha^2`` (hence
-    "sub"). ``lambda = -B - 2 log(1 - exp(-B))``; with ``c = exp(-lambda)`` the inverse is
-    ``exp(B) = 1 + c/2 + sqrt(c + c^2/4)`` (the root in ``B > 0`` of a quadratic in ``exp(-B)``).
-    """
-
-    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0):
-        _check_betas(beta_min, beta_max)
-        self.beta_min, self.beta_max = float(beta_min), float(beta_max)
-        self._config = {"kind": "sub-vp", "beta_min": beta_min, "beta_max": beta_max}
-
-    def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        b = _beta_integral(t.to(torch.float64), self.beta_min, self.beta_max)
-        dtype = t.dtype if t.is_floating_point() else torch.get_default_dtype()
-        return torch.exp(-0.5 * b).to(dtype), (-torch.expm1(-b)).to(dtype)
-
-    def t_of_log_snr(self, log_snr: Tensor) -> Tensor:
-        c = torch.exp(-log_snr.to(torch.float64))
-        b = torch.log(1.0 + 0.5 * c + torch.sqrt(c + 0.25 * c**2))
-        t = _t_of_beta_integral(b, self.beta_min, self.beta_max).clamp(0.0, 1.0)
-        return t.to(log_snr.dtype if log_snr.is_floating_point() else torch.get_default_dtype())
-
-
-# --------------------------------------------------------------------------------------------
 # Samplers
 # --------------------------------------------------------------------------------------------
-
-
-class _Grid:
-    """The validated grid as host floats (control flow, step weights) and on ``x``'s device."""
-
-    def __init__(self, ts: Tensor, x: Tensor):
-        ts = torch.as_tensor(ts, dtype=torch.float64).detach().cpu()
-        if ts.ndim != 1 or len(ts) < 2:
-            raise ValueError("ts must be a 1-D grid of at least two times")
-        if not bool((ts[1:] < ts[:-1]).all()) or float(ts[-1]) != 0.0 or float(ts[0]) > 1.0:
-            raise ValueError("ts must decrease strictly from at most 1 and end with exactly 0")
-        self.ts, self.t = ts, ts.tolist()
-        self.n = len(ts) - 1
-        self.on_device = ts.to(x.device)
-        self.batch = x.shape[0]
-
-    def time(self, i: int) -> Tensor:
-        """``t_i`` as a ``(B,)`` tensor on the device."""
-        return self.on_device[i].expand(self.batch)
 
 
 def _randn(x: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -209,8 +123,8 @@ class _EulerMaruyama:
         x <- x - [f x - g^2 score] h + g sqrt(h) z,    z ~ N(0, I).
     """
 
-    def __init__(self, schedule: Schedule, grid: _Grid):
-        f, g2 = ForwardSDE(schedule).coefficients(grid.ts[:-1])
+    def __init__(self, grid: Grid):
+        f, g2 = ForwardSDE(grid.schedule).coefficients(grid.ts[:-1])
         self.f, self.g2 = f.tolist(), g2.tolist()
         self.h = (grid.ts[:-1] - grid.ts[1:]).tolist()
 
@@ -235,10 +149,10 @@ def reverse_sde(
         x_s = x_t - [f(t) x_t - g(t)^2 score(x_t, t)] (t - s) + g(t) sqrt(t - s) z,   z ~ N(0, I),
 
     for consecutive ``t > s > 0`` of ``ts``; the last step returns ``x0_hat(x_t)``."""
-    grid = _Grid(ts, x)
-    step = _EulerMaruyama(denoiser.schedule, grid)
+    grid = Grid(denoiser.schedule, ts)
+    step, times = _EulerMaruyama(grid), grid.on(x)
     for i in range(grid.n):
-        pred = denoiser(x, grid.time(i), cond)
+        pred = denoiser(x, times[i], cond)
         if callback is not None:
             callback(i, grid.t[i], x, pred.x0)
         if i == grid.n - 1:
@@ -278,19 +192,18 @@ def probability_flow(
     ``(lambda(t) + lambda(s)) / 2`` (4 NFE per step); the last step returns ``x0_hat(x_t)``
     (1 NFE). Deterministic: ``generator`` is accepted for the contract and unused."""
     del generator
-    grid = _Grid(ts, x)
-    schedule = denoiser.schedule
+    grid = Grid(denoiser.schedule, ts)
+    schedule, times, alphas = grid.schedule, grid.on(x), grid.alpha
     lam = schedule.log_snr(grid.ts[:-1])
     t_mid = schedule.t_of_log_snr(0.5 * (lam[:-1] + lam[1:])).to(torch.float64)
-    alphas = schedule.alpha_sigma(grid.ts)[0].to(torch.float64).tolist()
     alpha_mid = schedule.alpha_sigma(t_mid)[0].to(torch.float64).tolist()
     t_mid_d, steps = t_mid.to(x.device), (lam[1:] - lam[:-1]).tolist()
 
     def velocity(y: Tensor, t: Tensor, alpha: float) -> Tensor:
-        return probability_flow_velocity(denoiser(alpha * y, t.expand(grid.batch), cond))
+        return probability_flow_velocity(denoiser(alpha * y, t.expand(x.shape[0]), cond))
 
     for i in range(grid.n):
-        pred = denoiser(x, grid.time(i), cond)
+        pred = denoiser(x, times[i], cond)
         if callback is not None:
             callback(i, grid.t[i], x, pred.x0)
         if i == grid.n - 1:
@@ -299,7 +212,7 @@ def probability_flow(
         k1 = probability_flow_velocity(pred)
         k2 = velocity(y + 0.5 * h * k1, t_mid_d[i], alpha_mid[i])
         k3 = velocity(y + 0.5 * h * k2, t_mid_d[i], alpha_mid[i])
-        k4 = velocity(y + h * k3, grid.on_device[i + 1], alphas[i + 1])
+        k4 = velocity(y + h * k3, times[i + 1], alphas[i + 1])
         x = alphas[i + 1] * (y + h / 6.0 * (k1 + 2.0 * k2 + 2.0 * k3 + k4))
     raise AssertionError("unreachable")
 
@@ -345,16 +258,16 @@ def predictor_corrector(
     is Song et al.'s value for VE on CIFAR-10."""
     if snr <= 0 or corrector_steps < 0:
         raise ValueError("predictor_corrector needs snr > 0 and corrector_steps >= 0")
-    grid = _Grid(ts, x)
-    step = _EulerMaruyama(denoiser.schedule, grid)
+    grid = Grid(denoiser.schedule, ts)
+    step, times = _EulerMaruyama(grid), grid.on(x)
     for i in range(grid.n):
-        pred = denoiser(x, grid.time(i), cond)
+        pred = denoiser(x, times[i], cond)
         if callback is not None:
             callback(i, grid.t[i], x, pred.x0)
         if i == grid.n - 1:
             return pred.x0
         x = step(i, pred, generator)
         for _ in range(corrector_steps):
-            score = denoiser(x, grid.time(i + 1), cond).score
+            score = denoiser(x, times[i + 1], cond).score
             x = langevin_corrector_step(x, score, snr, generator)
     raise AssertionError("unreachable")

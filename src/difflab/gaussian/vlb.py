@@ -42,13 +42,13 @@ import torch
 from torch import Tensor
 from torch.special import log_ndtr
 
-from difflab.gaussian.parameterization import DenoiserFn, broadcast
+from difflab.gaussian.parameterization import DenoiserFn
 from difflab.gaussian.process import (
     posterior_coefficients,
     q_sample,
     transition_coefficients,
 )
-from difflab.gaussian.schedules import Schedule
+from difflab.gaussian.schedules import Schedule, broadcast
 
 ReverseVariance = Literal["beta", "beta_tilde"]
 VARIANCES: tuple[str, ...] = ("beta", "beta_tilde")

@@ -22,9 +22,8 @@ Attention runs in PyTorch's ``F.scaled_dot_product_attention`` (fused kernels wh
 them; no flash-attn dependency).
 
 With ``causal=True`` each position attends only to itself and the past, ``forward(x)`` gives
-next-token logits, and :meth:`TextTransformer.generate` samples with a key/value cache: each new
-token runs through the network alone, reading the keys and values cached for the tokens before
-it, which gives the same logits as recomputing the whole prefix.
+next-token logits, and ``forward(x, cache=cache)`` appends to a key/value cache
+(:meth:`TextTransformer.new_cache`), as :mod:`difflab.discrete.autoregressive` samples.
 """
 
 from __future__ import annotations
@@ -38,7 +37,6 @@ from torch import Tensor, nn
 from difflab.nets.embeddings import ClassEmbedding, ConditionEmbedding
 
 ROPE_BASE = 10000.0
-EOS_CHECK_EVERY = 16  # generation stops early once every row has emitted EOS, checked this often
 
 
 def rotary_angles(
@@ -271,8 +269,12 @@ class TextTransformer(nn.Module):
         """An empty key/value cache for ``batch_size`` rows of up to ``capacity`` tokens
         (default: the context length), on the model's device and dtype."""
         capacity = self.length if capacity is None else capacity
-        if not 0 < capacity <= self.length:
-            raise ValueError(f"cache capacity must be in 1..{self.length}, got {capacity}")
+        if capacity < 1:
+            raise ValueError(f"cache capacity must be at least 1, got {capacity}")
+        if capacity > self.length:
+            raise ValueError(
+                f"a cache of {capacity} tokens exceeds the context length {self.length}"
+            )
         weight = self.embed.weight
         shape = (batch_size, self.num_heads, capacity, self.width // self.num_heads)
         return KVCache(
@@ -328,72 +330,3 @@ class TextTransformer(nn.Module):
         shift, scale = self.ada_ln_out(emb_act)
         h = _modulate(self.norm_out(h), shift, scale)
         return F.linear(h, self.embed.weight) if self.head is None else self.head(h)
-
-    @torch.inference_mode()
-    def generate(
-        self,
-        prompt: Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        generator: torch.Generator | None = None,
-        eos_id: int | None = None,
-        pad_id: int | None = None,
-        cond: Tensor | None = None,
-    ) -> Tensor:
-        """Sample up to ``max_new_tokens`` after ``prompt (B, P)`` (``P >= 1``, e.g. just BOS)
-        with a key/value cache; returns ``(B, P + n)``.
-
-        ``temperature = 0`` is greedy decoding; ``top_p < 1`` is nucleus sampling (the smallest
-        set of most likely tokens with total probability at least ``top_p``). With ``eos_id`` a
-        row stops at its first EOS (kept) and is filled with ``pad_id`` (default ``eos_id``)
-        after it; generation ends once every row has stopped (checked every
-        ``EOS_CHECK_EVERY`` tokens, so ``n`` may exceed the longest row by less than that).
-        """
-        if not self.causal:
-            raise ValueError("generate needs a causal TextTransformer")
-        batch, prompt_len = prompt.shape
-        if prompt_len < 1:
-            raise ValueError("the prompt needs at least one token (e.g. BOS)")
-        if prompt_len + max_new_tokens > self.length:
-            raise ValueError(
-                f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) exceeds the "
-                f"context length {self.length}"
-            )
-        fill = eos_id if pad_id is None else pad_id
-        cache = self.new_cache(batch, prompt_len + max_new_tokens)
-        logits = self(prompt, cond=cond, cache=cache)[:, -1]
-        new = prompt.new_empty(batch, max_new_tokens)
-        finished = torch.zeros(batch, dtype=torch.bool, device=prompt.device)
-        steps = max_new_tokens
-        for i in range(max_new_tokens):
-            token = sample_next_token(logits, temperature, top_p, generator)
-            if eos_id is not None:
-                token = torch.where(finished, fill, token)
-                finished = finished | (token == eos_id)
-            new[:, i] = token
-            if i + 1 == max_new_tokens:
-                break
-            if eos_id is not None and (i + 1) % EOS_CHECK_EVERY == 0 and bool(finished.all()):
-                steps = i + 1
-                break
-            logits = self(token[:, None], cond=cond, cache=cache)[:, -1]
-        return torch.cat([prompt, new[:, :steps]], dim=1)
-
-
-def sample_next_token(
-    logits: Tensor,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """One token per row from ``softmax(logits / temperature)`` restricted to the nucleus:
-    tokens in decreasing probability while the mass before them is below ``top_p``."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        keep_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs < top_p
-        probs = probs * torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -44,7 +44,6 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -66,16 +65,17 @@ from difflab.data.text import (
     pack_texts,
     split_documents,
 )
+from difflab.discrete.autoregressive import autoregressive_sample
 from difflab.discrete.objectives import continuous_time_loss, d3pm_loss, mask_count_loss
 from difflab.discrete.process import HybridProcess, MaskedProcess, TokenProcess, UniformProcess
 from difflab.discrete.samplers import (
+    TOKEN_SAMPLER_DESCRIPTIONS,
+    TOKEN_SAMPLERS,
     DiscreteSamples,
-    ancestral_sample,
     classifier_free_guidance,
-    confidence_sample,
     prompt_to_fixed,
     semi_autoregressive_sample,
-    truncate_at_eos,
+    uniform_times,
 )
 from difflab.discrete.schedules import make_token_schedule
 from difflab.errors import UserError
@@ -98,17 +98,7 @@ SCHEDULES = ("log-linear", "linear", "cosine", "d3pm-absorbing", "d3pm-cosine")
 
 #: ``sample.sampler`` names and what they run (the ``ar`` model ignores them: it always
 #: samples token by token with its key/value cache).
-SAMPLERS: dict[str, str] = {
-    "ancestral": "ancestral sampling z_s ~ p(z_s | z_t), one network call per step (any kind)",
-    "cached": "ancestral, skipping the network at steps where no token can change; same samples "
-    "as ancestral for the same seed (masked kinds; identical to ancestral otherwise)",
-    "confidence": "predict every masked token, keep the most confident ones by the margin "
-    "between its two likeliest values (MaskGIT-style; masked kinds)",
-    "remask": "LLaDA's low-confidence remasking: keep the most probable predictions, remask "
-    "the rest (masked kinds)",
-    "semi-ar": "semi-autoregressive blocks of sample.block tokens (cached ancestral inside); "
-    "used by every sampler for lengths beyond the training context",
-}
+SAMPLERS = TOKEN_SAMPLER_DESCRIPTIONS
 
 TOKENIZER_FILE = "tokenizer.json"
 REPORT_FILE = "report.md"
@@ -394,7 +384,7 @@ def make_loss(
             return d3pm_loss(model, process, tokens, d.T, ce_weight=d.hybrid_lambda,
                              loss_mask=loss_mask, cond=cond, generator=generator).loss  # fmt: skip
         return continuous_time_loss(model, process, tokens, loss_mask=loss_mask, cond=cond,
-                                    antithetic=d.antithetic, generator=generator).loss  # fmt: skip
+                                    stratified=d.antithetic, generator=generator).loss  # fmt: skip
 
     return loss
 
@@ -552,19 +542,18 @@ def generate_tokens(
     if model.process is None:
         if guidance > 0:
             raise UserError("classifier-free guidance applies to the diffusion kinds, not to ar")
-        return _ar_generate(model, prompt_tensor, length, temperature, top_p, generator, cond)
+        return autoregressive_sample(
+            model.net, (n, length), context_length=model.context,
+            block_length=s.block or max(1, model.context // 2), prompt=prompt_tensor,
+            bos_id=BOS_ID, temperature=temperature, top_p=top_p, cond=cond, eos_id=EOS_ID,
+            pad_id=PAD_ID, generator=generator,
+        )  # fmt: skip
     if not model.process.absorbing and sampler in ("confidence", "remask"):
         raise UserError(f"sampler {sampler} needs a masked kind ({', '.join(MASKED_KINDS)})")
     denoiser: Any = model.net
     if guidance > 0:
         denoiser = classifier_free_guidance(model.net, guidance, torch.tensor(model.num_classes))
-    inner = {
-        "ancestral": partial(ancestral_sample, cache=False),
-        "cached": partial(ancestral_sample, cache=True),
-        "semi-ar": partial(ancestral_sample, cache=True),
-        "confidence": partial(confidence_sample, confidence="margin"),
-        "remask": partial(confidence_sample, confidence="prob"),
-    }[sampler]
+    inner = TOKEN_SAMPLERS["cached" if sampler == "semi-ar" else sampler]
     options = {
         "cond": cond,
         "temperature": temperature,
@@ -577,15 +566,15 @@ def generate_tokens(
     if sampler == "semi-ar" or length > model.context:
         block = s.block or max(1, model.context // 2)
         return semi_autoregressive_sample(
-            denoiser, model.process, (n, length), context_length=model.context,
-            block_length=block, steps_per_block=steps, sampler=inner,
+            denoiser, model.process, (n, length), uniform_times(steps),
+            context_length=model.context, block_length=block, sampler=inner,
             prompt=prompt_tensor if prompt_ids else None, **options,
         )  # fmt: skip
     fixed_tokens = fixed_mask = None
     if prompt_ids:
         fixed_tokens, fixed_mask = prompt_to_fixed(prompt_tensor, length)
-    return inner(denoiser, model.process, (n, length), steps, fixed_tokens=fixed_tokens,
-                 fixed_mask=fixed_mask, **options)  # fmt: skip
+    return inner(denoiser, model.process, (n, length), uniform_times(steps),
+                 fixed_tokens=fixed_tokens, fixed_mask=fixed_mask, **options)  # fmt: skip
 
 
 def generate(
@@ -640,38 +629,6 @@ def _condition(
     else:
         raise UserError(f"unknown label {label!r}: this model knows {', '.join(model.class_names)}")
     return torch.full((n,), index, dtype=torch.long, device=model.device)
-
-
-@torch.inference_mode()
-def _ar_generate(
-    model: LoadedTextModel,
-    prompt: Tensor,
-    length: int,
-    temperature: float,
-    top_p: float,
-    generator: torch.Generator,
-    cond: Tensor | None,
-) -> DiscreteSamples:
-    """Token-by-token sampling with the key/value cache, in windows of the context that start
-    with ``<bos>`` (as in training) and keep the last ``context - block`` tokens."""
-    context = model.context
-    block = model.config.sample.block or max(1, context // 2)
-    out, nfe = prompt, 0
-    while out.shape[1] < length:
-        done = out.shape[1]
-        new = min(length - done, max(block, context - done))
-        keep = min(done, context - new)
-        window = torch.cat([out.new_full((len(out), 1), BOS_ID), out[:, done - keep :]], dim=1)
-        tokens = model.net.generate(window, new, temperature=temperature, top_p=top_p,
-                                    generator=generator, eos_id=EOS_ID, pad_id=PAD_ID,
-                                    cond=cond)[:, 1 + keep :]  # fmt: skip
-        nfe += tokens.shape[1]
-        tokens = torch.cat([tokens, tokens.new_full((len(out), new - tokens.shape[1]), PAD_ID)], 1)
-        out = torch.cat([out, tokens], dim=1)
-        if bool((out[:, prompt.shape[1] :] == EOS_ID).any(1).all()):
-            out = torch.cat([out, out.new_full((len(out), length - out.shape[1]), PAD_ID)], 1)
-    tokens, lengths = truncate_at_eos(out, EOS_ID, PAD_ID)
-    return DiscreteSamples(tokens, lengths, nfe)
 
 
 # ---------------------------------------------------------------- evaluation

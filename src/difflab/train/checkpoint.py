@@ -2,28 +2,29 @@
 
 ``checkpoint.safetensors`` holds the tensors ``model.*`` (raw weights), ``ema.*`` (EMA weights,
 what sampling uses), ``optim.<i>.<name>`` (AdamW state) and ``rng.*`` (generator states), and a
-metadata header with the run config (JSON), the step and the optimiser's param groups. It is
-written to a temporary file in the same folder and moved into place with ``os.replace``, so a
-crash or Ctrl-C at any moment leaves either the old or the new checkpoint, never a torn one.
-``config.json`` beside it repeats the run config in readable form.
+metadata header with the run config (JSON), the step and the optimiser's param groups; the header
+is the reference for what the run was. It is written with :func:`difflab.files.write_atomically`,
+so a crash, Ctrl-C or a full disk at any moment leaves either the old or the new checkpoint,
+never a torn one. ``config.json`` beside it (:func:`write_config_file`) is the run's config as a
+file that ``difflab train`` accepts back.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open
+from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
 from difflab import __version__
 from difflab.errors import UserError
+from difflab.files import file_error, write_bytes, write_text
 
 FILENAME = "checkpoint.safetensors"
 CONFIG_FILENAME = "config.json"
@@ -76,31 +77,14 @@ def save_checkpoint(
         "param_groups": json.dumps(groups),
         "extra": json.dumps(extra or {}),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _write_text_atomically(path.parent / CONFIG_FILENAME, metadata["config"] + "\n")
+    write_bytes(path, safetensors_bytes(tensors, metadata=metadata))
 
 
-def _write_text_atomically(path: Path, text: str) -> None:
-    """``config.json`` beside the checkpoint: the same run config, for people and other tools
-    (the checkpoint's own header stays the reference)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def write_config_file(folder: Path, run_config: dict[str, Any]) -> Path:
+    """``config.json`` in ``folder``: ``{"recipe": ..., **run_config["config"]}``, the run's
+    config in the form ``difflab train`` reads (the checkpoint's header stays the reference)."""
+    config = {"recipe": run_config["recipe"], **run_config["config"]}
+    return write_text(folder / CONFIG_FILENAME, json.dumps(config, indent=2) + "\n")
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -118,6 +102,8 @@ def _metadata(p: Path) -> dict[str, str]:
     try:
         with safe_open(str(p), framework="pt") as f:
             meta = f.metadata() or {}
+    except PermissionError as e:
+        raise file_error(e, p) from None
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"{p} is not a readable checkpoint: {e}") from None
     if meta.get("format") != "difflab-checkpoint-1":
@@ -125,17 +111,41 @@ def _metadata(p: Path) -> dict[str, str]:
     return meta
 
 
+def _run_config(p: Path, meta: dict[str, str]) -> dict[str, Any]:
+    try:
+        config = json.loads(meta["config"])
+    except KeyError:
+        raise UserError(f"{p} has a corrupt header: its run config is missing") from None
+    except ValueError as e:
+        raise UserError(f"{p} has a corrupt header: its run config is not JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{p} has a corrupt header: its run config is not a mapping")
+    return config
+
+
 def read_run_config(path: str | Path) -> dict[str, Any]:
     """The run config stored in a checkpoint, read from its header alone."""
-    return json.loads(_metadata(resolve_checkpoint(path))["config"])
+    p = resolve_checkpoint(path)
+    return _run_config(p, _metadata(p))
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Load a checkpoint; a missing, foreign or corrupt file is a :class:`UserError`."""
     p = resolve_checkpoint(path)
     meta = _metadata(p)
+    config = _run_config(p, meta)
+    try:
+        step = int(meta["step"])
+        param_groups = json.loads(meta["param_groups"])
+        extra = json.loads(meta.get("extra", "{}"))
+    except KeyError as e:
+        raise UserError(f"{p} has a corrupt header: {e} is missing") from None
+    except ValueError as e:
+        raise UserError(f"{p} has a corrupt header: {e}") from None
     try:
         tensors = load_file(str(p))
+    except PermissionError as e:
+        raise file_error(e, p) from None
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"{p} is not a readable checkpoint: {e}") from None
 
@@ -144,14 +154,14 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
 
     return Checkpoint(
-        config=json.loads(meta["config"]),
-        step=int(meta["step"]),
+        config=config,
+        step=step,
         model=group("model"),
         ema=group("ema"),
         optim=group("optim"),
         rng=group("rng"),
-        param_groups=json.loads(meta["param_groups"]),
-        extra=json.loads(meta.get("extra", "{}")),
+        param_groups=param_groups,
+        extra=extra,
     )
 
 

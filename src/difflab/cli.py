@@ -91,7 +91,7 @@ def train(
     )
     if result.stopped_early:
         typer.echo(
-            f"WARNING: stopped at step {result.steps} of {result.target_steps} because "
+            f"WARNING: training stopped at step {result.steps}, before train.steps, because "
             f"train.max_minutes was reached; continue with: difflab train "
             f"{result.checkpoint.parent} --resume",
             err=True,
@@ -206,15 +206,15 @@ def _pairs(items: list[str] | None) -> dict[str, Any] | None:
 
 
 def _list_samplers() -> None:
-    from difflab.discrete.samplers import TOKEN_SAMPLERS
+    from difflab.discrete.samplers import TOKEN_SAMPLER_DESCRIPTIONS
     from difflab.gaussian.samplers import DESCRIPTIONS
 
     typer.echo("Image and vector models (options: --opt key=value; grids: --grid):")
     for name, description in DESCRIPTIONS.items():
         typer.echo(f"  {name:18s} {description}")
     typer.echo("Text models:")
-    for name, entry in TOKEN_SAMPLERS.items():
-        typer.echo(f"  {name:18s} {entry.description}")
+    for name, description in TOKEN_SAMPLER_DESCRIPTIONS.items():
+        typer.echo(f"  {name:18s} {description}")
 
 
 @app.command(

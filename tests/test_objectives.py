@@ -19,10 +19,18 @@ import pytest
 import torch
 from scipy import integrate, stats
 
-from difflab.gaussian.objectives import loss_fn, sample_times
+from difflab.gaussian.edm import edm_loss
+from difflab.gaussian.objectives import (
+    check_objective,
+    loss_fn,
+    make_objective,
+    objective_options,
+    sample_times,
+)
 from difflab.gaussian.oracles import GaussianOracle
 from difflab.gaussian.parameterization import Denoiser
 from difflab.gaussian.schedules import (
+    EDMSchedule,
     VESchedule,
     cosine_logsnr,
     linear_beta,
@@ -419,3 +427,54 @@ def test_loss_rejects_unknown_options():
     ]:
         with pytest.raises(ValueError, match=message):
             loss_fn(model, x0, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# The objective of a parameterization
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["eps", "x0", "v", "score"])
+@pytest.mark.parametrize("weighting", ["simple", "elbo", "min-snr"])
+def test_objective_of_a_raw_prediction_is_loss_fn_on_the_same_draws(kind, weighting):
+    model, x0 = denoiser(SMALL_T, kind), data(16, torch.Generator().manual_seed(0))
+    objective = make_objective(kind, weighting, time_sampling="stratified")
+    got = objective(model, x0, None, torch.Generator().manual_seed(1))
+    want = loss_fn(model, x0, weighting=weighting, time_sampling="stratified",
+                   generator=torch.Generator().manual_seed(1))  # fmt: skip
+    assert torch.equal(got, want)
+
+
+def test_objective_of_edm_is_edm_loss_on_the_same_draws():
+    schedule = EDMSchedule()
+    oracle = GaussianOracle(torch.full((2,), MU_WRONG, dtype=F64), S_WRONG, schedule)
+    model, x0 = Denoiser(oracle.as_network("x0"), schedule, "edm"), data(16, torch.Generator())
+    objective = make_objective("edm", p_std=1.0, reduction="none")
+    got = objective(model, x0, None, torch.Generator().manual_seed(1))
+    want = edm_loss(model, x0, None, torch.Generator().manual_seed(1), p_std=1.0, reduction="none")
+    assert got.shape == (16,) and torch.equal(got, want)
+
+
+def test_objective_options_are_the_keywords_of_its_loss():
+    assert objective_options("eps") == {"time_sampling": "iid", "reduction": "mean",
+                                        "variance": "beta_tilde", "min_snr_gamma": 5.0}  # fmt: skip
+    assert list(objective_options("edm")) == ["p_mean", "p_std", "sigma_data", "reduction"]
+
+
+def test_objectives_that_do_not_apply_are_refused():
+    check_objective("v", "min-snr", time_sampling="antithetic", variance="beta")
+    check_objective("edm", "simple", sigma_data=1.0)
+    for args, options, message in [
+        (("edm", "elbo"), {}, "weighting 'elbo' does not apply to prediction 'edm'"),
+        (("flow", "simple"), {}, "unknown prediction 'flow': choose one of eps, x0, v, score"),
+        (("eps", "snr"), {}, "unknown weighting 'snr': choose one of simple, elbo, min-snr"),
+        (("edm",), {"time_sampling": "iid"}, "the edm objective takes no option time_sampling"),
+        (("eps",), {"p_mean": 0.0}, "takes no option p_mean: its options are time_sampling"),
+        (("eps",), {"time_sampling": "sobol"}, "unknown time sampling 'sobol'"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            check_objective(*args, **options)
+        with pytest.raises(ValueError, match=message):
+            make_objective(*args, **options)
+    with pytest.raises(ValueError, match="for prediction 'eps' got a denoiser that predicts 'v'"):
+        make_objective("eps")(denoiser(SMALL_T, "v"), torch.zeros(4, 2, dtype=F64))

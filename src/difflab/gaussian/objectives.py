@@ -40,18 +40,28 @@ Times: discrete schedules draw ``i`` uniform in ``1..T`` and use ``t = i / T``; 
 draw ``t`` uniform in ``(0, 1]``. ``time_sampling`` chooses how the batch's uniforms are drawn,
 each with the uniform marginal: ``"iid"``; ``"stratified"`` (the low-discrepancy sampler of
 Kingma et al. 2021: ``u_k = (u_0 + k / B) mod 1``, one per stratum of width ``1/B``); or
-``"antithetic"`` (the second half of the batch mirrors the first, ``t -> 1 - t`` in continuous
-time and ``i -> T + 1 - i`` in discrete time).
+``"antithetic"``, antithetic pairs (the Monte Carlo variance-reduction draw, not a
+stratification): ``H = ceil(B / 2)`` iid uniforms for examples ``0..H-1``, and example ``H + k``
+(``k < floor(B / 2)``) takes the mirror image of example ``k``: ``t_{H+k} = 1 - t_k`` in
+continuous time, ``i_{H+k} = T + 1 - i_k`` in discrete time. Each pair is negatively correlated;
+with an odd ``B``, example ``H - 1`` has no partner.
+
+:func:`make_objective` gives the one training loss of a parameterization: :func:`loss_fn` with
+one of these weightings for ``eps``, ``x0``, ``v`` and ``score``, and EDM's loss
+(:func:`~difflab.gaussian.edm.edm_loss`) for ``edm``.
 """
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from difflab.gaussian.parameterization import Denoiser, Kind, target
+from difflab.gaussian.edm import edm_loss
+from difflab.gaussian.parameterization import PREDICTIONS, Denoiser, Kind, target
 from difflab.gaussian.process import posterior_coefficients, q_sample
 from difflab.gaussian.schedules import Schedule
 from difflab.gaussian.vlb import VARIANCES, ReverseVariance, reverse_variance
@@ -60,6 +70,24 @@ Weighting = Literal["simple", "elbo", "min-snr"]
 WEIGHTINGS: tuple[str, ...] = ("simple", "elbo", "min-snr")
 TimeSampling = Literal["iid", "stratified", "antithetic"]
 TIME_SAMPLINGS: tuple[str, ...] = ("iid", "stratified", "antithetic")
+REDUCTIONS: tuple[str, ...] = ("mean", "none")
+
+#: Each named choice of the objectives: its label in messages and its allowed values.
+_CHOICES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "prediction": ("prediction", PREDICTIONS),
+    "weighting": ("weighting", WEIGHTINGS),
+    "time_sampling": ("time sampling", TIME_SAMPLINGS),
+    "variance": ("reverse variance", VARIANCES),
+    "reduction": ("reduction", REDUCTIONS),
+}
+
+
+def _check_choices(**values: Any) -> None:
+    """Raise ``ValueError`` for a value that is not one of its :data:`_CHOICES`."""
+    for key, value in values.items():
+        label, allowed = _CHOICES[key]
+        if value not in allowed:
+            raise ValueError(f"unknown {label} {value!r}: choose one of {', '.join(allowed)}")
 
 
 def sample_times(
@@ -71,19 +99,22 @@ def sample_times(
     device: torch.device | str | None = None,
 ) -> Tensor:
     """Training times, float64 of shape ``(batch,)``, in ``(0, 1]``: ``i / T`` with ``i`` uniform
-    in ``1..T`` for a discrete schedule, uniform in ``(0, 1]`` for a continuous one (see the
-    module docstring for ``time_sampling``)."""
+    in ``1..T`` for a discrete schedule, uniform in ``(0, 1]`` for a continuous one.
+
+    ``time_sampling`` (module docstring): ``"iid"``; ``"stratified"``, one draw in each stratum of
+    width ``1 / B``, ``u_k = (u_0 + k / B) mod 1``; ``"antithetic"``, pairs ``(t, 1 - t)``
+    (``(i, T + 1 - i)`` on a discrete grid) between example ``k`` and example
+    ``ceil(B / 2) + k``."""
+    _check_choices(time_sampling=time_sampling)
     kw = {"device": device, "dtype": torch.float64}
     if time_sampling == "iid":
         u = torch.rand(batch, generator=generator, **kw)
     elif time_sampling == "stratified":
         u0 = torch.rand(1, generator=generator, **kw)
         u = torch.remainder(u0 + torch.arange(batch, **kw) / batch, 1.0)
-    elif time_sampling == "antithetic":
+    else:  # antithetic
         half = torch.rand((batch + 1) // 2, generator=generator, **kw)
         u = torch.cat([half, torch.remainder(-half[: batch // 2], 1.0)])
-    else:
-        raise ValueError(f"unknown time sampling {time_sampling!r}: choose one of {TIME_SAMPLINGS}")
     # u lies in [0, 1); both maps below send u -> 1 - u under antithetic pairing.
     if schedule.T is None:
         return 1.0 - u
@@ -154,12 +185,7 @@ def loss_fn(
     is the clip of "min-snr". ``t`` (``(B,)``; rounded to the grid ``i / T`` for a discrete
     schedule) and ``eps`` replace the random draws, e.g. to bucket per-example losses by time.
     """
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"unknown weighting {weighting!r}: choose one of {WEIGHTINGS}")
-    if reduction not in ("mean", "none"):
-        raise ValueError(f"unknown reduction {reduction!r}: choose 'mean' or 'none'")
-    if variance not in VARIANCES:
-        raise ValueError(f"unknown reverse variance {variance!r}: choose one of {VARIANCES}")
+    _check_choices(weighting=weighting, reduction=reduction, variance=variance)
     schedule = denoiser.schedule
     if t is None:
         t = sample_times(
@@ -187,3 +213,84 @@ def loss_fn(
         weight = _noise_weight(schedule, t, alpha, sigma, weighting, variance, min_snr_gamma)
         per_example = per_example * (weight * _conversion(kind, alpha, sigma)).to(dtype)
     return per_example.mean() if reduction == "mean" else per_example
+
+
+# ------------------------------------------------------------------------------------------------
+# The objective of a parameterization
+# ------------------------------------------------------------------------------------------------
+
+Objective = Callable[..., Tensor]
+"""``loss(denoiser, x0, cond=None, generator=None) -> Tensor``: one training loss."""
+
+#: The keyword arguments of the losses that a caller sets per call, never through an objective.
+_PER_CALL = ("weighting", "generator", "t", "eps")
+
+
+def objective_options(prediction: str) -> dict[str, Any]:
+    """The options of the objective of ``prediction``, with their defaults: the keyword
+    arguments of :func:`~difflab.gaussian.edm.edm_loss` (``"edm"``) or :func:`loss_fn` (the
+    others) beyond those :func:`make_objective` sets or the caller gives per call (``weighting``,
+    ``generator``, ``t``, ``eps``)."""
+    loss = edm_loss if prediction == "edm" else loss_fn
+    return {
+        p.name: p.default
+        for p in inspect.signature(loss).parameters.values()
+        if p.kind is p.KEYWORD_ONLY and p.name not in _PER_CALL
+    }
+
+
+def check_objective(prediction: str, weighting: str = "simple", **options: Any) -> None:
+    """Raise ``ValueError`` (one line, with the choices) unless :func:`make_objective` applies
+    to these arguments: ``prediction`` one of
+    :data:`~difflab.gaussian.parameterization.PREDICTIONS`, ``weighting`` one of
+    :data:`WEIGHTINGS`, and every option one the objective takes (:func:`objective_options`)
+    with an allowed value. EDM's loss carries its own weight
+    ``lambda(sigma) = 1 / c_out^2`` (``edm.py``), the plain MSE of its network's output, so with
+    ``prediction="edm"`` the weighting must be ``"simple"``."""
+    _check_choices(prediction=prediction, weighting=weighting)
+    if prediction == "edm" and weighting != "simple":
+        raise ValueError(
+            f"weighting {weighting!r} does not apply to prediction 'edm', whose loss carries "
+            "its own weight lambda(sigma): use weighting 'simple'"
+        )
+    allowed = objective_options(prediction)
+    unknown = [name for name in options if name not in allowed]
+    if unknown:
+        raise ValueError(
+            f"the {prediction} objective takes no option {', '.join(unknown)}: "
+            f"its options are {', '.join(allowed)}"
+        )
+    _check_choices(**{name: value for name, value in options.items() if name in _CHOICES})
+
+
+def make_objective(prediction: str, weighting: str = "simple", **options: Any) -> Objective:
+    """The training loss of a denoiser of parameterization ``prediction``,
+    ``loss(denoiser, x0, cond=None, generator=None) -> Tensor``:
+
+    - ``"edm"``: :func:`~difflab.gaussian.edm.edm_loss`, ``lambda(sigma) ||D - x_0||^2 / D``
+      with ``ln sigma ~ N(P_mean, P_std^2)`` (Karras et al. 2022);
+    - ``"eps"``, ``"x0"``, ``"v"``, ``"score"``: :func:`loss_fn` with ``weighting``,
+      ``w(lambda) ||eps - eps_hat||^2 / D`` with ``t`` drawn as ``time_sampling`` says.
+
+    ``options`` go to that loss (:func:`objective_options`); :func:`check_objective` refuses
+    what does not apply, here and at config time. The loss refuses a denoiser whose
+    ``prediction`` is not ``prediction``.
+    """
+    check_objective(prediction, weighting, **options)
+
+    def loss(
+        denoiser: Denoiser,
+        x0: Tensor,
+        cond: dict[str, Any] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        if denoiser.prediction != prediction:
+            raise ValueError(
+                f"an objective for prediction {prediction!r} got a denoiser that predicts "
+                f"{denoiser.prediction!r}"
+            )
+        if prediction == "edm":
+            return edm_loss(denoiser, x0, cond, generator, **options)
+        return loss_fn(denoiser, x0, cond, weighting=weighting, generator=generator, **options)
+
+    return loss

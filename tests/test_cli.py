@@ -21,11 +21,10 @@ def run(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One tiny run shared by the tests below (trained in-process, ~seconds)."""
-    from difflab.config import load_config
-    from difflab.recipes import image
+    import difflab
 
     out = tmp_path_factory.mktemp("run") / "tiny"
-    image.train(load_config("digits-tiny", [f"train.out={out}"]), progress=False)
+    difflab.train("digits-tiny", out=str(out), progress=False)
     return out
 
 
@@ -65,8 +64,17 @@ def test_cli_resume_continues_and_may_extend_steps(tmp_path, monkeypatch, capsys
     code, _, err = run(monkeypatch, capsys, *args[:-2], "train.steps=15", "--resume", "--quiet")
     assert code == 0, err
     assert load_checkpoint(out).step == 15
-    code, _, err = run(monkeypatch, capsys, *args[:-2], "model.channels=8", "--resume", "--quiet")
-    assert code == 2 and "different config" in err
+    code, _, err = run(monkeypatch, capsys, *args[:-2], "model.unet.channels=8", "--resume", "--quiet")
+    assert code == 2 and "different config" in err and "model.unet.channels" in err
+    # the run folder itself is a config: every setting comes back, the folder may move
+    moved = tmp_path / "moved"
+    out.rename(moved)
+    code, _, err = run(monkeypatch, capsys, "train", str(moved), "train.steps=20", "--resume",
+                       "--quiet")  # fmt: skip
+    assert code == 0, err
+    assert load_checkpoint(moved).step == 20
+    code, _, err = run(monkeypatch, capsys, "train", str(moved / "config.json"), "--quiet")
+    assert code == 2 and "already holds a run" in err
 
 
 @pytest.mark.parametrize(
@@ -74,8 +82,8 @@ def test_cli_resume_continues_and_may_extend_steps(tmp_path, monkeypatch, capsys
     [
         (["sample", "/no/such/run"], "no checkpoint at /no/such/run"),
         (["sample", "{run}", "--eta", "1.5"], r"--eta must be in [0, 1]"),
-        (["sample", "{run}", "--steps", "-3"], "--steps must be at least 1"),
-        (["sample", "{run}", "--sampler", "magic"], "unknown sampler 'magic'"),
+        (["sample", "{run}", "--steps", "-3"], "--steps must be a whole number >= 1"),
+        (["sample", "{run}", "--sampler", "magic"], "--sampler must be one of"),
         (["sample", "{run}", "--class", "11"], "unknown class '11'"),
         (["train", "digits-tiny", "train.stepz=3"], "unknown config key train.stepz"),
         (["train", "digits-tiny", "sample.eta=-1"], r"sample.eta must be in [0, 1]"),
@@ -95,7 +103,8 @@ def test_bad_input_gets_one_line_and_exit_2(trained, monkeypatch, capsys, args, 
 def test_checkpoint_that_does_not_fit_its_config(trained, tmp_path, monkeypatch, capsys):
     ck = load_checkpoint(trained)
     cfg = dict(ck.config)
-    cfg["config"] = {**cfg["config"], "model": {**cfg["config"]["model"], "channels": 24}}
+    model = cfg["config"]["model"]
+    cfg["config"] = {**cfg["config"], "model": {**model, "unet": {**model["unet"], "channels": 24}}}
     save_checkpoint(tmp_path / "checkpoint.safetensors", config=cfg, step=ck.step,
                     model=ck.model, ema=ck.ema, optimizer=None, rng={})  # fmt: skip
     code, _, err = run(monkeypatch, capsys, "sample", str(tmp_path), "--n", "2")
@@ -126,16 +135,44 @@ def test_demo_text_dispatches_to_the_text_recipe(monkeypatch, capsys, tmp_path):
 
     seen = {}
 
-    def fake_demo(out, quiet):
+    def fake_demo(out, *, quiet=False):
         seen.update(out=out, quiet=quiet)
         return "REPORT"
 
-    monkeypatch.setattr(text, "demo", fake_demo)
+    monkeypatch.setattr(text.RECIPE, "demo", fake_demo)
     code, out, _ = run(monkeypatch, capsys, "demo", "--text", "--quiet", "--out", str(tmp_path))
     assert code == 0 and out.strip() == "REPORT"
     assert seen == {"out": tmp_path, "quiet": True}
     code, _, err = run(monkeypatch, capsys, "demo", "--text", "--steps", "3")
-    assert code == 2 and "digits demo only" in err
+    assert code == 2 and "--steps does not apply to the text demo" in err
+
+
+def test_demo_never_deletes_what_it_did_not_write(monkeypatch, capsys, tmp_path):
+    """A folder holding someone's run and files is left alone (the demo takes a new name); a
+    folder an earlier demo made has only the demo's own files replaced."""
+    from difflab.recipes import image
+
+    calls = []
+
+    def fake_demo(out, *, quiet=False, steps=None):
+        calls.append(out)
+        (out / "checkpoint.safetensors").write_text("demo")
+        return "REPORT"
+
+    monkeypatch.setattr(image.RECIPE, "demo", fake_demo)
+    mine = tmp_path / "runs"
+    mine.mkdir()
+    (mine / "checkpoint.safetensors").write_text("precious")
+    (mine / "notes.txt").write_text("mine")
+    code, out, err = run(monkeypatch, capsys, "demo", "--out", str(mine))
+    assert code == 0, err
+    assert calls == [tmp_path / "runs-2"] and "runs-2" in out
+    assert (mine / "checkpoint.safetensors").read_text() == "precious"
+    assert (mine / "notes.txt").read_text() == "mine"
+    (calls[0] / "notes.txt").write_text("added later")
+    code, _, err = run(monkeypatch, capsys, "demo", "--out", str(calls[0]))
+    assert code == 0, err
+    assert calls[1] == calls[0] and (calls[0] / "notes.txt").read_text() == "added later"
 
 
 @pytest.mark.parametrize("recipe", ["cascade", "text-to-digit", "classifier"])
@@ -162,3 +199,6 @@ def test_recipes_train_and_sample_from_the_command_line(recipe, trained, tmp_pat
     if recipe == "text-to-digit":
         code, _, err = run(monkeypatch, capsys, "sample", str(out), "--n", "2")
         assert code == 2 and "needs --prompt" in err
+        code, _, err = run(monkeypatch, capsys, "sample", str(out), "--class", "3",
+                           "--prompt", "a three")  # fmt: skip
+        assert code == 2 and "--class does not apply to text-to-digit runs" in err

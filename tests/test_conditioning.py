@@ -11,12 +11,13 @@ import pytest
 import torch
 from torch import Tensor
 
-from difflab.config import load_config
 from difflab.errors import UserError
 from difflab.gaussian.guidance import ClassifierFreeGuidance
 from difflab.gaussian.parameterization import Denoiser
 from difflab.gaussian.schedules import linear_beta
+from difflab.nets.super_resolution import SuperResolutionNet
 from difflab.nets.unet import UNet
+from difflab.recipes import Run, load, load_config
 from difflab.recipes import cascade as cas
 from difflab.recipes import text_to_digit as t2d
 
@@ -123,8 +124,10 @@ def test_prompt_adherence_counts_what_the_prompt_names():
 
 def tiny_text_net() -> t2d.TextToDigitNet:
     torch.manual_seed(0)
-    cfg = load_config("digits-tiny", ["model.channels=8", "model.num_heads=2"])
-    net = t2d.build_net(cfg, t2d.TextConfig(dim=16, depth=1, num_heads=2), (1, 8, 8))
+    _, cfg = load_config("digits-tiny", ["model.unet.channels=8", "model.unet.num_heads=2",
+                                         "text_encoder.dim=16", "text_encoder.depth=1",
+                                         "text_encoder.num_heads=2"], recipe="text-to-digit")
+    net = t2d.build_net(cfg, (1, 8, 8))
     perturb_(net.unet)  # the output layers start at zero
     return net.eval()
 
@@ -170,9 +173,9 @@ class TokenSpy(torch.nn.Module):
 
 
 def test_training_drops_words_and_captions_at_their_rates():
-    cfg = load_config("digits-tiny", ["diffusion.cond_drop=0.2"])
-    text = t2d.TextConfig(word_drop=0.3)
-    loss = t2d.make_loss(cfg, text, SCHEDULE)
+    _, cfg = load_config("digits-tiny", ["diffusion.cond_drop=0.2", "text_encoder.word_drop=0.3"],
+                         recipe="text-to-digit")
+    loss = t2d.make_loss(cfg)
     n = 20_000
     full = t2d.Attributes(torch.full((n,), 7), torch.ones(n, dtype=torch.long),
                           torch.ones(n, dtype=torch.long))  # fmt: skip
@@ -196,23 +199,26 @@ def test_training_drops_words_and_captions_at_their_rates():
 
 
 def test_text_to_digit_trains_loads_and_samples_end_to_end(tmp_path):
-    cfg = load_config(
+    recipe, cfg = load_config(
         "digits-tiny",
-        [f"train.out={tmp_path}", "train.steps=6", "train.batch_size=16", "model.channels=8",
-         "model.num_heads=2", "diffusion.T=50"],
+        [f"train.out={tmp_path}", "train.steps=6", "train.batch_size=16", "model.unet.channels=8",
+         "model.unet.num_heads=2", "diffusion.T=50", "text_encoder.dim=16", "text_encoder.depth=1",
+         "text_encoder.num_heads=2"],
+        recipe="text-to-digit",
     )  # fmt: skip
-    result = t2d.train(cfg, t2d.TextConfig(dim=16, depth=1, num_heads=2), progress=False)
+    result = recipe.train(cfg, progress=False)
     assert result.steps == 6
-    model = t2d.load_model(tmp_path, "cpu")
-    assert model.step == 6 and model.thresholds.mass.shape == (10, 2)
+    run = load(tmp_path, "cpu")
+    assert run.recipe is t2d.RECIPE
+    assert run.step == 6 and run.model.thresholds.mass.shape == (10, 2)
     prompts = ["a thin three", "a thick slanted seven"]
-    x = t2d.generate(model, prompts, 4, guidance=2.0, steps=4, seed=1)
+    x = run.sample(4, prompt=prompts, guidance=2.0, steps=4, seed=1).x
     assert x.shape == (4, 1, 8, 8) and torch.isfinite(x).all()
-    assert torch.equal(x, t2d.generate(model, prompts, 4, guidance=2.0, steps=4, seed=1))
-    other = t2d.generate(model, ["a four"] * 2, 4, guidance=2.0, steps=4, seed=1)
+    assert torch.equal(x, run.sample(4, prompt=prompts, guidance=2.0, steps=4, seed=1).x)
+    other = run.sample(4, prompt="a four", guidance=2.0, steps=4, seed=1).x
     assert not torch.equal(x, other)  # the prompt reaches the samples
     with pytest.raises(UserError, match="unknown words"):
-        t2d.generate(model, "a purple seven", 1)
+        run.sample(1, prompt="a purple seven")
 
 
 # --- super-resolution and the cascade ------------------------------------------------------------
@@ -255,9 +261,10 @@ class SuperResolutionSpy(torch.nn.Module):
 
 
 def test_super_resolution_training_augments_at_random_levels_up_to_aug_max():
-    cfg = load_config("digits-tiny", ["diffusion.cond_drop=0.1"])
-    spec = cas.CascadeConfig(low_res=4, aug_max=0.4)
-    loss = cas.make_super_resolution_loss(cfg, spec, SCHEDULE, num_classes=10)
+    _, cfg = load_config("digits-tiny", ["diffusion.cond_drop=0.1", "diffusion.schedule=linear",
+                                         "diffusion.T=1000", "cascade.low_res=4", "cascade.aug_max=0.4"],
+                         recipe="cascade")
+    loss = cas.make_super_resolution_loss(cfg, num_classes=10)
     n = 8000
     x = torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
     spy = SuperResolutionSpy()
@@ -283,7 +290,7 @@ def test_super_resolution_sampling_uses_one_fixed_augmentation(level):
     spy = SuperResolutionSpy()
     den = Denoiser(spy, SCHEDULE, "eps")
     low = torch.rand(3, 1, 4, 4) * 2 - 1
-    out = cas.super_resolve(den, low, (1, 8, 8), aug_level=level, steps=5,
+    out = cas.super_resolve(den, low, (1, 8, 8), SCHEDULE.timesteps(5), aug_level=level,
                             generator=torch.Generator().manual_seed(0))  # fmt: skip
     assert out.shape == (3, 1, 8, 8)
     assert len(spy.calls) == 5
@@ -299,7 +306,7 @@ def test_super_resolution_net_reads_the_augmentation_level():
     unet = UNet(channels=8, channel_mults=(1, 2), num_res_blocks=1, image_size=8, num_heads=2,
                 num_classes=10, cond_channels=2)  # fmt: skip
     perturb_(unet)
-    net = cas.SuperResolutionNet(unet).eval()
+    net = SuperResolutionNet(unet).eval()
     x, c = torch.randn(2, 1, 8, 8), torch.tensor([100.0, 900.0])
     low = torch.randn(2, 1, 4, 4)
     with torch.no_grad():
@@ -308,24 +315,27 @@ def test_super_resolution_net_reads_the_augmentation_level():
     assert a.shape == (2, 1, 8, 8)
     assert (a - b).abs().max() > 1e-4
     with pytest.raises(ValueError, match="cond_channels"):
-        cas.SuperResolutionNet(UNet(channels=8, image_size=8, num_heads=2, cond_channels=1))
+        SuperResolutionNet(UNet(channels=8, image_size=8, num_heads=2, cond_channels=1))
 
 
 def test_cascade_trains_loads_and_samples_end_to_end(tmp_path):
-    cfg = load_config(
+    recipe, cfg = load_config(
         "digits-tiny",
-        [f"train.out={tmp_path}", "train.steps=4", "train.batch_size=16", "model.channels=8",
-         "model.num_heads=2", "diffusion.T=50"],
+        [f"train.out={tmp_path}", "train.steps=4", "train.batch_size=16", "model.unet.channels=8",
+         "model.unet.num_heads=2", "diffusion.T=50", "cascade.low_res=4", "cascade.aug_max=0.5",
+         "cascade.aug_sample=0.2"],
+        recipe="cascade",
     )  # fmt: skip
-    base, sr = cas.train(cfg, cas.CascadeConfig(low_res=4, aug_max=0.5, aug_sample=0.2),
-                         progress=False)  # fmt: skip
-    assert base.steps == sr.steps == 4
-    model = cas.load_cascade(tmp_path, "cpu")
-    assert model.base.shape == (1, 4, 4) and model.shape == (1, 8, 8)
-    assert model.cascade.aug_sample == 0.2
-    labels = torch.tensor([0, 3, 7])
-    low, high = cas.generate(model, 3, labels=labels, guidance=1.0, steps=3, seed=0)
+    result = recipe.train(cfg, progress=False)
+    assert result.steps == 4 and (tmp_path / "base" / "checkpoint.safetensors").exists()
+    run = load(tmp_path, "cpu")
+    assert isinstance(run, Run) and run.recipe is cas.RECIPE
+    assert run.model.base.shape == (1, 4, 4) and run.model.sr.shape == (1, 8, 8)
+    assert run.config.cascade.aug_sample == 0.2
+    samples = run.sample(3, label=[0, 3, 7], guidance=1.0, steps=3, seed=0)
+    low, high = samples.extras["low"], samples.x
     assert low.shape == (3, 1, 4, 4) and high.shape == (3, 1, 8, 8)
     assert float(low.abs().max()) <= 1.0 and torch.isfinite(high).all()
+    assert samples.labels.tolist() == [0, 3, 7]
     with pytest.raises(UserError, match="cascade"):
-        cas.load_cascade(tmp_path / "base", "cpu")
+        cas.RECIPE.load(tmp_path / "base", "cpu")

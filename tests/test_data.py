@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from difflab.config import load_config
+from difflab.recipes import load_config
 from difflab.data.images import array_file, digits, digits_split, image_folder, toy_2d
 from difflab.errors import UserError
 
@@ -99,13 +99,17 @@ def test_array_files(tmp_path):
 
 
 def test_config_rejects_unknown_keys_and_impossible_values(tmp_path):
-    cfg = load_config("digits", ["train.steps=7", "model.channel_mults=[1,2,2]", "train.lr=1e-3"])
-    assert (cfg.train.steps, cfg.model.channel_mults, cfg.train.lr) == (7, [1, 2, 2], 1e-3)
+    _, cfg = load_config("digits", ["train.steps=7", "model.unet.channel_mults=[1,2,2]",
+                                    "train.lr=1e-3"])
+    assert (cfg.train.steps, cfg.model.unet.channel_mults, cfg.train.lr) == (7, [1, 2, 2], 1e-3)
     for bad, message in [
         (["train.stepz=3"], "unknown config key train.stepz"),
         (["train.steps=-1"], "train.steps must be at least 1"),
         (["sample.eta=1.5"], r"sample.eta must be in \[0, 1\]"),
-        (["optim.lr=1"], "unknown config section 'optim'"),
+        (["sample.sampler=heun", "sample.eta=0.5"], "sample.eta does not apply"),
+        (["optim.lr=1"], "unknown config section optim"),
+        (["model.dit.depth=2"], "model.dit does not apply to model.kind=unet"),
+        (["diffusion.schedule=edm"], "diffusion.T does not apply"),
         (["train.lr=fast"], "train.lr has an impossible value"),
         (["steps=3"], "must look like section.key=value"),
     ]:

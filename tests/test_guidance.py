@@ -21,15 +21,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from difflab.config import load_config
 from difflab.data.images import digits_split
-from difflab.gaussian.classifier import (
-    ClassifierConfig,
-    NoisyClassifier,
-    load_classifier,
-    noisy_accuracy,
-    train_classifier,
-)
 from difflab.gaussian.guidance import (
     ClassifierFreeGuidance,
     ClassifierGuidance,
@@ -43,6 +35,9 @@ from difflab.gaussian.process import q_sample
 from difflab.gaussian.samplers import SAMPLERS
 from difflab.gaussian.schedules import cosine_logsnr, linear_beta
 from difflab.nets.unet import UNet
+from difflab.nets.classifier import NoisyClassifier
+from difflab.recipes import load, load_config
+from difflab.recipes.classifier import noisy_accuracy
 from difflab.recipes.image import build_schedule, drop_labels, make_loss
 from difflab.train.checkpoint import load_checkpoint
 
@@ -310,16 +305,17 @@ def test_noisy_classifier_trains_on_noisy_inputs_and_reloads(tmp_path):
     chance where the input carries no information (t = 1), and the reloaded EMA weights give the
     same logits as the trainer's EMA. 360 held-out digits: the binomial sd of an accuracy near
     0.1 is 0.016, so 0.3 is far above chance and 0.2 far below what a signal would give."""
-    cfg = load_config(
+    recipe, cfg = load_config(
         "digits-tiny",
         [f"train.out={tmp_path}", "train.steps=30", "train.batch_size=32", "train.lr=0.003",
-         "train.warmup=5"],
+         "train.warmup=5", "classifier.channels=8"],
+        recipe="classifier",
     )  # fmt: skip
-    result = train_classifier(cfg, ClassifierConfig(channels=8), progress=False)
+    result = recipe.train(cfg, progress=False)
     assert result.steps == 30
-    loaded = load_classifier(tmp_path, "cpu")
+    loaded = load(tmp_path, "cpu").model
     assert loaded.class_names == [str(d) for d in range(10)]
-    assert loaded.schedule.config() == build_schedule(cfg).config()
+    assert loaded.schedule.config() == build_schedule(cfg.diffusion).config()
     _, held_out = digits_split()
     gen = torch.Generator().manual_seed(0)
     acc = {t: noisy_accuracy(loaded.net, loaded.schedule, held_out.x, held_out.labels, t, gen)
@@ -364,8 +360,8 @@ class LabelSpy(torch.nn.Module):
 def test_training_loss_feeds_the_null_label_at_cond_drop(p):
     """The image recipe's training loss (what ``difflab train`` runs) drops labels to the null
     label ``K`` with probability ``diffusion.cond_drop``."""
-    cfg = load_config("digits-tiny", [f"diffusion.cond_drop={p}"])
-    loss = make_loss(cfg, SCHEDULE, num_classes=10)
+    _, cfg = load_config("digits-tiny", [f"diffusion.cond_drop={p}"])
+    loss = make_loss(cfg.diffusion, num_classes=10)
     spy = LabelSpy()
     gen = torch.Generator().manual_seed(0)
     n, batches = 5000, 4

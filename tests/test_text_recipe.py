@@ -1,4 +1,5 @@
-"""The text recipe end to end: config, training with exact resume, sampling, evaluation, demo.
+"""The text recipe end to end: config, training with exact resume, sampling, evaluation, demo,
+and the runs of difflab 0.1.
 
 Every run is the ``text-tiny`` preset (a one-block transformer of width 32, rows of 32
 characters) on a 30 k-character slice of the built-in corpus, trained for a few steps.
@@ -12,12 +13,28 @@ from pathlib import Path
 import pytest
 import torch
 
-from difflab.config import presets, recipe_of
-from difflab.data.text import EOS_ID, load_corpus, load_tokenizer, pack_texts, split_documents
+import difflab.recipes.text.demo as text_demo
+from difflab.config import presets
+from difflab.data.text import (
+    EOS_ID,
+    MASK_ID,
+    load_corpus,
+    load_tokenizer,
+    pack_texts,
+    split_documents,
+)
+from difflab.discrete.autoregressive import EOS_CHECK_EVERY
 from difflab.errors import UserError
 from difflab.evaluate.text_metrics import mean_token_nll
-from difflab.recipes import text
-from difflab.train.checkpoint import load_checkpoint, save_checkpoint
+from difflab.recipes import DEMO_MARKER, Run, get, load, load_config, run_config, run_demo
+from difflab.recipes.text import KINDS, RECIPE, LoadedTextModel, TextConfig
+from difflab.recipes.text.config import migrate
+from difflab.recipes.text.evaluate import held_out_rows
+from difflab.recipes.text.sample import generate_tokens, window_count
+from difflab.recipes.text.train import TOKENIZER_FILE
+from difflab.train.checkpoint import load_checkpoint, read_run_config, save_checkpoint
+
+V01 = Path(__file__).parent / "data" / "v0.1" / "text"
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +44,20 @@ def text_file(tmp_path_factory) -> Path:
     return path
 
 
-def tiny(text_file: Path, out: Path, *overrides: str) -> text.TextConfig:
-    return text.load_text_config(
+def tiny(text_file: Path, out: Path, *overrides: str) -> TextConfig:
+    recipe, cfg = load_config(
         "text-tiny", [f"data.source={text_file}", f"train.out={out}", *overrides]
     )
+    assert recipe is RECIPE
+    return cfg
+
+
+def train(cfg: TextConfig) -> None:
+    RECIPE.train(cfg, progress=False)
+
+
+def texts(run: Run, n: int, **options) -> list[str]:
+    return run.sample(n, **options).texts
 
 
 def losses(run: Path) -> list[tuple[str, str]]:
@@ -39,15 +66,14 @@ def losses(run: Path) -> list[tuple[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def trained(text_file, tmp_path_factory) -> dict[str, text.LoadedTextModel]:
+def trained(text_file, tmp_path_factory) -> dict[str, Run]:
     """One tiny MDLM and one tiny AR model (3 steps each)."""
     root = tmp_path_factory.mktemp("runs")
-    models = {}
+    runs = {}
     for kind in ("mdlm", "ar"):
-        text.train(tiny(text_file, root / kind, f"diffusion.kind={kind}", "train.steps=3"),
-                   progress=False)  # fmt: skip
-        models[kind] = text.load_model(root / kind)
-    return models
+        train(tiny(text_file, root / kind, f"diffusion.kind={kind}", "train.steps=3"))
+        runs[kind] = load(root / kind)
+    return runs
 
 
 # ---------------------------------------------------------------- training
@@ -56,10 +82,10 @@ def trained(text_file, tmp_path_factory) -> dict[str, text.LoadedTextModel]:
 @pytest.mark.parametrize("kind", ["mdlm", "d3pm-uniform", "ar"])
 def test_resume_gives_the_losses_and_weights_of_the_uninterrupted_run(text_file, tmp_path, kind):
     # d3pm-uniform covers a time-conditioned network and the discrete-time loss.
-    text.train(tiny(text_file, tmp_path / "full", f"diffusion.kind={kind}"), progress=False)
+    train(tiny(text_file, tmp_path / "full", f"diffusion.kind={kind}"))
     part = tmp_path / "part"
-    text.train(tiny(text_file, part, f"diffusion.kind={kind}", "train.steps=3"), progress=False)
-    text.train(tiny(text_file, part, f"diffusion.kind={kind}"), resume=True, progress=False)
+    train(tiny(text_file, part, f"diffusion.kind={kind}", "train.steps=3"))
+    RECIPE.train(tiny(text_file, part, f"diffusion.kind={kind}"), resume=True, progress=False)
     assert losses(tmp_path / "full") == losses(part)
     assert len(losses(part)) == 6
     full, resumed = load_checkpoint(tmp_path / "full"), load_checkpoint(part)
@@ -68,40 +94,37 @@ def test_resume_gives_the_losses_and_weights_of_the_uninterrupted_run(text_file,
         assert torch.equal(value, resumed.ema[name]), name
     assert resumed.config["recipe"] == "text"
     assert resumed.config["config"]["diffusion"]["kind"] == kind
-    tokenizer = load_tokenizer(part / text.TOKENIZER_FILE)
+    tokenizer = load_tokenizer(part / TOKENIZER_FILE)
     assert tokenizer.vocab_size == resumed.config["vocab_size"]
 
 
-@pytest.mark.parametrize("kind", text.KINDS)
+@pytest.mark.parametrize("kind", KINDS)
 def test_every_kind_trains_samples_and_evaluates(text_file, tmp_path, kind):
-    text.train(tiny(text_file, tmp_path, f"diffusion.kind={kind}", "train.steps=2"),
-               progress=False)  # fmt: skip
-    model = text.load_model(tmp_path, "cpu")
-    assert model.kind == kind and model.step == 2
-    samples = text.generate(model, 3, prompt="KING", length=24, steps=8, seed=0)
+    train(tiny(text_file, tmp_path, f"diffusion.kind={kind}", "train.steps=2"))
+    run = load(tmp_path, "cpu")
+    assert run.recipe is RECIPE and run.model.kind == kind and run.step == 2
+    diffusion = kind != "ar"  # ar takes neither steps nor time samples
+    samples = texts(run, 3, prompt="KING", length=24, seed=0, **({"steps": 8} if diffusion else {}))
     assert len(samples) == 3
     # Characters: at most one per token; the prompt is the given prefix.
     assert all(s.startswith("KING") and len(s) <= 24 for s in samples)
-    result = text.evaluate(model, n_sequences=8, time_samples=2)
-    assert result["bound"] is (kind != "ar")
+    result = run.evaluate(n=8, progress=False, **({"t_samples": 2} if diffusion else {})).metrics
+    assert result["bound"] is diffusion
     assert all(math.isfinite(result[k]) for k in ("nats_per_token", "bits_per_character"))
     assert result["nats_per_token"] > 0
-    if model.process is not None and model.process.absorbing:
+    if run.model.process is not None and run.model.process.absorbing:
         # Caching skips network calls, never changes samples (same seed).
         kw = {"length": 24, "steps": 40, "seed": 3}
-        assert text.generate(model, 3, sampler="cached", **kw) == text.generate(
-            model, 3, sampler="ancestral", **kw
-        )
+        assert texts(run, 3, sampler="cached", **kw) == texts(run, 3, sampler="ancestral", **kw)
 
 
 def test_bpe_runs_end_to_end(text_file, tmp_path):
-    cfg = tiny(text_file, tmp_path, "data.tokenizer=bpe", "data.bpe_vocab=400", "train.steps=2")
-    text.train(cfg, progress=False)
-    model = text.load_model(tmp_path)
-    assert model.tokenizer.vocab_size == 400
-    (sample,) = text.generate(model, 1, prompt="KING HENRY", length=20, steps=4)
+    train(tiny(text_file, tmp_path, "data.tokenizer=bpe", "data.bpe_vocab=400", "train.steps=2"))
+    run = load(tmp_path)
+    assert run.model.tokenizer.vocab_size == 400
+    (sample,) = texts(run, 1, prompt="KING HENRY", length=20, steps=4)
     assert sample.startswith("KING HENRY")
-    result = text.evaluate(model, n_sequences=4)
+    result = run.evaluate(n=4, progress=False).metrics
     # 139 merges (400 ids - 5 specials - 256 bytes): 1.8 characters per token on this held-out
     # text (measured), where characters would give one token each (plus BOS and EOS).
     assert result["split_tokens"] < 0.75 * result["split_characters"]
@@ -110,50 +133,75 @@ def test_bpe_runs_end_to_end(text_file, tmp_path):
 # ---------------------------------------------------------------- sampling
 
 
-def _force(model: text.LoadedTextModel, token: int) -> None:
+def _force(run: Run, token: int) -> None:
     """Make the output head put (almost) all probability on ``token``."""
     with torch.no_grad():
-        model.net.head.weight.zero_()
-        model.net.head.bias.zero_()
-        model.net.head.bias[token] = 50.0
+        run.model.net.head.weight.zero_()
+        run.model.net.head.bias.zero_()
+        run.model.net.head.bias[token] = 50.0
+
+
+def _restore(run: Run) -> None:
+    """Undo :func:`_force`: reload the trained weights (the fixture is shared)."""
+    run.model.net.load_state_dict(RECIPE.load(run.path).net.state_dict())
 
 
 @pytest.mark.parametrize("kind", ["mdlm", "ar"])
 def test_generation_stops_at_eos_and_keeps_the_prompt(trained, kind):
-    model = trained[kind]
-    _force(model, EOS_ID)
+    run = trained[kind]
+    _force(run, EOS_ID)
     try:
-        assert text.generate(model, 2, prompt="KING", length=20) == ["KING", "KING"]
-        assert text.generate(model, 2, length=20) == ["", ""]
-        samples = text.generate_tokens(model, 2, prompt="KI", length=20)
+        assert texts(run, 2, prompt="KING", length=20) == ["KING", "KING"]
+        assert texts(run, 2, length=20) == ["", ""]
+        samples = generate_tokens(run.model, 2, prompt="KI", length=20)
         assert samples.lengths.tolist() == [3, 3]  # K, I, EOS
         assert samples.tokens.shape == (2, 20)
     finally:
-        _restore(model)
+        _restore(run)
 
 
-@pytest.mark.parametrize("kind", ["mdlm", "ar"])
-@pytest.mark.parametrize("sampler", ["cached", "remask", "semi-ar"])
+@pytest.mark.parametrize(
+    "kind, sampler", [("mdlm", "cached"), ("mdlm", "remask"), ("mdlm", "semi-ar"), ("ar", None)]
+)
 def test_lengths_beyond_the_context_are_generated_in_windows(trained, kind, sampler):
-    model = trained[kind]
-    a = model.tokenizer.encode("a")[0]
-    _force(model, a)
+    run = trained[kind]
+    a = run.model.tokenizer.encode("a")[0]
+    options = {} if sampler is None else {"sampler": sampler, "steps": 4}
+    _force(run, a)
     try:
-        # 80 tokens with a context of 32: three windows; every token is "a".
-        assert text.generate(model, 2, length=80, sampler=sampler, steps=4) == ["a" * 80] * 2
-        prompted = text.generate(model, 1, prompt="KING", length=80, sampler=sampler, steps=4)
-        assert prompted == ["KING" + "a" * 76]
+        # 80 tokens with a context of 32: several windows; every token is "a".
+        assert texts(run, 2, length=80, **options) == ["a" * 80] * 2
+        assert texts(run, 1, prompt="KING", length=80, **options) == ["KING" + "a" * 76]
     finally:
-        _restore(model)
+        _restore(run)
 
 
-def _run_of(model: text.LoadedTextModel) -> Path:
-    return Path(model.config.train.out)
+@pytest.mark.parametrize(
+    "prompt, length, windows",
+    [(0, 20, 1), (0, 32, 1), (0, 33, 2), (0, 80, 4), (4, 33, 2), (4, 80, 4), (20, 100, 5),
+     (40, 80, 3)],
+)  # fmt: skip
+def test_the_progress_bar_counts_every_step_of_every_window(trained, prompt, length, windows):
+    """Context 32, block 16: the first window fills the context after the prompt (at least 16
+    new tokens), each later one adds 16. Uncached ancestral sampling calls the network once per
+    step of each window, so its ``nfe`` is the total the progress bar counts to."""
+    model = trained["mdlm"].model
+    assert (model.context, model.config.block) == (32, 16)
+    assert window_count(prompt, length, model.context, model.config.block) == windows
+    text = ("KING " * 10)[:prompt]
+    samples = generate_tokens(model, 1, prompt=text, length=length, sampler="ancestral", steps=3)
+    assert samples.nfe == 3 * windows
 
 
-def _restore(model: text.LoadedTextModel) -> None:
-    """Undo :func:`_force`: reload the trained weights (the fixture is shared)."""
-    model.net.load_state_dict(text.load_model(_run_of(model)).net.state_dict())
+def test_ar_sampling_of_a_huge_length_stops_once_every_row_has_ended(trained):
+    run = trained["ar"]
+    _force(run, EOS_ID)
+    try:
+        samples = generate_tokens(run.model, 2, length=100_000)
+        assert samples.nfe <= EOS_CHECK_EVERY
+        assert samples.lengths.tolist() == [1, 1]
+    finally:
+        _restore(run)
 
 
 def test_labels_condition_samples(tmp_path):
@@ -163,26 +211,24 @@ def test_labels_condition_samples(tmp_path):
         (root / name).mkdir(parents=True)
         for i in range(3):
             (root / name / f"{i}.txt").write_text(line * 40)
-    cfg = text.load_text_config("text-tiny", [f"data.source={root}", "data.labels=true",
-                                             f"train.out={tmp_path / 'run'}", "train.steps=60",
-                                             "diffusion.cond_drop=0.2"])  # fmt: skip
-    text.train(cfg, progress=False)
-    model = text.load_model(tmp_path / "run")
-    assert model.class_names == ["high", "low"]
+    train(tiny(root, tmp_path / "run", "data.labels=true", "train.steps=60",
+               "diffusion.cond_drop=0.2"))  # fmt: skip
+    run = load(tmp_path / "run")
+    assert run.model.class_names == ["high", "low"]
     for label, own, other in [("low", "abc", "XYZ"), ("high", "XYZ", "abc")]:
         for guidance in (0.0, 2.0):
-            joined = "".join(text.generate(model, 8, label=label, guidance=guidance, length=32))
+            joined = "".join(texts(run, 8, label=label, guidance=guidance, length=32, steps=16))
             letters = [c for c in joined if c.strip()]
             # Measured: 0-1% of the other class's letters (seed 0); 10% leaves a wide margin
             # while a model that ignored the label would be near 50%.
             assert sum(c in other for c in letters) <= 0.1 * len(letters)
             assert sum(c in own for c in letters) >= 0.5 * len(letters)
-    result = text.evaluate(model, n_sequences=8)
+    result = run.evaluate(n=8, progress=False).metrics
     assert math.isfinite(result["nats_per_token"])
-    with pytest.raises(UserError, match="unknown label"):
-        text.generate(model, 1, label="middle")
-    with pytest.raises(UserError, match="guidance needs a label"):
-        text.generate(model, 1, guidance=1.0)
+    with pytest.raises(UserError, match="unknown class 'middle'"):
+        run.sample(1, label="middle")
+    with pytest.raises(UserError, match="--guidance needs a --class"):
+        run.sample(1, guidance=1.0)
 
 
 # ---------------------------------------------------------------- evaluation
@@ -190,9 +236,10 @@ def test_labels_condition_samples(tmp_path):
 
 def test_evaluation_units_follow_the_formulas(trained, text_file):
     _, held_out = split_documents([text_file.read_text(encoding="utf-8")])
-    for model in trained.values():
-        result = text.evaluate(model, n_sequences=16)
-        tokens = pack_texts(held_out, model.tokenizer, model.context).loss_mask.sum()
+    for run in trained.values():
+        evaluation = run.evaluate(n=16, progress=False)
+        result = evaluation.metrics
+        tokens = pack_texts(held_out, run.model.tokenizer, run.model.context).loss_mask.sum()
         assert result["split_tokens"] == int(tokens)
         assert result["split_characters"] == sum(len(d) for d in held_out)
         nats = result["nats_per_token"]
@@ -200,29 +247,30 @@ def test_evaluation_units_follow_the_formulas(trained, text_file):
         assert result["bits_per_character"] == pytest.approx(expected_bpc, rel=1e-12)
         assert result["bits_per_token"] == pytest.approx(nats / math.log(2), rel=1e-12)
         assert result["perplexity"] == pytest.approx(math.exp(nats), rel=1e-12)
+        assert f"nats_per_token {nats:.4f}" in evaluation.summary
 
 
 def test_ar_evaluation_is_the_exact_nll(trained):
-    model = trained["ar"]
-    result = text.evaluate(model, n_sequences=10_000)  # every held-out row
-    tokens, mask, _, _ = text.held_out_rows(model)
+    model = trained["ar"].model
+    result = RECIPE.evaluate(model, n=10_000, progress=False).metrics  # every held-out row
+    tokens, mask, _, _ = held_out_rows(model)
     reference = mean_token_nll(lambda x: model.net(x), tokens, mask, bos_id=1)
     assert result["sequences"] == len(tokens)
     assert result["nats_per_token"] == pytest.approx(reference, rel=1e-6)
 
 
-def test_bounds_of_a_uniform_denoiser(trained, text_file, tmp_path):
+def test_bounds_of_a_uniform_denoiser(trained):
     """With a zero output head the AR model is uniform over V tokens (NLL = log V exactly) and
     MDLM's SUBS is uniform over the V - 1 non-mask tokens. MDLM's bound in its mask-count form
     costs each row (n / l) * l * log(V - 1): exactly log(V - 1) per token, whatever is drawn."""
-    ar = text.load_model(_run_of(trained["ar"]))
-    mdlm = text.load_model(_run_of(trained["mdlm"]))
+    ar, mdlm = RECIPE.load(trained["ar"].path), RECIPE.load(trained["mdlm"].path)
     for model in (ar, mdlm):
         torch.nn.init.zeros_(model.net.head.weight)
         torch.nn.init.zeros_(model.net.head.bias)
     V = ar.tokenizer.vocab_size
-    assert text.evaluate(ar, 32)["nats_per_token"] == pytest.approx(math.log(V), rel=1e-6)
-    result = text.evaluate(mdlm, 32, time_samples=2)
+    nats = RECIPE.evaluate(ar, n=32, progress=False).metrics["nats_per_token"]
+    assert nats == pytest.approx(math.log(V), rel=1e-6)
+    result = RECIPE.evaluate(mdlm, n=32, t_samples=2, progress=False).metrics
     assert result["nats_per_token"] == pytest.approx(math.log(V - 1), rel=1e-6)
     assert result["nats_per_token_stderr"] < 1e-6
 
@@ -232,7 +280,7 @@ def test_mdlm_is_scored_in_the_count_form_when_time_agnostic(trained, time_condi
     """A time-agnostic MDLM network is scored in the mask-count form of the bound (exactly l
     masked tokens, t = l / n); a time-conditioned one in the time form (a Binomial number masked
     at time t), since only there is its t the samplers' t."""
-    model = trained["mdlm"]
+    model: LoadedTextModel = trained["mdlm"].model
     seen = []
 
     class Spy(torch.nn.Module):
@@ -242,16 +290,16 @@ def test_mdlm_is_scored_in_the_count_form_when_time_agnostic(trained, time_condi
             seen.append((x_t, t))
             return torch.zeros(*x_t.shape, model.tokenizer.vocab_size)
 
-    spy = Spy()
     config = dataclasses.replace(
         model.config,
         model=dataclasses.replace(model.config.model, time_conditioning=time_conditioning),
     )
-    text.evaluate(dataclasses.replace(model, net=spy, config=config), 64, time_samples=2)
+    spied = dataclasses.replace(model, net=Spy(), config=config)
+    RECIPE.evaluate(spied, n=64, t_samples=2, progress=False)
     x_t, t = torch.cat([x for x, _ in seen]), torch.cat([t for _, t in seen])
     # Rows without padding: the fraction masked is l / n = t exactly in the count form, and
     # almost never t (a continuous time) in the time form.
-    exact = ((x_t == text.MASK_ID).double().mean(1) - t.double()).abs() < 1e-6
+    exact = ((x_t == MASK_ID).double().mean(1) - t.double()).abs() < 1e-6
     if time_conditioning:
         assert not bool(exact.any())
     else:
@@ -261,88 +309,217 @@ def test_mdlm_is_scored_in_the_count_form_when_time_agnostic(trained, time_condi
 # ---------------------------------------------------------------- demo
 
 
-def test_demo_writes_a_report_with_both_models(tmp_path, text_file, monkeypatch):
+def test_demo_writes_a_report_with_both_models_and_deletes_nothing(
+    tmp_path, text_file, monkeypatch
+):
     preset = tmp_path / "demo.yaml"
     preset.write_text(
         f"recipe: text\ndata: {{source: {text_file}, length: 32}}\n"
         "model: {width: 32, depth: 1, num_heads: 2}\n"
         "train: {steps: 2, batch_size: 8, warmup: 1, max_minutes: 1.0}\n"
-        "sample: {steps: 8}\n"
     )
-    monkeypatch.setattr(text, "DEMO_PRESET", str(preset))
-    report = text.demo(tmp_path / "demo", quiet=True)
-    assert (tmp_path / "demo" / "report.md").read_text() == report
+    monkeypatch.setattr(text_demo, "DEMO_PRESET", str(preset))
+    out = tmp_path / "demo"
+    report = run_demo(RECIPE, out, quiet=True)
+    assert (out / "report.md").read_text() == report
     assert "| MDLM (masked diffusion) | 2 |" in report
     assert "| Autoregressive baseline | 2 |" in report
     assert report.count("```") == 2 * 8  # 2 models x (2 unconditional + 2 prompted)
-    assert report.count("\n" + text.DEMO_PROMPT) == 4  # prompted passages start with it
+    assert report.count("\n" + text_demo.DEMO_PROMPT) == 4  # prompted passages start with it
     for kind in ("mdlm", "ar"):
-        assert load_checkpoint(tmp_path / "demo" / kind).config["recipe"] == "text"
+        assert load_checkpoint(out / kind).config["recipe"] == "text"
+    # demo_files names exactly what the demo wrote: run_demo replaces those on a re-run.
+    written = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+    assert written == {*RECIPE.demo_files, DEMO_MARKER}
+    (out / "mdlm" / "notes.txt").write_text("mine")
+    again = run_demo(RECIPE, out, quiet=True)
+    assert "| MDLM (masked diffusion) | 2 |" in again
+    assert (out / "mdlm" / "notes.txt").read_text() == "mine"
+    with pytest.raises(UserError, match="--steps does not apply to the text demo"):
+        run_demo(RECIPE, out, steps=3)
 
 
-# ---------------------------------------------------------------- user errors
+# ---------------------------------------------------------------- configs
 
 
 @pytest.mark.parametrize(
     "overrides, message",
     [
         (["model.widht=64"], "unknown config key model.widht"),
-        (["modle.width=64"], "unknown config section 'modle'"),
+        (["modle.width=64"], "unknown config section modle"),
         (["diffusion.kind=gpt"], "diffusion.kind must be one of"),
+        (["diffusion.schedule=ddpm"], "diffusion.schedule must be one of"),
         (["sample.sampler=ddim"], "sample.sampler must be one of"),
         (["diffusion.kind=ar", "model.time_conditioning=true"], "cannot be on"),
         (["model.num_heads=3"], "even whole number"),
         (["train.lr=-1"], "train.lr must be positive"),
         (["width=3"], "must look like section.key=value"),
+        (["diffusion.antithetic=true"], "unknown config key diffusion.antithetic"),
+        (["sample.temperature=.nan"], "sample.temperature must be a finite number"),
+        (["sample.block=33"], "sample.block must be in 1..data.length"),
+        (["data.bpe_vocab=400"], "data.bpe_vocab applies to data.tokenizer=bpe only"),
+        (["data.tokenizer=bpe", "data.bpe_vocab=100"], "data.bpe_vocab must be at least 261"),
+        # Keys that do not apply to the chosen kind, schedule or data:
+        (
+            ["diffusion.T=50"],
+            "diffusion.T does not apply to diffusion.kind=mdlm with the "
+            "continuous schedule log-linear",
+        ),
+        (["diffusion.kind=d3pm-absorbing", "diffusion.schedule=cosine"], "needs diffusion.T"),
+        (["diffusion.hybrid_lambda=0.1"], "diffusion.hybrid_lambda does not apply"),
+        (["diffusion.kind=udlm", "diffusion.p_uniform=0.2"], "diffusion.p_uniform does not apply"),
+        (
+            ["diffusion.kind=d3pm-uniform", "diffusion.stratified=false"],
+            "diffusion.stratified does not apply to diffusion.kind=d3pm-uniform",
+        ),
+        (["diffusion.kind=ar", "diffusion.schedule=cosine"], "diffusion.schedule does not apply"),
+        (["diffusion.kind=ar", "diffusion.stratified=true"], "diffusion.stratified does not apply"),
+        (
+            ["diffusion.kind=ar", "sample.steps=8"],
+            "sample.steps does not apply to diffusion.kind=ar",
+        ),
+        (["diffusion.kind=ar", "sample.sampler=cached"], "sample.sampler does not apply"),
+        (["diffusion.cond_drop=0.2"], "diffusion.cond_drop applies to labelled runs only"),
+        (["sample.guidance=1"], "sample.guidance applies to labelled runs only"),
     ],
 )
 def test_bad_configs_are_user_errors(overrides, message):
     with pytest.raises(UserError, match=message):
-        text.load_text_config("text-tiny", overrides)
+        load_config("text-tiny", overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["diffusion.kind=d3pm-uniform", "diffusion.T=50", "diffusion.hybrid_lambda=0.1"],
+        ["diffusion.kind=d3pm-absorbing", "diffusion.schedule=log-linear", "diffusion.T=100"],
+        ["diffusion.schedule=d3pm-absorbing", "diffusion.T=50", "diffusion.stratified=false"],
+        ["diffusion.kind=hybrid", "diffusion.p_uniform=0.2", "sample.sampler=semi-ar"],
+        ["diffusion.kind=ar", "sample.block=8", "sample.temperature=0.8"],
+        ["data.tokenizer=bpe", "data.bpe_vocab=300"],
+    ],
+)
+def test_keys_that_apply_are_accepted(overrides):
+    load_config("text-tiny", overrides)
+
+
+@pytest.mark.parametrize("preset", [p for p in presets() if p.startswith("text-")])
+def test_every_text_preset_takes_every_kind(preset):
+    recipe, _ = load_config(preset)
+    assert recipe is RECIPE
+    for kind in KINDS:
+        _, cfg = load_config(preset, [f"diffusion.kind={kind}"])
+        assert cfg.diffusion.kind == kind
 
 
 def test_text_sources_are_recognised(tmp_path):
     assert {"text-demo", "text-tiny", "text-shakespeare", "text-bpe"} <= set(presets())
-    assert recipe_of("text-tiny") == "text"
-    for recipe in ["text", "image"]:
-        path = tmp_path / f"{recipe}.yaml"
-        path.write_text(f"recipe: {recipe}\n")
-        assert recipe_of(str(path)) == recipe
-    assert recipe_of("digits") == "image"
-    assert recipe_of(None) == "image"
-    assert recipe_of(str(tmp_path / "missing.yaml")) == "image"
+    assert get("text") is RECIPE
+    recipe, cfg = load_config(None, recipe="text")  # its preset, text-shakespeare
+    assert recipe is RECIPE and cfg.data.length == 256
+    for name in ["text", "image"]:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(f"recipe: {name}\n")
+        assert load_config(str(path))[0] is get(name)
+    # The text defaults of the train section hold when the section sets other keys.
+    path = tmp_path / "steps.yaml"
+    path.write_text("recipe: text\ntrain: {steps: 7}\n")
+    train_cfg = load_config(str(path))[1].train
+    assert (train_cfg.steps, train_cfg.batch_size, train_cfg.lr, train_cfg.out) == (
+        7, 32, 1e-3, "runs/text"
+    )  # fmt: skip
 
 
 def test_bad_sources_and_files_are_user_errors(tmp_path, text_file, trained):
     with pytest.raises(UserError, match="neither a preset"):
-        text.load_text_config("text-nonexistent", [])
+        load_config("text-nonexistent")
     image_yaml = tmp_path / "image.yaml"
     image_yaml.write_text("recipe: image\ntrain: {steps: 3}\n")
-    with pytest.raises(UserError, match="'image' recipe"):
-        text.load_text_config(str(image_yaml), [])
+    with pytest.raises(UserError, match="config of the image recipe"):
+        load_config(str(image_yaml), recipe="text")
     missing = tiny(tmp_path / "no" / "such.txt", tmp_path / "run")
     with pytest.raises(UserError, match="does not exist"):
-        text.train(missing, progress=False)
+        train(missing)
     with pytest.raises(UserError, match="no run to resume"):
-        text.train(tiny(text_file, tmp_path / "empty"), resume=True, progress=False)
+        RECIPE.train(tiny(text_file, tmp_path / "empty"), resume=True, progress=False)
     with pytest.raises(UserError, match="already holds a run"):
-        text.train(tiny(text_file, _run_of(trained["mdlm"])), progress=False)
+        train(tiny(text_file, trained["mdlm"].path))
     foreign = tmp_path / "foreign"
     save_checkpoint(foreign / "checkpoint.safetensors", config={"recipe": "image"}, step=0,
                     model={}, ema={}, optimizer=None, rng={})  # fmt: skip
-    with pytest.raises(UserError, match="not a checkpoint of the text recipe"):
-        text.load_model(foreign)
+    with pytest.raises(UserError, match="a run of the image recipe, not of text"):
+        RECIPE.load(foreign)
 
 
 def test_bad_generation_requests_are_user_errors(trained, tmp_path):
     mdlm, ar = trained["mdlm"], trained["ar"]
-    with pytest.raises(UserError, match="unknown sampler"):
-        text.generate(mdlm, 1, sampler="ddim")
-    with pytest.raises(UserError, match="must exceed it"):
-        text.generate(ar, 1, prompt="KING HENRY", length=5)
-    with pytest.raises(UserError, match="has no classes"):
-        text.generate(mdlm, 1, label="low")
-    text.train(tiny(Path(mdlm.config.data.source), tmp_path, "diffusion.kind=udlm",
-                    "train.steps=1"), progress=False)  # fmt: skip
-    with pytest.raises(UserError, match="needs a masked kind"):
-        text.generate(text.load_model(tmp_path), 1, sampler="confidence")
+    bad = [
+        (mdlm, {"sampler": "ddim"}, "--sampler must be one of"),
+        (ar, {"prompt": "KING HENRY", "length": 5}, "must exceed it"),
+        (mdlm, {"prompt": "KING ☃ said"}, "outside this model's vocabulary: '☃'"),
+        (mdlm, {"label": "low"}, "not class-conditional"),
+        (mdlm, {"guidance": 1.0}, "--guidance applies to labelled runs"),
+        (mdlm, {"temperature": float("nan")}, "--temperature must be a finite number"),
+        (mdlm, {"temperature": -1.0}, "--temperature must be a finite number >= 0"),
+        (ar, {"top_p": 0.0}, r"--top-p must be in \(0, 1\]"),
+        (mdlm, {"top_p": 1.5}, r"--top-p must be in \(0, 1\]"),
+        (mdlm, {"length": 0}, "--length must be a whole number >= 1"),
+        (mdlm, {"steps": 0}, "--steps must be a whole number >= 1"),
+        (mdlm, {"seed": -1}, "--seed must be a whole number >= 0"),
+        (ar, {"steps": 4}, "--steps does not apply to ar models"),
+        (ar, {"sampler": "cached"}, "--sampler does not apply to ar models"),
+        (ar, {"guidance": 1.0}, "--guidance does not apply to ar models"),
+        (mdlm, {"grid": "karras"}, "--grid does not apply to text runs"),
+    ]
+    for run, options, message in bad:
+        with pytest.raises(UserError, match=message):
+            run.sample(1, **options)
+    with pytest.raises(UserError, match="--t-samples does not apply to ar models"):
+        ar.evaluate(t_samples=2)
+    with pytest.raises(UserError, match="--method does not apply to text runs"):
+        mdlm.evaluate(method="ode")
+    train(tiny(Path(mdlm.config.data.source), tmp_path, "diffusion.kind=udlm", "train.steps=1"))
+    with pytest.raises(UserError, match=r"sampler confidence: .* needs the masked"):
+        load(tmp_path).sample(1, sampler="confidence")
+
+
+# ---------------------------------------------------------------- runs of difflab 0.1
+
+
+def test_a_run_of_difflab_0_1_loads_and_samples():
+    cfg = RECIPE.config_from_run(read_run_config(V01))
+    # Renamed (antithetic -> stratified); emptied where it had no effect (T of an MDLM with a
+    # continuous schedule, the D3PM and hybrid weights, conditioning without labels); kept
+    # where it did (16 sampling steps).
+    d = cfg.diffusion
+    assert (d.kind, d.stratified, d.T, d.hybrid_lambda, d.p_uniform, d.cond_drop) == (
+        "mdlm", True, None, None, None, None
+    )  # fmt: skip
+    assert (cfg.sample.steps, cfg.sample.sampler, cfg.data.bpe_vocab) == (16, "cached", None)
+    assert "antithetic" not in run_config(V01)["diffusion"]
+    run = load(V01, "cpu")
+    assert run.recipe is RECIPE and run.step == 2
+    assert all(s.startswith("KING") for s in texts(run, 2, prompt="KING", length=24))
+
+
+def test_migration_keeps_what_a_0_1_run_used():
+    meta = read_run_config(V01)
+    assert "config_version" not in meta
+    old = meta["config"]
+    d3pm = {**old, "diffusion": {**old["diffusion"], "kind": "d3pm-uniform", "antithetic": False}}
+    assert migrate(d3pm)["diffusion"] == {
+        "kind": "d3pm-uniform", "schedule": None, "T": 50, "hybrid_lambda": 0.01
+    }  # fmt: skip
+    hybrid = {**old, "diffusion": {**old["diffusion"], "kind": "hybrid", "antithetic": False}}
+    assert migrate(hybrid)["diffusion"] == {
+        "kind": "hybrid", "schedule": None, "p_uniform": 0.1, "stratified": False
+    }  # fmt: skip
+    ar = {**old, "diffusion": {**old["diffusion"], "kind": "ar"}}
+    migrated = migrate(ar)
+    assert migrated["diffusion"] == {"kind": "ar"}
+    assert "sampler" not in migrated["sample"] and "steps" not in migrated["sample"]
+    labelled = {**old, "data": {**old["data"], "labels": True}}
+    migrated = migrate(labelled)
+    assert migrated["diffusion"]["cond_drop"] == 0.1 and migrated["sample"]["guidance"] == 0.0
+    for config in (d3pm, hybrid, ar, labelled):
+        RECIPE.config_from_run({"config": config})  # valid in today's layout

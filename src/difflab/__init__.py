@@ -11,8 +11,7 @@ The Python API, which the ``difflab`` command itself uses::
     print(run.evaluate(n=64).summary)
 """
 
-__version__ = "0.2.0"
-
-from difflab.recipes import Evaluation, Run, Samples, load, train  # noqa: E402
+from difflab.recipes import Evaluation, Run, Samples, load, train
+from difflab.version import __version__
 
 __all__ = ["Evaluation", "Run", "Samples", "__version__", "load", "train"]

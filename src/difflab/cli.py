@@ -14,10 +14,14 @@ import time
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 
-from difflab import __version__
+try:  # typer >= 0.26 carries its own copy of click
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover - older typer uses click itself
+    from click import exceptions as click_errors
+
+from difflab.version import __version__
 from difflab.errors import UserError
 
 app = typer.Typer(
@@ -278,17 +282,15 @@ def main(argv: list[str] | None = None) -> None:
         code = app(args=argv, standalone_mode=False)
     except UserError as e:
         _fail(str(e))
-    except click.exceptions.NoArgsIsHelpError as e:
+    except click_errors.NoArgsIsHelpError as e:
         typer.echo(e.ctx.get_help() if e.ctx else str(e))
         sys.exit(2)
-    except click.UsageError as e:
-        _fail(e.format_message())
-    except click.ClickException as e:
+    except click_errors.ClickException as e:
         _fail(e.format_message())
     except Interrupted as e:
         typer.echo(f"difflab: {e}", err=True)
         sys.exit(130)
-    except (KeyboardInterrupt, click.Abort):
+    except (KeyboardInterrupt, click_errors.Abort):
         typer.echo("difflab: interrupted", err=True)
         sys.exit(130)
     except MemoryError:

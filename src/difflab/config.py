@@ -167,12 +167,19 @@ def from_dict(cls: type, values: Any, where: str = "") -> Any:
             known = ", ".join(sorted(fields))
             kind = "key" if where else "section"
             raise UserError(f"unknown config {kind} {path}: known {kind}s are {known}")
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            kwargs[key] = from_dict(hint, value, path)
-        else:
-            kwargs[key] = _coerce(value, hint, path)
+        section = _section_type(hints[key])
+        if section is None:
+            kwargs[key] = _coerce(value, hints[key], path)
+        elif value is not None or type(None) not in get_args(hints[key]):
+            kwargs[key] = from_dict(section, value, path)
     return cls(**kwargs)
+
+
+def _section_type(hint: Any) -> type | None:
+    """The dataclass of a section field typed ``Section`` or ``Section | None`` (else None)."""
+    options = get_args(hint) if get_origin(hint) in (type(int | None),) else (hint,)
+    sections = [o for o in options if dataclasses.is_dataclass(o)]
+    return sections[0] if sections else None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -17,7 +17,6 @@ cascades).
 
 Both stages are class-conditional with conditioning dropout ``diffusion.cond_drop``, so both can
 be sampled with classifier-free guidance.
-"""
 
 Config: the image recipe's sections (both stages share ``model``, ``diffusion`` and ``train``) plus
 ``cascade`` (:class:`CascadeSection`). The stages are written to ``<train.out>/base`` and

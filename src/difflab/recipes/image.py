@@ -27,8 +27,8 @@ from difflab.data.images import ArrayData, load_dataset
 from difflab.errors import UserError
 from difflab.gaussian import guidance as g
 from difflab.gaussian import samplers as gaussian_samplers
-from difflab.gaussian.objectives import check_objective, make_objective
-from difflab.gaussian.parameterization import Denoiser, DenoiserFn
+from difflab.gaussian.objectives import WEIGHTINGS, check_objective, make_objective
+from difflab.gaussian.parameterization import PREDICTIONS, Denoiser, DenoiserFn
 from difflab.gaussian.schedules import SCHEDULES, Schedule, make_schedule, schedule_parameters
 from difflab.recipes import (
     Evaluation,
@@ -45,10 +45,6 @@ from difflab.viz.images import save_animation, save_grid, save_loss_curve
 
 # ------------------------------------------------------------------ config
 
-#: Every ``diffusion.prediction``: the network's output kinds, and ``edm`` (Karras et al.'s
-#: preconditioning, trained with the EDM loss).
-PREDICTIONS = ("eps", "x0", "v", "edm")
-WEIGHTINGS = ("simple", "elbo", "min-snr")
 #: The version of this config's layout that checkpoints record (0.1's had no number).
 CONFIG_VERSION = 2
 
@@ -137,8 +133,9 @@ class ModelConfig:
 class DiffusionConfig:
     """Process and objective. ``schedule``: a name of the schedule registry; ``T`` (steps of the
     discrete-time schedules) and ``shift`` (of the log-SNR ones) apply where the schedule takes
-    them (empty: its default); ``prediction``: one of :data:`PREDICTIONS` (``sigma_data`` for
-    ``edm``); ``weighting``: simple | elbo | min-snr; ``cond_drop``: probability of the null
+    them (empty: its default); ``prediction``: eps | x0 | v | score, or ``edm`` (Karras et al.'s
+    preconditioning with ``sigma_data``, trained with the EDM loss); ``weighting``: simple | elbo
+    | min-snr; ``cond_drop``: probability of the null
     label in training (classifier-free guidance)."""
 
     schedule: str = "cosine"

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
-from difflab import __version__
+from difflab.version import __version__
 from difflab.errors import UserError
 from difflab.files import file_error, write_bytes, write_text
 

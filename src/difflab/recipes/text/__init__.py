@@ -1,0 +1,164 @@
+"""Recipe ``text``: discrete diffusion language models and their autoregressive baseline, on any
+text.
+
+Wires text data (:mod:`difflab.data.text`) -> tokenizer -> :class:`TextTransformer` -> a token
+process (:mod:`difflab.discrete.process`) and its objective (:mod:`difflab.discrete.objectives`)
+-> the one :class:`~difflab.train.trainer.Trainer`; loads a checkpoint back into a model that
+samples (:mod:`difflab.discrete.samplers`, :mod:`difflab.discrete.autoregressive`) and is
+evaluated on held-out text.
+
+``diffusion.kind`` picks the model (:data:`~difflab.recipes.text.config.KINDS`; seed 003; MDLM
+Sahoo et al. 2024, D3PM Austin et al. 2021, UDLM Schiff et al. 2025, GIDD von Rutte et al. 2025):
+
+==================  =====================================================================
+``mdlm``            masked process, SUBS, continuous-time bound ``alpha'_t / (1 - alpha_t)``
+``d3pm-absorbing``  masked process in ``T`` discrete steps, hybrid loss ``L_vb + lambda CE``
+``d3pm-uniform``    uniform process in ``T`` discrete steps (cosine ``alpha_bar``), hybrid loss
+``udlm``            uniform process, continuous-time bound
+``hybrid``          mask-plus-uniform (GIDD) process, continuous-time bound
+``ar``              the same transformer with a causal mask, next-token cross-entropy
+==================  =====================================================================
+
+The package: :mod:`~difflab.recipes.text.config` (the config and its migration from difflab
+0.1), :mod:`~difflab.recipes.text.train` (data, tokenizer, network, process, loss),
+:mod:`~difflab.recipes.text.sample` (generation), :mod:`~difflab.recipes.text.evaluate`
+(held-out likelihood) and :mod:`~difflab.recipes.text.demo`; :data:`RECIPE` wires them on the
+:class:`~difflab.recipes.Recipe` interface.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from difflab.config import from_dict
+from difflab.data.text import load_tokenizer
+from difflab.errors import UserError
+from difflab.recipes import Evaluation, Recipe, Samples, load_network
+from difflab.recipes.image import num_classes_of
+from difflab.recipes.text.config import KINDS, TextConfig, migrate
+from difflab.recipes.text.demo import DEMO_FILES, mdlm_versus_ar
+from difflab.recipes.text.evaluate import score_held_out
+from difflab.recipes.text.sample import decode, generate_tokens
+from difflab.recipes.text.train import (
+    TOKENIZER_FILE,
+    LoadedTextModel,
+    build_net,
+    build_process,
+    build_tokenizer,
+    load_splits,
+    make_loss,
+    pack_split,
+    run_metadata,
+    save_tokenizer,
+)
+from difflab.train.checkpoint import FILENAME, resolve_checkpoint
+from difflab.train.trainer import Trainer, TrainResult
+
+__all__ = ["KINDS", "RECIPE", "LoadedTextModel", "TextConfig", "TextRecipe"]
+
+
+class TextRecipe(Recipe):
+    name = "text"
+    config_type = TextConfig
+    preset = "text-shakespeare"
+    data = "text"
+    demo_files = DEMO_FILES
+
+    def config_from_run(self, meta: dict[str, Any]) -> TextConfig:
+        config = meta["config"] if meta.get("config_version") else migrate(meta["config"])
+        return from_dict(TextConfig, config).validate()
+
+    def build(self, cfg: TextConfig, meta: dict[str, Any]) -> nn.Module:
+        return build_net(cfg, meta["vocab_size"], num_classes_of(meta))
+
+    def train(self, cfg: TextConfig, *, resume: bool = False, progress: bool = True) -> TrainResult:
+        """Train into ``train.out``: ``checkpoint.safetensors``, ``config.json``, ``loss.csv``
+        and the tokenizer learned on the training split, ``tokenizer.json``. ``resume``
+        continues from the checkpoint with the saved tokenizer."""
+        out = Path(cfg.train.out)
+        if not resume and (out / FILENAME).exists():
+            raise UserError(f"{out} already holds a run: pass --resume to continue it or choose "
+                            "another train.out")  # fmt: skip
+        if resume and not (out / TOKENIZER_FILE).is_file():
+            raise UserError(f"no run to resume in {out} (no {TOKENIZER_FILE} there)")
+        train_split, _, class_names = load_splits(cfg.data)
+        if resume:
+            tokenizer = load_tokenizer(out / TOKENIZER_FILE)
+        else:
+            tokenizer = build_tokenizer(cfg.data, train_split.documents)
+        tokens, loss_mask, labels = pack_split(train_split, tokenizer, cfg.data.length)
+        meta = run_metadata(cfg, tokenizer, class_names)
+        process = build_process(cfg.diffusion, tokenizer.vocab_size)
+        torch.manual_seed(cfg.train.seed)  # network initialisation
+        net = self.build(cfg, meta)
+        tensors = (tokens, loss_mask) if labels is None else (tokens, loss_mask, labels)
+        loss = make_loss(cfg, process, num_classes_of(meta))
+        trainer = Trainer(net, loss, tensors, cfg.train, meta, out)
+        if not resume:
+            save_tokenizer(tokenizer, out / TOKENIZER_FILE)
+        return trainer.fit(resume=resume, progress=progress)
+
+    def load(self, path: Path, device: str = "auto") -> LoadedTextModel:
+        """The run's EMA network, the tokenizer saved next to its checkpoint, and its process."""
+        cfg, meta, net, step = load_network(self, path, device)
+        tokenizer_path = resolve_checkpoint(path).parent / TOKENIZER_FILE
+        tokenizer = load_tokenizer(tokenizer_path)
+        if tokenizer.vocab_size != meta["vocab_size"]:
+            raise UserError(f"{tokenizer_path} has {tokenizer.vocab_size} ids but the model was "
+                            f"trained with {meta['vocab_size']}")  # fmt: skip
+        process = build_process(cfg.diffusion, meta["vocab_size"])
+        return LoadedTextModel(net, tokenizer, process, cfg, meta["class_names"], step)
+
+    def sample(
+        self,
+        model: LoadedTextModel,
+        n: int,
+        *,
+        prompt: str | None = None,
+        length: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        steps: int | None = None,
+        sampler: str | None = None,
+        label: Any = None,
+        guidance: float | None = None,
+        seed: int | None = None,
+    ) -> Samples:
+        """``n`` passages of up to ``length`` tokens (prompt included), each ending before its
+        first ``<eos>``, special tokens dropped; ``prompt`` is their given beginning (a
+        character outside the vocabulary is refused). Diffusion kinds run ``sampler``
+        (:data:`~difflab.discrete.samplers.TOKEN_SAMPLERS`) for ``steps`` steps per window of
+        the context; ``ar`` samples token by token (``steps``, ``sampler`` and ``guidance`` do
+        not apply). ``temperature`` (0: greedy) and ``top_p`` in (0, 1] shape every draw;
+        ``label`` (class name or index, a comma list or a sequence cycled over the passages)
+        conditions a labelled run, ``guidance`` ``w > 0`` guides towards it (:mod:`.sample`).
+        Left empty: the run's ``sample`` section (``length``: the context)."""
+        samples = generate_tokens(
+            model, n, prompt=prompt, length=length, temperature=temperature, top_p=top_p,
+            steps=steps, sampler=sampler, label=label, guidance=guidance, seed=seed,
+        )  # fmt: skip
+        return Samples(texts=decode(model, samples))
+
+    def evaluate(
+        self,
+        model: LoadedTextModel,
+        *,
+        n: int = 256,
+        seed: int = 0,
+        t_samples: int | None = None,
+        progress: bool = True,
+    ) -> Evaluation:
+        """Nats per token, perplexity (bound) and bits per character on ``n`` held-out rows,
+        ``t_samples`` draws of the noise level each (diffusion kinds; :mod:`.evaluate`)."""
+        return score_held_out(model, n=n, seed=seed, t_samples=t_samples, progress=progress)
+
+    def demo(self, out: Path, *, quiet: bool = False) -> str:
+        """MDLM against the autoregressive baseline on Shakespeare (:mod:`.demo`)."""
+        return mdlm_versus_ar(self, out, quiet=quiet)
+
+
+RECIPE = TextRecipe()

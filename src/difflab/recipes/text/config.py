@@ -1,0 +1,331 @@
+"""The text recipe's config: the sections ``data``, ``model``, ``diffusion``, ``train`` and
+``sample`` of its YAML tree, typed and checked by :mod:`difflab.config`.
+
+Valid names come from the registries: :data:`KINDS` (``diffusion.kind``), the token schedules of
+:mod:`difflab.discrete.schedules` (``diffusion.schedule``), :data:`TOKENIZERS`
+(``data.tokenizer``) and :data:`~difflab.discrete.samplers.TOKEN_SAMPLERS` (``sample.sampler``).
+A key left empty takes its default, which may depend on another key (the schedule on the kind,
+``sample.steps`` on ``data.length``); a key that does not apply to the run is refused, e.g.
+``diffusion.T`` for a continuous-time kind with a continuous schedule, ``sample.sampler`` for
+``ar``, ``sample.guidance`` without ``data.labels``. :func:`migrate` reads difflab 0.1's layout.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from difflab.config import TrainConfig, check, choose, from_dict
+from difflab.data.text import SPECIAL_TOKENS, BPETokenizer, CharTokenizer
+from difflab.discrete.samplers import TOKEN_SAMPLERS
+from difflab.discrete.schedules import _FACTORIES as TOKEN_SCHEDULES
+
+#: The version of this config's layout that checkpoints record (0.1's had no number).
+CONFIG_VERSION = 2
+
+
+@dataclass(frozen=True)
+class Kind:
+    """What a ``diffusion.kind`` is made of: its token process (``masked``, ``uniform`` or
+    ``hybrid``; ``None`` for the autoregressive baseline), its default schedule, whether it
+    trains with D3PM's ``T``-step loss (else a continuous-time bound) and whether its network
+    reads ``t`` by default."""
+
+    process: str | None
+    schedule: str | None
+    discrete_time: bool = False
+    time_conditioning: bool = True
+
+
+#: Every ``diffusion.kind`` (the table of :mod:`difflab.recipes.text`).
+KINDS = {
+    "mdlm": Kind("masked", "log-linear", time_conditioning=False),
+    "d3pm-absorbing": Kind("masked", "d3pm-absorbing", discrete_time=True, time_conditioning=False),
+    "d3pm-uniform": Kind("uniform", "d3pm-cosine", discrete_time=True),
+    "udlm": Kind("uniform", "log-linear"),
+    "hybrid": Kind("hybrid", "log-linear"),
+    "ar": Kind(None, None, time_conditioning=False),
+}
+#: Every ``data.tokenizer``; ``train(documents, **options)`` learns one from the training split.
+TOKENIZERS = {"char": CharTokenizer, "bpe": BPETokenizer}
+#: The smallest byte-level BPE vocabulary: the special tokens and the 256 bytes.
+MIN_BPE_VOCAB = len(SPECIAL_TOKENS) + 256
+#: ``sample.sampler`` when left empty, and ``diffusion.cond_drop`` of a labelled run.
+DEFAULT_SAMPLER = "cached"
+DEFAULT_COND_DROP = 0.1
+
+
+def given(**options: Any) -> dict[str, Any]:
+    """The options that are set: those left empty take the default of the function they go to."""
+    return {key: value for key, value in options.items() if value is not None}
+
+
+def schedule_takes_steps(name: str) -> bool:
+    """Whether the token schedule ``name`` is a discrete-time one with ``T`` steps."""
+    return "T" in inspect.signature(TOKEN_SCHEDULES[name]).parameters
+
+
+@dataclass
+class TextDataConfig:
+    """Training text. ``source``: a built-in corpus (``shakespeare``), a ``.txt`` file, a folder
+    of them, or a local Hugging Face dataset (saved folder or cached name; column
+    ``text_field``). ``tokenizer``: one of :data:`TOKENIZERS`; ``bpe_vocab``: ids of the ``bpe``
+    tokenizer, specials included (empty: 1024). ``length``: tokens per training row, the model's
+    context. ``labels``: the source is a folder whose immediate subfolders are classes (for
+    classifier-free guidance)."""
+
+    source: str = "shakespeare"
+    tokenizer: str = "char"
+    bpe_vocab: int | None = None
+    length: int = 128
+    labels: bool = False
+    text_field: str = "text"
+
+    def validate(self) -> None:
+        check(
+            bool(self.source), "data.source must name a corpus, a text file or folder, or a dataset"
+        )
+        choose("data.tokenizer", self.tokenizer, TOKENIZERS)
+        if self.bpe_vocab is not None:
+            check(self.tokenizer == "bpe", "data.bpe_vocab applies to data.tokenizer=bpe only")
+            check(
+                self.bpe_vocab >= MIN_BPE_VOCAB,
+                f"data.bpe_vocab must be at least {MIN_BPE_VOCAB} "
+                f"({len(SPECIAL_TOKENS)} special tokens + 256 bytes)",
+            )
+        check(self.length >= 2, "data.length must be at least 2")
+
+    def tokenizer_options(self) -> dict[str, Any]:
+        """The keyword options of ``TOKENIZERS[tokenizer].train``."""
+        return given(vocab_size=self.bpe_vocab)
+
+
+@dataclass
+class TextModelConfig:
+    """The :class:`~difflab.nets.transformer.TextTransformer`. ``time_conditioning``: adaLN on
+    ``t``; empty means the kind's default (off for ``ar`` and the masked kinds, MDLM's
+    time-agnostic denoiser; on for the uniform and hybrid kinds)."""
+
+    width: int = 128
+    depth: int = 4
+    num_heads: int = 4
+    dropout: float = 0.0
+    time_conditioning: bool | None = None
+
+    def validate(self) -> None:
+        check(
+            self.width >= 2 and self.depth >= 1 and self.num_heads >= 1,
+            "model.width, model.depth and model.num_heads must be positive",
+        )
+        check(
+            self.width % self.num_heads == 0 and (self.width // self.num_heads) % 2 == 0,
+            "model.width / model.num_heads must be an even whole number (rotary embeddings)",
+        )
+        check(0.0 <= self.dropout < 1.0, "model.dropout must be in [0, 1)")
+
+
+@dataclass
+class TextDiffusionConfig:
+    """The model kind (:data:`KINDS`) and its process and objective. ``schedule``: a token
+    schedule (empty: the kind's). ``T``: the number of discrete time steps, of the D3PM kinds'
+    loss and of the ``d3pm-*`` schedules (empty: the schedule's, 1000). ``hybrid_lambda``: the
+    weight ``lambda`` of D3PM's auxiliary cross-entropy (D3PM kinds; empty: 0.01).
+    ``p_uniform``: the hybrid's uniform share (empty: 0.1). ``stratified``: training times
+    ``t_b = 1 - ((u + b / B) mod 1)`` spread over the batch rather than independent
+    (continuous-time kinds; empty: on). ``cond_drop``: probability of the null label in
+    training (labelled runs; empty: 0.1)."""
+
+    kind: str = "mdlm"
+    schedule: str | None = None
+    T: int | None = None
+    hybrid_lambda: float | None = None
+    p_uniform: float | None = None
+    stratified: bool | None = None
+    cond_drop: float | None = None
+
+    @property
+    def schedule_name(self) -> str | None:
+        """``schedule``, or the kind's when empty (``None`` for ``ar``: it has no process)."""
+        return self.schedule or KINDS[self.kind].schedule
+
+    @property
+    def discrete_schedule(self) -> bool:
+        """Whether the schedule is a discrete-time one, of ``T`` steps."""
+        return self.schedule_name is not None and schedule_takes_steps(self.schedule_name)
+
+    def applies(self) -> dict[str, bool]:
+        """Whether each of the process's keys applies to this kind (and schedule)."""
+        kind = KINDS[self.kind]
+        diffusion = kind.process is not None
+        return {
+            "schedule": diffusion,
+            "T": kind.discrete_time or self.discrete_schedule,
+            "hybrid_lambda": kind.discrete_time,
+            "p_uniform": kind.process == "hybrid",
+            "stratified": diffusion and not kind.discrete_time,
+        }
+
+    def validate(self) -> None:
+        choose("diffusion.kind", self.kind, KINDS)
+        if self.schedule is not None:
+            choose("diffusion.schedule", self.schedule, TOKEN_SCHEDULES)
+        kind = KINDS[self.kind]
+        for key, applies in self.applies().items():
+            where = f"diffusion.kind={self.kind}"
+            if key == "T" and kind.process is not None:
+                where += f" with the continuous schedule {self.schedule_name}"
+            check(
+                getattr(self, key) is None or applies, f"diffusion.{key} does not apply to {where}"
+            )
+        check(
+            self.T is not None or not kind.discrete_time or self.discrete_schedule,
+            f"diffusion.kind={self.kind} with the continuous schedule {self.schedule_name} needs "
+            "diffusion.T, its number of steps",
+        )
+        check(self.T is None or self.T >= 1, "diffusion.T must be at least 1")
+        check(
+            self.hybrid_lambda is None or self.hybrid_lambda >= 0,
+            "diffusion.hybrid_lambda must be non-negative",
+        )
+        check(
+            self.p_uniform is None or 0.0 < self.p_uniform < 1.0,
+            "diffusion.p_uniform must be in (0, 1)",
+        )
+        check(
+            self.cond_drop is None or 0.0 <= self.cond_drop < 1.0,
+            "diffusion.cond_drop must be in [0, 1)",
+        )
+
+    def schedule_options(self) -> dict[str, Any]:
+        """The keyword options of the schedule (``T`` where it takes it)."""
+        return given(T=self.T) if self.discrete_schedule else {}
+
+
+@dataclass
+class TextSampleConfig:
+    """Defaults of sampling. ``sampler``: one of
+    :data:`~difflab.discrete.samplers.TOKEN_SAMPLERS` (diffusion kinds; empty: ``cached``);
+    ``steps`` per window (diffusion kinds; empty: ``data.length``, one per token of the
+    context); ``temperature`` (0: greedy), ``top_p`` (1: off); ``length`` in tokens, prompt
+    included (empty: ``data.length``); ``block``: new tokens per window beyond the context
+    (empty: half the context); ``n`` passages drawn with ``seed``; ``guidance``:
+    classifier-free guidance ``w`` (labelled diffusion runs; empty: 0)."""
+
+    sampler: str | None = None
+    steps: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    length: int | None = None
+    block: int | None = None
+    n: int = 4
+    seed: int = 0
+    guidance: float | None = None
+
+    def validate(self) -> None:
+        if self.sampler is not None:
+            choose("sample.sampler", self.sampler, TOKEN_SAMPLERS)
+        check(self.steps is None or self.steps >= 1, "sample.steps must be at least 1")
+        check(self.temperature >= 0, "sample.temperature must be non-negative")
+        check(0.0 < self.top_p <= 1.0, "sample.top_p must be in (0, 1]")
+        check(self.length is None or self.length >= 1, "sample.length must be at least 1")
+        check(self.block is None or self.block >= 1, "sample.block must be at least 1")
+        check(self.n >= 1, "sample.n must be at least 1")
+        check(self.seed >= 0, "sample.seed must be non-negative")
+        check(self.guidance is None or self.guidance >= 0, "sample.guidance must be non-negative")
+
+
+@dataclass
+class TextTrainConfig(TrainConfig):
+    """:class:`~difflab.config.TrainConfig` with the text recipe's defaults."""
+
+    batch_size: int = 32
+    lr: float = 1e-3
+    out: str = "runs/text"
+
+
+@dataclass
+class TextConfig:
+    """The whole config of the text recipe."""
+
+    data: TextDataConfig = field(default_factory=TextDataConfig)
+    model: TextModelConfig = field(default_factory=TextModelConfig)
+    diffusion: TextDiffusionConfig = field(default_factory=TextDiffusionConfig)
+    train: TextTrainConfig = field(default_factory=TextTrainConfig)
+    sample: TextSampleConfig = field(default_factory=TextSampleConfig)
+
+    def validate(self) -> TextConfig:
+        for section in (self.data, self.model, self.diffusion, self.train, self.sample):
+            section.validate()
+        ar, s = self.diffusion.kind == "ar", self.sample
+        check(
+            not (ar and self.model.time_conditioning),
+            "model.time_conditioning cannot be on for diffusion.kind=ar (it has no time)",
+        )
+        for key in ("sampler", "steps", "guidance"):
+            check(
+                not ar or getattr(s, key) is None,
+                f"sample.{key} does not apply to diffusion.kind=ar (it samples token by token "
+                "with a key/value cache)",
+            )
+        for key, value in [("diffusion.cond_drop", self.diffusion.cond_drop),
+                           ("sample.guidance", s.guidance)]:  # fmt: skip
+            check(
+                self.data.labels or value is None,
+                f"{key} applies to labelled runs only (data.labels)",
+            )
+        check(
+            s.block is None or s.block <= self.data.length, "sample.block must be in 1..data.length"
+        )
+        return self
+
+    @property
+    def time_conditioning(self) -> bool:
+        """``model.time_conditioning``, or the kind's default when empty."""
+        if self.model.time_conditioning is not None:
+            return self.model.time_conditioning
+        return KINDS[self.diffusion.kind].time_conditioning
+
+    @property
+    def cond_drop(self) -> float:
+        """``diffusion.cond_drop``, or its default when empty."""
+        given_drop = self.diffusion.cond_drop
+        return DEFAULT_COND_DROP if given_drop is None else given_drop
+
+    @property
+    def sampler(self) -> str:
+        """``sample.sampler``, or ``cached`` when empty."""
+        return self.sample.sampler or DEFAULT_SAMPLER
+
+    @property
+    def sample_steps(self) -> int:
+        """``sample.steps``, or one per token of the context when empty."""
+        return self.sample.steps or self.data.length
+
+    @property
+    def block(self) -> int:
+        """``sample.block``, or half the context when empty."""
+        return self.sample.block or max(1, self.data.length // 2)
+
+
+def migrate(config: dict[str, Any]) -> dict[str, Any]:
+    """A text config as difflab 0.1 recorded it, in today's layout: ``diffusion.antithetic``
+    renamed ``diffusion.stratified``, and the keys that had no effect on the run (which are
+    refused now) emptied."""
+    config = json.loads(json.dumps(config))
+    data, d, s = (config.setdefault(key, {}) for key in ("data", "diffusion", "sample"))
+    if "antithetic" in d:
+        d["stratified"] = d.pop("antithetic")
+    if data.get("tokenizer", "char") != "bpe":
+        data.pop("bpe_vocab", None)
+    for key, applies in from_dict(TextDiffusionConfig, d, "diffusion").applies().items():
+        if not applies:
+            d.pop(key, None)
+    if not data.get("labels"):
+        d.pop("cond_drop", None)
+        s.pop("guidance", None)
+    if d.get("kind") == "ar":
+        for key in ("sampler", "steps", "guidance"):
+            s.pop(key, None)
+    return config

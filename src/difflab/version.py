@@ -1,0 +1,3 @@
+"""The version of difflab (recorded in every checkpoint)."""
+
+__version__ = "0.2.0"

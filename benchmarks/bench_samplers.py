@@ -108,17 +108,11 @@ def _steps(name: str, options: dict, nfe: int) -> int:
 
 
 def difflab_method(name: str, grid: str, **options) -> Method:
-    grids = {
-        "trailing": lambda n: SCHEDULE.timesteps(n, "trailing"),
-        "karras": lambda n: S.karras_times(SCHEDULE, n),
-        "log-snr": lambda n: S.log_snr_times(SCHEDULE, n),
-    }
     sampler = S.SAMPLERS[name]
 
     def run(counter: Counter, x: Tensor, nfe: int, gen: torch.Generator) -> Tensor:
-        return sampler(
-            counter.denoiser(), x, grids[grid](_steps(name, options, nfe)), generator=gen, **options
-        )
+        ts = S.time_grid(SCHEDULE, _steps(name, options, nfe), grid)
+        return sampler(counter.denoiser(), x, ts, generator=gen, **options)
 
     opts = ",".join(f"{k}={v}" for k, v in options.items())
     deterministic = name not in ("ddpm", "dpmpp_2m_sde") and options.get("eta", 0) == 0
@@ -494,7 +488,7 @@ def digits_quality(
 
     def fd(name: str, nfe: int, grid: str, **options) -> tuple[float, float]:
         steps = _steps(name, options, nfe)
-        ts = image.time_grid(schedule, steps, grid)
+        ts = S.time_grid(schedule, steps, grid)
         gen = torch.Generator(dev).manual_seed(0)
         x = torch.randn((len(labels), *model.shape), generator=gen, device=dev) * schedule.prior_std
         out = (

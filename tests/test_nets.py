@@ -332,6 +332,48 @@ def test_input_errors_are_clear():
         MLPDenoiserNet(2)(torch.randn(3, 4), torch.zeros(3))
 
 
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: tiny_unet(num_heads=0), "num_heads must be a positive integer, got 0"),
+        (lambda: tiny_unet(num_heads=3), "num_heads=3 does not divide the attention width 32"),
+        # Attention only in the middle block (width 32): 32 heads of width 1 divide it.
+        (lambda: tiny_unet(attn_resolutions=(), num_heads=32), None),
+        (lambda: tiny_unet(attn_resolutions=(8,), num_heads=32), "does not divide .* width 16"),
+        (lambda: tiny_unet(attn_resolutions=(3,)), r"attn_resolutions \[3\] match no level"),
+        (lambda: tiny_unet(channels=0), "channels must be a positive integer, got 0"),
+        (lambda: tiny_unet(in_channels=-1), "in_channels must be a positive integer"),
+        (lambda: tiny_unet(out_channels=0), "out_channels must be a positive integer"),
+        (lambda: tiny_unet(image_size=0), "image_size must be a positive integer"),
+        (lambda: tiny_unet(channel_mults=()), "channel_mults must list at least one level"),
+        (lambda: tiny_unet(channel_mults=(1, 0)), r"channel_mults\[1\] must be a positive"),
+        (lambda: tiny_unet(num_res_blocks=-1), "num_res_blocks must be a non-negative integer"),
+        (lambda: tiny_unet(dropout=1.0), r"dropout must be in \[0, 1\)"),
+        (lambda: tiny_unet(context_dim=0), "context_dim must be a positive integer"),
+        (lambda: tiny_dit(patch_size=3), "image_size 8 is not divisible by patch_size 3"),
+        (lambda: tiny_dit(patch_size=0), "patch_size must be a positive integer"),
+        (lambda: tiny_dit(width=34), "width 34 is not divisible by 4, which the 2-D sin-cos"),
+        (lambda: tiny_dit(width=36, num_heads=8), "num_heads=8 does not divide .* width 36"),
+        (lambda: tiny_dit(depth=-2), "depth must be a non-negative integer"),
+        (lambda: tiny_dit(mlp_ratio=0.0), "mlp_ratio 0.0 leaves the MLP"),
+        (lambda: tiny_dit(num_classes=0), "num_classes must be a positive integer"),
+        (lambda: MLPDenoiserNet(0), "dim must be a positive integer"),
+        (lambda: MLPDenoiserNet(2, hidden=2.5), "hidden must be a positive integer, got 2.5"),
+        (lambda: MLPDenoiserNet(2, depth=-1), "depth must be a non-negative integer"),
+        (lambda: SelfAttention(12, 5), "num_heads=5 does not divide the attention width 12"),
+        (lambda: CrossAttention(8, 0, 2), "context_dim must be a positive integer"),
+        (lambda: TimestepEmbedding(8, freq_dim=7), "even width, got 7"),
+    ],
+)
+def test_constructors_refuse_impossible_arguments_in_one_sentence(build, message):
+    if message is None:
+        build()
+        return
+    with pytest.raises(ValueError, match=message) as info:
+        build()
+    assert "\n" not in str(info.value)
+
+
 # --- gradients and fitting ----------------------------------------------------------------------
 
 

@@ -85,12 +85,12 @@ def runs(tmp_path_factory):
 
 #: Every sampling option with a value, and the recipes that take it.
 OPTIONS = {
-    "--sampler": ("ddim", {"image", "cascade", "text-to-digit"}),
+    "--sampler": ("ddim", {"image", "cascade", "text-to-digit", "text"}),
     "--grid": ("karras", {"image", "cascade", "text-to-digit"}),
     "--eta": ("0.5", {"image", "cascade", "text-to-digit"}),
     "--opt": ("eta=0.5", {"image", "cascade", "text-to-digit"}),
-    "--class": ("3", {"image", "cascade"}),
-    "--guidance": ("1", {"image", "cascade", "text-to-digit"}),
+    "--class": ("3", {"image", "cascade", "text"}),
+    "--guidance": ("1", {"image", "cascade", "text-to-digit", "text"}),
     "--convention": ("gamma", {"image", "cascade", "text-to-digit"}),
     "--classifier": ("{classifier}", {"image"}),
     "--classifier-scale": ("2", {"image"}),

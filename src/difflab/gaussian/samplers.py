@@ -424,15 +424,62 @@ def heun(
 # int_0^h e^{-(h-u)} u^k / k! du = h^{k+1} phi_{k+1}(-h) (data) and h^{k+1} phi_{k+1}(h) (noise).
 
 
-def _exp_coefficients(
-    prediction: str, alpha_t: float, sigma_t: float, alpha_s: float, sigma_s: float, h: float
-) -> tuple[float, float, float]:
-    """``(A, C1, C2)`` with ``x_s ~ A x_t + C1 m + C2 m'`` (``m' = dm/d ell``) for a step of
-    ``h`` in ``ell``: data ``A = sigma_s / sigma_t``, ``C_k = alpha_s h^k phi_k(-h)``; noise
+class _ExpStep(NamedTuple):
+    """A step of ``h`` in ``ell`` from ``t`` to ``s``: ``x_s ~ A x_t + C1 m_t + C2 m'_t``, ``m``
+    the noise or data prediction and ``m' = dm / d ell`` (the comment above); for data
+    ``A = sigma_s / sigma_t``, ``C_k = alpha_s h^k phi_k(-h)``, for noise
     ``A = alpha_s / alpha_t``, ``C_k = -sigma_s h^k phi_k(h)``."""
+
+    A: float
+    C1: float
+    C2: float
+    h: float
+
+    def first_order(self, x: Tensor, m: Tensor, *terms: tuple[float, Tensor]) -> Tensor:
+        """``A x_t + C1 m_t`` (DPM-Solver-1, i.e. DDIM), plus any further weighted ``terms``."""
+        return _combine(self.A, x, (self.C1, m), *terms)
+
+    def second_order(self, x: Tensor, m: Tensor, d: Tensor, dh: float) -> Tensor:
+        """``A x_t + C1 m_t + C2 m'_t`` with the slope ``m'_t ~ d / dh`` taken from the change
+        ``d = m(u) - m_t`` of the prediction over ``dh`` in ``ell``."""
+        return _combine(self.A, x, (self.C1, m), (self.C2 / dh, d))
+
+
+def _exp_step(
+    prediction: str, g: Grid, i: int, alpha_s: float, sigma_s: float, h: float
+) -> _ExpStep:
+    """The :class:`_ExpStep` of ``h`` in ``ell`` from ``t_i`` to the time where the schedule is
+    ``(alpha_s, sigma_s)``."""
     if prediction == "data":
-        return sigma_s / sigma_t, alpha_s * h * _phi(1, -h), alpha_s * h**2 * _phi(2, -h)
-    return alpha_s / alpha_t, -sigma_s * h * _phi(1, h), -sigma_s * h**2 * _phi(2, h)
+        C1, C2 = alpha_s * h * _phi(1, -h), alpha_s * h**2 * _phi(2, -h)
+        return _ExpStep(sigma_s / g.sigma[i], C1, C2, h)
+    C1, C2 = -sigma_s * h * _phi(1, h), -sigma_s * h**2 * _phi(2, h)
+    return _ExpStep(alpha_s / g.alpha[i], C1, C2, h)
+
+
+class _Stage(NamedTuple):
+    """An intermediate point of a singlestep solver: the sub-step to it from ``t_i``, and the
+    denoiser's evaluation point there."""
+
+    step: _ExpStep
+    at: _At
+
+
+def _stages(g: Grid, prediction: str, r: float, x: Tensor) -> list[_Stage]:
+    """The :class:`_Stage` at ``ell_i + r (ell_{i+1} - ell_i)`` of each step ``t_i -> t_{i+1}``
+    but the last (which lands on ``x0_hat``), mapped to a time by the schedule."""
+    steps = range(g.n - 1)
+    if not steps:
+        return []
+    log_snr = [2.0 * (g.ell[i] + r * (g.ell[i + 1] - g.ell[i])) for i in steps]
+    t = g.schedule.t_of_log_snr(torch.tensor(log_snr, dtype=torch.float64))
+    t = t.to(torch.float64).tolist()
+    alpha, sigma = _values_at(g.schedule, t)
+    points = _evaluation_points(t, alpha, sigma, x)
+    return [
+        _Stage(_exp_step(prediction, g, i, a, s, math.log(a / s) - g.ell[i]), at)
+        for i, (a, s, at) in enumerate(zip(alpha, sigma, points, strict=True))
+    ]
 
 
 @torch.inference_mode()
@@ -455,67 +502,52 @@ def dpm_solver(
     noise or data prediction and ``D_r = m(u_r) - m_t``:
 
     - order 1: ``x_s = A x_t + C1 m_t`` (= DDIM with ``eta = 0``)
-    - order 2: ``x_s = A x_t + C1 m_t + C1 / (2 r) D_r``
-    - order 3: ``u_2 = A' x_t + C1' m_t + C2' D_{r_1} / (r_1 h)``, then
+    - order 2: ``u = A' x_t + C1' m_t`` at ``r = 1/2``, then
+      ``x_s = A x_t + C1 m_t + C1 / (2 r) D_r``
+    - order 3: ``u_1 = A' x_t + C1' m_t`` at ``r_1 = 1/3``;
+      ``u_2 = A'' x_t + C1'' m_t + C2'' D_{r_1} / (r_1 h)`` at ``r_2 = 2/3``; then
       ``x_s = A x_t + C1 m_t + C2 D_{r_2} / (r_2 h)`` (``D_r / (r h)`` estimates ``m'``;
       ``r_2 = 2/3`` cancels the error of the ``m''`` term)
 
-    with ``A, C1, C2`` from :func:`_exp_coefficients` (primed: for the sub-step to the stage).
-    ``order`` NFE per step, 1 for the last step into ``t = 0``: ``order (n - 1) + 1`` in all.
+    with ``A, C1, C2`` those of :class:`_ExpStep` for the whole step (primed: for the sub-step
+    to the stage). ``order`` NFE per step, 1 for the last step into ``t = 0``:
+    ``order (n - 1) + 1`` in all.
     """
     _check_choice("order", order, (1, 2, 3))
     _check_choice("prediction", prediction, ("noise", "data"))
     g = Grid(denoiser.schedule, ts)
-    schedule = g.schedule
-    ratios = {1: [], 2: [0.5], 3: [1.0 / 3.0, 2.0 / 3.0]}[order]
-    steps = range(g.n - 1)  # the last step lands on x0_hat
-    h = [g.ell[i + 1] - g.ell[i] for i in steps]
-    # stage times: ell_t + r h, mapped back to t by the schedule
-    stage_t: list[list[float]] = []
-    for r in ratios:
-        log_snr = torch.tensor([2.0 * (g.ell[i] + r * h[i]) for i in steps], dtype=torch.float64)
-        stage_t.append(schedule.t_of_log_snr(log_snr).to(torch.float64).tolist())
-    stage_vals = [_values_at(schedule, st) if st else ([], []) for st in stage_t]
-    stage_h = [
-        [math.log(a / s) - g.ell[i] for i, (a, s) in enumerate(zip(*vals, strict=True))]
-        for vals in stage_vals
+    ratios = {1: (), 2: (0.5,), 3: (1.0 / 3.0, 2.0 / 3.0)}[order]
+    steps = [
+        _exp_step(prediction, g, i, g.alpha[i + 1], g.sigma[i + 1], g.ell[i + 1] - g.ell[i])
+        for i in range(g.n - 1)
     ]
+    stages = [_stages(g, prediction, r, x) for r in ratios]
+    times = _evaluation_points(g.t[:-1], g.alpha[:-1], g.sigma[:-1], x)
 
-    def coeffs(i: int, alpha_s: float, sigma_s: float, step: float) -> tuple[float, float, float]:
-        return _exp_coefficients(prediction, g.alpha[i], g.sigma[i], alpha_s, sigma_s, step)
-
-    def model(pred: Prediction) -> Tensor:
+    def model(pred: Prediction) -> Tensor:  # m, the noise or the data prediction
         return pred.x0 if prediction == "data" else pred.eps
 
-    times = _evaluation_points(
-        g.t[:-1] + [t for st in stage_t for t in st],
-        g.alpha[:-1] + [a for alphas, _ in stage_vals for a in alphas],
-        g.sigma[:-1] + [s for _, sigmas in stage_vals for s in sigmas],
-        x,
-    )
-    stage_times = [times[g.n + k * (g.n - 1) : g.n + (k + 1) * (g.n - 1)] for k in range(order - 1)]
+    def model_at(x: Tensor, at: _At) -> Tensor:
+        return model(_denoise(denoiser, x, at, cond))
+
     for i in range(g.n):
         pred = _denoise(denoiser, x, times[i], cond)
         if callback is not None:
             callback(i, g.t[i], x, pred.x0)
         if i == g.n - 1:
             return pred.x0
-        m = model(pred)
-        A, C1, C2 = coeffs(i, g.alpha[i + 1], g.sigma[i + 1], h[i])
+        m, step = model(pred), steps[i]
         if order == 1:
-            x = _combine(A, x, (C1, m))
-        elif order == 2:
-            r = ratios[0]
-            A1, C1_1, _ = coeffs(i, stage_vals[0][0][i], stage_vals[0][1][i], stage_h[0][i])
-            d = model(_denoise(denoiser, _combine(A1, x, (C1_1, m)), stage_times[0][i], cond)) - m
-            x = _combine(A, x, (C1, m), (C1 / (2 * r), d))
-        else:
-            A1, C1_1, _ = coeffs(i, stage_vals[0][0][i], stage_vals[0][1][i], stage_h[0][i])
-            d1 = model(_denoise(denoiser, _combine(A1, x, (C1_1, m)), stage_times[0][i], cond)) - m
-            A2, C1_2, C2_2 = coeffs(i, stage_vals[1][0][i], stage_vals[1][1][i], stage_h[1][i])
-            u2 = _combine(A2, x, (C1_2, m), (C2_2 / stage_h[0][i], d1))
-            d2 = model(_denoise(denoiser, u2, stage_times[1][i], cond)) - m
-            x = _combine(A, x, (C1, m), (C2 / stage_h[1][i], d2))
+            x = step.first_order(x, m)
+        elif order == 2:  # a first-order step to the midpoint; its change of m corrects
+            mid = stages[0][i]
+            d = model_at(mid.step.first_order(x, m), mid.at) - m
+            x = step.first_order(x, m, (step.C1 / (2 * ratios[0]), d))
+        else:  # each stage's change of m is the slope for the next
+            first, second = stages[0][i], stages[1][i]
+            d1 = model_at(first.step.first_order(x, m), first.at) - m
+            d2 = model_at(second.step.second_order(x, m, d1, first.step.h), second.at) - m
+            x = step.second_order(x, m, d2, second.step.h)
     raise AssertionError("unreachable")
 
 
@@ -536,18 +568,46 @@ def _interpolation_weights(nodes: list[float], h: float, sde: bool) -> list[floa
     return np.linalg.solve(vandermonde.T, np.asarray(moments)).tolist()
 
 
-def _multistep_weights(g: Grid, i: int, order: int, sde: bool) -> list[float]:
-    """Predictor weights on ``(m_i, m_{i-1}, ...)`` for the step ``t_i -> t_{i+1}``, times
-    ``alpha_{i+1}``: the paper's 2M at order 2, the exact interpolant otherwise."""
+def _past_nodes(g: Grid, i: int, k: int) -> list[float]:
+    """The last ``k`` times ``t_i, t_{i-1}, ...`` as nodes ``r_j = (ell_{i-j} - ell_i) / h`` of
+    the step ``t_i -> t_{i+1}`` of ``h = ell_{i+1} - ell_i`` (``r_0 = 0``, then negative)."""
     h = g.ell[i + 1] - g.ell[i]
-    k = min(order, i + 1)  # warm-up: as many nodes as there is history
-    if k == 2:
+    return [(g.ell[i - j] - g.ell[i]) / h for j in range(k)]
+
+
+class _MultistepStep(NamedTuple):
+    """One step of a multistep solver over the latest data estimates ``m_0, m_1, ...`` (most
+    recent first): ``x_s = A x_t + sum_j w_j m_j``, plus ``std z`` with ``z ~ N(0, I)`` when
+    ``std`` is given (an SDE step)."""
+
+    A: float
+    weights: list[float]
+    std: float | None = None
+
+    def __call__(
+        self, x: Tensor, history: list[Tensor], generator: torch.Generator | None = None
+    ) -> Tensor:
+        noise = [] if self.std is None else [(self.std, _noise(x, generator))]
+        return _combine(self.A, x, *zip(self.weights, history, strict=True), *noise)
+
+
+def _dpmpp_step(g: Grid, i: int, order: int, sde: bool) -> _MultistepStep:
+    """DPM-Solver++'s step ``t_i -> t_{i+1}`` over ``k = min(order, i + 1)`` data estimates
+    (fewer while the history fills): the paper's 2M at ``k = 2``, the exact interpolant
+    otherwise (:func:`dpm_solver_pp`)."""
+    h, k = g.ell[i + 1] - g.ell[i], min(order, i + 1)
+    if k == 2:  # m -> m_0 + h / (2 h_0) (m_0 - m_1), held constant over the step
         c0 = _interpolation_weights([0.0], h, sde)[0]
         half = c0 * h / (2 * (g.ell[i] - g.ell[i - 1]))
         w = [c0 + half, -half]
     else:
-        w = _interpolation_weights([(g.ell[i - j] - g.ell[i]) / h for j in range(k)], h, sde)
-    return [g.alpha[i + 1] * v for v in w]
+        w = _interpolation_weights(_past_nodes(g, i, k), h, sde)
+    weights = [g.alpha[i + 1] * v for v in w]
+    if not sde:
+        return _MultistepStep(g.sigma[i + 1] / g.sigma[i], weights)
+    decay = math.exp(g.ell[i] - g.ell[i + 1])  # e^{-h}
+    std = g.sigma[i + 1] * math.sqrt(1 - decay**2)
+    return _MultistepStep(g.sigma[i + 1] / g.sigma[i] * decay, weights, std)
 
 
 @torch.inference_mode()
@@ -581,12 +641,7 @@ def dpm_solver_pp(
     """
     _check_choice("order", order, (1, 2, 3))
     g = Grid(denoiser.schedule, ts)
-    # x_{i+1} = A_i x_i + sum_j w_ij m_{i-j} (+ std_i z), all on the host
-    steps = range(g.n - 1)
-    decay = [math.exp(g.ell[i] - g.ell[i + 1]) if sde else 1.0 for i in steps]
-    A = [g.sigma[i + 1] / g.sigma[i] * decay[i] for i in steps]
-    std = [g.sigma[i + 1] * math.sqrt(1 - decay[i] ** 2) for i in steps]
-    weights = [_multistep_weights(g, i, order, sde) for i in steps]
+    steps = [_dpmpp_step(g, i, order, sde) for i in range(g.n - 1)]
     times = _evaluation_points(g.t[:-1], g.alpha[:-1], g.sigma[:-1], x)
     history: list[Tensor] = []  # m_i, m_{i-1}, ... (most recent first)
     for i in range(g.n):
@@ -596,9 +651,27 @@ def dpm_solver_pp(
         if i == g.n - 1:
             return pred.x0
         history = [pred.x0, *history[: order - 1]]
-        noise = [(std[i], _noise(x, generator))] if sde else []
-        x = _combine(A[i], x, *zip(weights[i], history, strict=False), *noise)
+        x = steps[i](x, history, generator)
     raise AssertionError("unreachable")
+
+
+class _UniPCStep(NamedTuple):
+    """UniPC's step ``t_i -> t_{i+1}``: the predictor UniP-p over the last
+    ``p = min(order, i + 1)`` data estimates, and the corrector UniC-p that redoes it once the
+    estimate at ``t_{i+1}`` is known. Each is the exponential quadrature
+    (:func:`_interpolation_weights`) of the polynomial through its estimates: the corrector's
+    adds the node ``r = 1``."""
+
+    predictor: _MultistepStep
+    corrector: _MultistepStep
+
+
+def _unipc_step(g: Grid, i: int, order: int) -> _UniPCStep:
+    h, past = g.ell[i + 1] - g.ell[i], _past_nodes(g, i, min(order, i + 1))
+    A, alpha_s = g.sigma[i + 1] / g.sigma[i], g.alpha[i + 1]
+    predictor = [alpha_s * w for w in _interpolation_weights(past, h, False)]
+    corrector = [alpha_s * w for w in _interpolation_weights([1.0, *past], h, False)]
+    return _UniPCStep(_MultistepStep(A, predictor), _MultistepStep(A, corrector))
 
 
 @torch.inference_mode()
@@ -626,29 +699,20 @@ def unipc(
     """
     _check_choice("order", order, (1, 2, 3))
     g = Grid(denoiser.schedule, ts)
-    steps = range(g.n - 1)
-    A = [g.sigma[i + 1] / g.sigma[i] for i in steps]
-    predict = []
-    correct = []
-    for i in steps:
-        h = g.ell[i + 1] - g.ell[i]
-        past = [(g.ell[i - j] - g.ell[i]) / h for j in range(min(order, i + 1))]
-        predict.append([g.alpha[i + 1] * w for w in _interpolation_weights(past, h, False)])
-        correct.append([g.alpha[i + 1] * w for w in _interpolation_weights([1.0, *past], h, False)])
+    steps = [_unipc_step(g, i, order) for i in range(g.n - 1)]
     times = _evaluation_points(g.t[:-1], g.alpha[:-1], g.sigma[:-1], x)
     history: list[Tensor] = []  # m_{i-1}, m_{i-2}, ... (most recent first)
-    x_prev = x
+    x_start = x  # x_{i-1}, where the step to x_i started
     for i in range(g.n):
-        pred = _denoise(denoiser, x, times[i], cond)
+        pred = _denoise(denoiser, x, times[i], cond)  # m_i, at the predicted x~_i
         if callback is not None:
             callback(i, g.t[i], x, pred.x0)
         if i == g.n - 1:
             return pred.x0
-        if i > 0:  # UniC: correct the step t_{i-1} -> t_i with the new estimate
-            x = _combine(A[i - 1], x_prev, *zip(correct[i - 1], [pred.x0, *history], strict=False))
+        if i > 0:  # UniC: redo the step t_{i-1} -> t_i through m_i as well
+            x = steps[i - 1].corrector(x_start, [pred.x0, *history])
         history = [pred.x0, *history[: order - 1]]
-        x_prev = x
-        x = _combine(A[i], x, *zip(predict[i], history, strict=False))
+        x_start, x = x, steps[i].predictor(x, history)  # UniP: predict x~_{i+1}
     raise AssertionError("unreachable")
 
 

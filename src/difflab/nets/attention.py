@@ -15,10 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from difflab.nets.embeddings import check_sizes
 
-def _check_heads(dim: int, num_heads: int) -> None:
-    if num_heads < 1 or dim % num_heads:
-        raise ValueError(f"attention width {dim} is not divisible by num_heads={num_heads}")
+
+def check_heads(dim: int, num_heads: int) -> None:
+    """Raise a ValueError unless ``num_heads >= 1`` heads split the width ``dim`` evenly."""
+    check_sizes({"attention width": dim, "num_heads": num_heads})
+    if dim % num_heads:
+        raise ValueError(f"num_heads={num_heads} does not divide the attention width {dim}")
 
 
 def _merge_heads(out: Tensor) -> Tensor:
@@ -33,7 +37,7 @@ class SelfAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
-        _check_heads(dim, num_heads)
+        check_heads(dim, num_heads)
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
@@ -56,7 +60,8 @@ class CrossAttention(nn.Module):
 
     def __init__(self, dim: int, context_dim: int, num_heads: int):
         super().__init__()
-        _check_heads(dim, num_heads)
+        check_heads(dim, num_heads)
+        check_sizes({"context_dim": context_dim})
         self.num_heads = num_heads
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(context_dim, 2 * dim)

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from difflab.nets.attention import SelfAttention
-from difflab.nets.embeddings import ConditionEmbedding, sinusoidal_embedding
+from difflab.nets.attention import SelfAttention, check_heads
+from difflab.nets.embeddings import ConditionEmbedding, check_sizes, sinusoidal_embedding
 
 
 def sincos_position_embedding(rows: int, cols: int, dim: int) -> Tensor:
@@ -91,8 +91,21 @@ class DiT(nn.Module):
         mlp_ratio: float = 4.0,
     ):
         super().__init__()
+        check_sizes(
+            {"in_channels": in_channels, "image_size": image_size, "patch_size": patch_size,
+             "width": width} | ({} if out_channels is None else {"out_channels": out_channels}),
+            {"depth": depth},
+        )  # fmt: skip
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
+        if width % 4:
+            raise ValueError(
+                f"width {width} is not divisible by 4, which the 2-D sin-cos position embedding "
+                "needs (half the features per axis, each half sines and cosines)"
+            )
+        check_heads(width, num_heads)
+        if not mlp_ratio > 0 or int(width * mlp_ratio) < 1:
+            raise ValueError(f"mlp_ratio {mlp_ratio} leaves the MLP of width {width} no features")
         self.in_channels = in_channels
         self.out_channels = out_channels or in_channels
         self.patch_size = patch_size

@@ -17,9 +17,21 @@ on dropped labels and samples with as the unconditional branch (Ho & Salimans 20
 from __future__ import annotations
 
 import math
+import numbers
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+
+def check_sizes(positive: dict[str, Any], non_negative: dict[str, Any] | None = None) -> None:
+    """Raise a ValueError naming the first size in ``positive`` that is not a positive integer,
+    or in ``non_negative`` that is not a non-negative one (a count that may be zero)."""
+    for names, low in ((positive, 1), (non_negative or {}, 0)):
+        for name, value in names.items():
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+                kind = "a positive" if low else "a non-negative"
+                raise ValueError(f"{name} must be {kind} integer, got {value!r}")
 
 
 def sinusoidal_embedding(c_noise: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -45,6 +57,9 @@ class TimestepEmbedding(nn.Module):
 
     def __init__(self, dim: int, freq_dim: int = 256):
         super().__init__()
+        check_sizes({"embedding width": dim, "frequency features": freq_dim})
+        if freq_dim % 2:
+            raise ValueError(f"the sinusoidal embedding needs an even width, got {freq_dim}")
         self.freq_dim = freq_dim
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
@@ -62,8 +77,7 @@ class ClassEmbedding(nn.Module):
 
     def __init__(self, num_classes: int, dim: int):
         super().__init__()
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+        check_sizes({"num_classes": num_classes})
         self.num_classes = num_classes
         self.table = nn.Embedding(num_classes + 1, dim)
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from difflab.nets.embeddings import ConditionEmbedding
+from difflab.nets.embeddings import ConditionEmbedding, check_sizes
 
 
 class MLPBlock(nn.Module):
@@ -48,6 +48,7 @@ class MLPDenoiserNet(nn.Module):
 
     def __init__(self, dim: int, hidden: int = 256, depth: int = 4, num_classes: int | None = None):
         super().__init__()
+        check_sizes({"dim": dim, "hidden": hidden}, {"depth": depth})
         self.dim = dim
         self.embed = ConditionEmbedding(hidden, num_classes, freq_dim=hidden + hidden % 2)
         self.proj_in = nn.Linear(dim, hidden)

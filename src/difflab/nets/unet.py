@@ -29,8 +29,38 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from difflab.nets.attention import CrossAttention, SelfAttention
-from difflab.nets.embeddings import ConditionEmbedding
+from difflab.nets.attention import CrossAttention, SelfAttention, check_heads
+from difflab.nets.embeddings import ConditionEmbedding, check_sizes
+
+
+def _levels(
+    image_size: int,
+    channel_mults: Sequence[int],
+    attn_resolutions: Sequence[int],
+    channels: int,
+    num_heads: int,
+) -> list[int]:
+    """The resolution of each level, after checking that the levels, the attention resolutions
+    and the heads fit together (a ValueError in one sentence otherwise)."""
+    if not channel_mults:
+        raise ValueError("channel_mults must list at least one level")
+    check_sizes({f"channel_mults[{i}]": m for i, m in enumerate(channel_mults)})
+    factor = 2 ** (len(channel_mults) - 1)
+    if image_size % factor:
+        raise ValueError(
+            f"image_size {image_size} is not divisible by 2**(len(channel_mults)-1) = {factor}"
+        )
+    resolutions = [image_size // 2**level for level in range(len(channel_mults))]
+    if unknown := sorted(set(attn_resolutions) - set(resolutions)):
+        raise ValueError(
+            f"attn_resolutions {unknown} match no level; with image_size={image_size} and "
+            f"{len(channel_mults)} levels the resolutions are {resolutions}"
+        )
+    # Attention runs at the chosen levels and in the middle block (the last level's width).
+    attention_levels = {len(channel_mults) - 1} | {resolutions.index(r) for r in attn_resolutions}
+    for level in sorted(attention_levels):
+        check_heads(channels * channel_mults[level], num_heads)
+    return resolutions
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -192,17 +222,16 @@ class UNet(nn.Module):
         context_dim: int | None = None,
     ):
         super().__init__()
+        check_sizes(
+            {"in_channels": in_channels, "channels": channels, "image_size": image_size}
+            | ({} if out_channels is None else {"out_channels": out_channels})
+            | ({} if context_dim is None else {"context_dim": context_dim}),
+            {"num_res_blocks": num_res_blocks, "cond_channels": cond_channels},
+        )
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        resolutions = _levels(image_size, channel_mults, attn_resolutions, channels, num_heads)
         factor = 2 ** (len(channel_mults) - 1)
-        if image_size % factor:
-            raise ValueError(
-                f"image_size {image_size} is not divisible by 2**(len(channel_mults)-1) = {factor}"
-            )
-        resolutions = [image_size // 2**level for level in range(len(channel_mults))]
-        if unknown := sorted(set(attn_resolutions) - set(resolutions)):
-            raise ValueError(
-                f"attn_resolutions {unknown} match no level; with image_size={image_size} and "
-                f"{len(channel_mults)} levels the resolutions are {resolutions}"
-            )
         self.in_channels = in_channels
         self.out_channels = out_channels or in_channels
         self.cond_channels = cond_channels

@@ -277,7 +277,7 @@ class Trainer:
     def _restore(self) -> None:
         """Continue from the checkpoint in ``out``: weights, EMA, optimiser, RNGs, log."""
         ckpt = load_checkpoint(self.out)
-        if differences := config_differences(ckpt.config, self.run_config):
+        if differences := _config_differences(ckpt.config, self.run_config):
             raise UserError(
                 f"the checkpoint in {self.out} was trained with a different config "
                 f"({'; '.join(differences)}): resume with the same config, or choose another "
@@ -409,7 +409,7 @@ def _reason(error: Exception) -> str:
     return text if len(text) <= 400 else text[:397] + "..."
 
 
-def config_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+def _config_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """The differences that forbid resuming a run saved with ``saved`` under ``now``, one per
     dotted key (``model.channels is 32 in the checkpoint but 64 now``); ``train.out`` and
     :data:`RESUMABLE_KEYS` may differ."""

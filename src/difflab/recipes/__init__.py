@@ -294,6 +294,12 @@ def train(
         overrides = [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
     items = [*overrides, *(f"train.{key}={json.dumps(v)}" for key, v in train_keys.items())]
     chosen, cfg = load_config(source, items, recipe)
+    out = Path(cfg.train.out)
+    if resume and is_run(out) and not run_metadata(out).get("config_version"):
+        raise UserError(
+            f"{out} was trained by difflab 0.1: this version samples and evaluates it, but "
+            "continuing its training needs difflab 0.1"
+        )
     result = chosen.train(cfg, resume=resume, progress=progress)
     save_loss_curve(result.log, result.log.with_name("loss_curve.png"))
     return result

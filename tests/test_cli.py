@@ -64,7 +64,9 @@ def test_cli_resume_continues_and_may_extend_steps(tmp_path, monkeypatch, capsys
     code, _, err = run(monkeypatch, capsys, *args[:-2], "train.steps=15", "--resume", "--quiet")
     assert code == 0, err
     assert load_checkpoint(out).step == 15
-    code, _, err = run(monkeypatch, capsys, *args[:-2], "model.unet.channels=8", "--resume", "--quiet")
+    code, _, err = run(
+        monkeypatch, capsys, *args[:-2], "model.unet.channels=8", "--resume", "--quiet"
+    )
     assert code == 2 and "different config" in err and "model.unet.channels" in err
     # the run folder itself is a config: every setting comes back, the folder may move
     moved = tmp_path / "moved"

@@ -124,9 +124,17 @@ def test_prompt_adherence_counts_what_the_prompt_names():
 
 def tiny_text_net() -> t2d.TextToDigitNet:
     torch.manual_seed(0)
-    _, cfg = load_config("digits-tiny", ["model.unet.channels=8", "model.unet.num_heads=2",
-                                         "text_encoder.dim=16", "text_encoder.depth=1",
-                                         "text_encoder.num_heads=2"], recipe="text-to-digit")
+    _, cfg = load_config(
+        "digits-tiny",
+        [
+            "model.unet.channels=8",
+            "model.unet.num_heads=2",
+            "text_encoder.dim=16",
+            "text_encoder.depth=1",
+            "text_encoder.num_heads=2",
+        ],
+        recipe="text-to-digit",
+    )
     net = t2d.build_net(cfg, (1, 8, 8))
     perturb_(net.unet)  # the output layers start at zero
     return net.eval()
@@ -173,8 +181,11 @@ class TokenSpy(torch.nn.Module):
 
 
 def test_training_drops_words_and_captions_at_their_rates():
-    _, cfg = load_config("digits-tiny", ["diffusion.cond_drop=0.2", "text_encoder.word_drop=0.3"],
-                         recipe="text-to-digit")
+    _, cfg = load_config(
+        "digits-tiny",
+        ["diffusion.cond_drop=0.2", "text_encoder.word_drop=0.3"],
+        recipe="text-to-digit",
+    )
     loss = t2d.make_loss(cfg)
     n = 20_000
     full = t2d.Attributes(torch.full((n,), 7), torch.ones(n, dtype=torch.long),
@@ -261,9 +272,17 @@ class SuperResolutionSpy(torch.nn.Module):
 
 
 def test_super_resolution_training_augments_at_random_levels_up_to_aug_max():
-    _, cfg = load_config("digits-tiny", ["diffusion.cond_drop=0.1", "diffusion.schedule=linear",
-                                         "diffusion.T=1000", "cascade.low_res=4", "cascade.aug_max=0.4"],
-                         recipe="cascade")
+    _, cfg = load_config(
+        "digits-tiny",
+        [
+            "diffusion.cond_drop=0.1",
+            "diffusion.schedule=linear",
+            "diffusion.T=1000",
+            "cascade.low_res=4",
+            "cascade.aug_max=0.4",
+        ],
+        recipe="cascade",
+    )
     loss = cas.make_super_resolution_loss(cfg, num_classes=10)
     n = 8000
     x = torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1

@@ -107,8 +107,9 @@ def test_array_files(tmp_path):
 
 
 def test_config_rejects_unknown_keys_and_impossible_values(tmp_path):
-    _, cfg = load_config("digits", ["train.steps=7", "model.unet.channel_mults=[1,2,2]",
-                                    "train.lr=1e-3"])
+    _, cfg = load_config(
+        "digits", ["train.steps=7", "model.unet.channel_mults=[1,2,2]", "train.lr=1e-3"]
+    )
     assert (cfg.train.steps, cfg.model.unet.channel_mults, cfg.train.lr) == (7, [1, 2, 2], 1e-3)
     for bad, message in [
         (["train.stepz=3"], "unknown config key train.stepz"),

@@ -34,8 +34,8 @@ from difflab.gaussian.parameterization import Denoiser
 from difflab.gaussian.process import q_sample
 from difflab.gaussian.samplers import SAMPLERS
 from difflab.gaussian.schedules import cosine_logsnr, linear_beta
-from difflab.nets.unet import UNet
 from difflab.nets.classifier import NoisyClassifier
+from difflab.nets.unet import UNet
 from difflab.recipes import load, load_config
 from difflab.recipes.classifier import noisy_accuracy
 from difflab.recipes.image import build_schedule, drop_labels, make_loss

@@ -102,8 +102,8 @@ OPTIONS = {
     "--temperature": ("0.5", {"text"}),
     "--top-p": ("0.9", {"text"}),
 }
-REFUSED = [(r, o) for o, (_, takes) in OPTIONS.items()
-           for r in ("image", "classifier", "cascade", "text-to-digit", "text") if r not in takes]  # fmt: skip
+ALL = ("image", "classifier", "cascade", "text-to-digit", "text")
+REFUSED = [(r, o) for o, (_, takes) in OPTIONS.items() for r in ALL if r not in takes]
 
 
 @pytest.mark.parametrize(("recipe", "option"), REFUSED)

@@ -21,8 +21,8 @@ try:  # typer >= 0.26 carries its own copy of click
 except ImportError:  # pragma: no cover - older typer uses click itself
     from click import exceptions as click_errors
 
-from difflab.version import __version__
 from difflab.errors import UserError
+from difflab.version import __version__
 
 app = typer.Typer(
     add_completion=False,
@@ -77,8 +77,10 @@ def train(
     ] = False,
     recipe: Annotated[
         str | None,
-        typer.Option(help="Train another recipe on the same config (sets its recipe key): image, "
-                     "classifier, cascade, text-to-digit, text."),  # fmt: skip
+        typer.Option(
+            help="Train another recipe on the same config (sets its recipe key): image, "
+            "classifier, cascade, text-to-digit, text."
+        ),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
 ) -> None:
@@ -108,7 +110,9 @@ def train(
 )
 def sample(
     run: Annotated[Path | None, typer.Argument(help="Run folder or checkpoint file.")] = None,
-    n: Annotated[int | None, typer.Option("--n", help="Number of samples (run's sample.n).")] = None,
+    n: Annotated[
+        int | None, typer.Option("--n", help="Number of samples (run's sample.n).")
+    ] = None,
     sampler: Annotated[str | None, typer.Option(help="Sampler name (see --list).")] = None,
     steps: Annotated[int | None, typer.Option(help="Sampling steps.")] = None,
     grid: Annotated[
@@ -144,8 +148,10 @@ def sample(
     ] = None,
     prompt: Annotated[
         str | None,
-        typer.Option(help="Text: the beginning of every passage. Text-to-digit: captions "
-                     "separated by ';', cycled over the samples."),  # fmt: skip
+        typer.Option(
+            help="Text: the beginning of every passage. Text-to-digit: captions "
+            "separated by ';', cycled over the samples."
+        ),
     ] = None,
     length: Annotated[int | None, typer.Option(help="Text: tokens per passage.")] = None,
     temperature: Annotated[float | None, typer.Option(help="Text: temperature.")] = None,
@@ -231,8 +237,10 @@ def evaluate(
     n: Annotated[int | None, typer.Option("--n", help="Held-out examples (default 256).")] = None,
     method: Annotated[
         str | None,
-        typer.Option(help="Images: vlb (DDPM's bound, discretized decoder; default) or ode "
-                     "(probability-flow ODE likelihood, uniform dequantization)."),  # fmt: skip
+        typer.Option(
+            help="Images: vlb (DDPM's bound, discretized decoder; default) or ode "
+            "(probability-flow ODE likelihood, uniform dequantization)."
+        ),
     ] = None,
     t_samples: Annotated[
         int | None, typer.Option(help="Monte Carlo time samples per example (vlb: default all T).")

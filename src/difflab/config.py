@@ -101,8 +101,7 @@ def resolve_source(source: str | Path) -> Path:
     path = Path(source)
     if not path.is_file():
         raise UserError(
-            f"{source} is neither a preset ({', '.join(presets())}), a config file nor a run "
-            "folder"
+            f"{source} is neither a preset ({', '.join(presets())}), a config file nor a run folder"
         )
     return path
 

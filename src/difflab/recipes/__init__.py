@@ -148,7 +148,9 @@ def load_config(
 # ------------------------------------------------------------------ runs
 
 
-def load_network(recipe: Recipe, path: Path, device: str) -> tuple[Any, dict[str, Any], nn.Module, int]:
+def load_network(
+    recipe: Recipe, path: Path, device: str
+) -> tuple[Any, dict[str, Any], nn.Module, int]:
     """``(config, metadata, network, step)`` of a checkpoint written by ``recipe``: the network
     rebuilt from the recorded config and metadata, with the EMA weights loaded (the one way
     every recipe loads a model)."""
@@ -217,8 +219,8 @@ class Samples:
         images = x.ndim == 4
         values = ((x.clamp(-1, 1) + 1) / 2) if images else x
         labels = np.full(len(x), -1) if self.labels is None else self.labels.cpu().numpy()
-        written = [write_atomically(stem.with_suffix(".npz"),
-                                    lambda f: np.savez(f, samples=values.numpy(), labels=labels))]  # fmt: skip
+        arrays = {"samples": values.numpy(), "labels": labels}
+        written = [write_atomically(stem.with_suffix(".npz"), lambda f: np.savez(f, **arrays))]
         if images:
             written.append(save_grid(x, stem.with_suffix(".png"), nrow=min(self.nrow, len(x))))
             for name, extra in self.extras.items():

@@ -1,5 +1,5 @@
-"""Recipe ``cascade``: image-conditioned super-resolution and a two-stage cascade (Ho et al. 2021; seeds 002
-and 004, "Cascade networks").
+"""Recipe ``cascade``: image-conditioned super-resolution and a two-stage cascade (Ho et al.
+2021; seeds 002 and 004, "Cascade networks").
 
 Stage 1 is a class-conditional base model of the digits downsampled to ``low_res x low_res``
 (2x2 block means, 8x8 -> 4x4 by default); stage 2 is a super-resolution model of the full
@@ -36,10 +36,10 @@ from torch import Tensor, nn
 from difflab.config import check
 from difflab.errors import UserError
 from difflab.gaussian import samplers as gaussian_samplers
-from difflab.gaussian.process import q_sample
-from difflab.gaussian.schedules import Schedule
 from difflab.gaussian.objectives import make_objective
 from difflab.gaussian.parameterization import DenoiserFn
+from difflab.gaussian.process import q_sample
+from difflab.gaussian.schedules import Schedule
 from difflab.nets.super_resolution import SuperResolutionNet
 from difflab.recipes import Evaluation, Recipe, Samples, finite, load_network
 from difflab.recipes.image import (
@@ -110,9 +110,7 @@ def augment_low_res(
     return q_sample(schedule, x_lr, s, eps)
 
 
-def make_super_resolution_loss(
-    cfg: CascadeConfig, num_classes: int | None
-) -> Any:
+def make_super_resolution_loss(cfg: CascadeConfig, num_classes: int | None) -> Any:
     """``loss(model, (x, labels), generator)``: downsample, augment at ``s ~ U[0, aug_max]``,
     drop labels with probability ``diffusion.cond_drop``, then the objective of the
     parameterization."""
@@ -238,8 +236,9 @@ class CascadeRecipe(Recipe):
             cfg, meta, net, step = load_network(self, path / stage, device)
             if stage_of(meta) != stage:
                 raise UserError(f"{path / stage} holds the {stage_of(meta)} stage, not {stage}")
-            stages[stage] = LoadedModel(build_denoiser(net, cfg.diffusion), cfg,
-                                        tuple(meta["shape"]), meta["class_names"], step)  # fmt: skip
+            denoiser = build_denoiser(net, cfg.diffusion)
+            shape, names = tuple(meta["shape"]), meta["class_names"]
+            stages[stage] = LoadedModel(denoiser, cfg, shape, names, step)
         return Cascade(stages["base"], stages["sr"], stages["sr"].config, stages["sr"].step)
 
     def sample(

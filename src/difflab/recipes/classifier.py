@@ -126,10 +126,10 @@ class ClassifierRecipe(Recipe):
         return config_from_run(self.config_type, meta)
 
     def build(self, cfg: ClassifierConfig, meta: dict[str, Any]) -> NoisyClassifier:
-        c = cfg.classifier
+        c, channels, k = cfg.classifier, meta["shape"][0], len(meta["class_names"])
         try:
-            return NoisyClassifier(in_channels=meta["shape"][0], num_classes=len(meta["class_names"]),
-                                   channels=c.channels, channel_mults=tuple(c.channel_mults),
+            return NoisyClassifier(channels, k, channels=c.channels,
+                                   channel_mults=tuple(c.channel_mults),
                                    num_res_blocks=c.num_res_blocks, dropout=c.dropout)  # fmt: skip
         except ValueError as e:
             raise UserError(f"classifier: {e}") from None

@@ -63,7 +63,9 @@ class DataConfig:
 
     def validate(self) -> None:
         reads_files = self.name in ("folder", "array")
-        check(reads_files or self.path is None, f"data.path does not apply to data.name={self.name}")
+        check(
+            reads_files or self.path is None, f"data.path does not apply to data.name={self.name}"
+        )
         check(not reads_files or bool(self.path), f"data.name={self.name} needs data.path")
         check(
             self.image_size is None or self.name == "folder",
@@ -244,7 +246,9 @@ def migrate(config: dict[str, Any]) -> dict[str, Any]:
         sub["width"] = model["channels"]
     config["model"] = {"kind": kind, kind: sub}
     d = config.get("diffusion", {})
-    takes = schedule_parameters(d.get("schedule", "cosine")) if d.get("schedule") in SCHEDULES else ()
+    takes = (
+        schedule_parameters(d.get("schedule", "cosine")) if d.get("schedule") in SCHEDULES else ()
+    )
     for key in ("T", "shift"):
         if key not in takes:
             d.pop(key, None)
@@ -508,7 +512,9 @@ def sampler_settings(
     for key in options:
         if key not in accepted:
             names = ", ".join(accepted) or "none"
-            raise UserError(f"--opt {key} does not apply to sampler {sampler} (its options: {names})")
+            raise UserError(
+                f"--opt {key} does not apply to sampler {sampler} (its options: {names})"
+            )
     if eta is None and cfg.eta is not None and sampler == cfg.sampler:
         eta = cfg.eta
     if eta is not None:
@@ -533,7 +539,9 @@ class ImageRecipe(Recipe):
     def build(self, cfg: ImageConfig, meta: dict[str, Any]) -> nn.Module:
         return build_net(cfg.model, tuple(meta["shape"]), num_classes_of(meta))
 
-    def train(self, cfg: ImageConfig, *, resume: bool = False, progress: bool = True) -> TrainResult:
+    def train(
+        self, cfg: ImageConfig, *, resume: bool = False, progress: bool = True
+    ) -> TrainResult:
         train_data, _ = data_splits(cfg.data)
         meta = run_metadata(self.name, cfg, train_data)
         num_classes = num_classes_of(meta)
@@ -720,9 +728,7 @@ def _bits_per_dim(
                         generator=generator)  # fmt: skip
 
 
-def labels_and_rows(
-    label: Any, names: list[str] | None, n: int
-) -> tuple[Tensor | None, int]:
+def labels_and_rows(label: Any, names: list[str] | None, n: int) -> tuple[Tensor | None, int]:
     """The labels of ``label`` (default: one row per class for class-conditional models) and
     the grid's row length."""
     labels = class_labels(label, names, n)

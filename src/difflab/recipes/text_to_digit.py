@@ -1,4 +1,5 @@
-"""Recipe ``text-to-digit``: text-conditioned digits, with captions written from each digit's measured properties.
+"""Recipe ``text-to-digit``: text-conditioned digits, with captions written from each digit's
+measured properties.
 
 Every training digit gets a caption from its label and two measured properties (issue 4):
 
@@ -266,8 +267,10 @@ class TextToDigitConfig(ImageConfig):
 
     def validate(self) -> TextToDigitConfig:
         super().validate()
-        check(self.data.name == "digits",
-              f"the text-to-digit recipe trains on data.name=digits, not {self.data.name}")  # fmt: skip
+        check(
+            self.data.name == "digits",
+            f"the text-to-digit recipe trains on data.name=digits, not {self.data.name}",
+        )
         check(self.model.kind == "unet", "the text-to-digit recipe needs model.kind=unet")
         self.text_encoder.validate()
         return self

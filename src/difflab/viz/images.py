@@ -68,9 +68,12 @@ def save_animation(
         both = torch.cat([x_t, x0.clamp(-1, 1)])
         images.append(_image(grid_array(both, nrow=x_t.shape[0], scale=scale)))
     durations = [ms] * (len(images) - 1) + [1000]
-    return write_atomically(path, lambda f: images[0].save(
-        f, format="GIF", save_all=True, append_images=images[1:], duration=durations, loop=0
-    ))
+    return write_atomically(
+        path,
+        lambda f: images[0].save(
+            f, format="GIF", save_all=True, append_images=images[1:], duration=durations, loop=0
+        ),
+    )
 
 
 def save_loss_curve(log_csv: str | Path, path: str | Path) -> Path:

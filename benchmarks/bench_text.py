@@ -10,8 +10,8 @@ against sample quality, and the demo's wall-clock and memory.
    key/value cache: tokens per second and network calls, next to the generative perplexity
    under the AR model, the unigram entropy and distinct-2/3 of the samples (and of held-out
    text, the reference).
-3. ``--demo``: the wall-clock and peak memory (max RSS) of :func:`difflab.recipes.text.demo` run
-   in a child process.
+3. ``--demo``: the wall-clock and peak memory (max RSS) of the text demo (``difflab demo
+   --text``) run in a child process.
 
 Usage: ``python benchmarks/bench_text.py --minutes 2 [--out runs/bench-text] [--demo]``; prints
 markdown tables for docs/BENCHMARKS.md and writes them to ``OUT/bench_text.md``.
@@ -36,12 +36,16 @@ from difflab.evaluate.text_metrics import (
     unigram_entropy,
     valid_token_mask,
 )
-from difflab.recipes import text
+from difflab.recipes import load_config
+from difflab.recipes.text import RECIPE, LoadedTextModel
+from difflab.recipes.text.evaluate import held_out_rows
+from difflab.recipes.text.sample import generate_tokens
+from difflab.recipes.text.train import count_parameters
 
 KINDS = ("mdlm", "d3pm-absorbing", "udlm", "ar")
 
 
-def train_all(args: argparse.Namespace) -> dict[str, tuple[text.LoadedTextModel, float]]:
+def train_all(args: argparse.Namespace) -> dict[str, tuple[LoadedTextModel, float]]:
     """Train (or, with ``--skip-train``, load) every kind; returns ``{kind: (model, seconds)}``."""
     models = {}
     for kind in args.kinds:
@@ -64,9 +68,9 @@ def train_all(args: argparse.Namespace) -> dict[str, tuple[text.LoadedTextModel,
         ]
         seconds = float("nan")
         if not args.skip_train:
-            result = text.train(text.load_text_config(args.preset, overrides), progress=False)
-            seconds = result.seconds
-        models[kind] = (text.load_model(run, args.device), seconds)
+            _, cfg = load_config(args.preset, overrides, recipe=RECIPE.name)
+            seconds = RECIPE.train(cfg, progress=False).seconds
+        models[kind] = (RECIPE.load(run, args.device), seconds)
     return models
 
 
@@ -77,9 +81,12 @@ def likelihood_table(models: dict, args: argparse.Namespace) -> list[str]:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     results = {
-        kind: text.evaluate(model, args.eval_sequences, seed=0, time_samples=4)
+        kind: RECIPE.evaluate(
+            model, n=args.eval_sequences, seed=0, progress=False,
+            **({} if kind == "ar" else {"t_samples": 4}),  # the AR likelihood is exact
+        ).metrics
         for kind, (model, _) in models.items()
-    }
+    }  # fmt: skip
     ar_bpc = results["ar"]["bits_per_character"] if "ar" in results else None
     for kind, (model, seconds) in models.items():
         r = results[kind]
@@ -88,7 +95,7 @@ def likelihood_table(models: dict, args: argparse.Namespace) -> list[str]:
         seen = model.step * cfg.train.batch_size * cfg.data.length
         ratio = f"{r['bits_per_character'] / ar_bpc:.3f}" if ar_bpc else "-"
         rows.append(
-            f"| {kind} | {text.count_parameters(model.net):,} | {model.step} | {seconds:.0f} | "
+            f"| {kind} | {count_parameters(model.net):,} | {model.step} | {seconds:.0f} | "
             f"{seen / 1e6:.2f} M | {bound}{r['nats_per_token']:.3f} ± "
             f"{r['nats_per_token_stderr']:.3f} | {bound}{r['perplexity']:.2f} | "
             f"{bound}{r['bits_per_character']:.3f} | {ratio} |"
@@ -96,7 +103,7 @@ def likelihood_table(models: dict, args: argparse.Namespace) -> list[str]:
     return rows
 
 
-def _quality(tokens: torch.Tensor, ar: text.LoadedTextModel | None) -> tuple[str, str, str, str]:
+def _quality(tokens: torch.Tensor, ar: LoadedTextModel | None) -> tuple[str, str, str, str]:
     """Generative perplexity under ``ar`` (of the first ``ar.context`` tokens of each sample),
     unigram entropy, distinct-2 and distinct-3."""
     mask = valid_token_mask(tokens, EOS_ID, PAD_ID)
@@ -143,15 +150,15 @@ def generation_table(models: dict, args: argparse.Namespace) -> list[str]:
         options = {"length": length, "seed": 0, "temperature": 1.0, "top_p": 1.0}
         if steps is not None:
             options.update(sampler=sampler, steps=steps)
-        text.generate_tokens(model, 1, **{**options, "length": min(length, 16)})  # warm-up
-        samples, seconds = _timed(lambda m=model, o=options: text.generate_tokens(m, n, **o))
+        generate_tokens(model, 1, **{**options, "length": min(length, 16)})  # warm-up
+        samples, seconds = _timed(lambda m=model, o=options: generate_tokens(m, n, **o))
         quality = _quality(samples.tokens, ar)
         rows.append(
             f"| {name} | {sampler} | {steps or length} | {samples.nfe} | "
             f"{n * length / seconds:.0f} | " + " | ".join(quality) + " |"
         )
     any_model = next(iter(models.values()))[0]
-    held, _, _, _ = text.held_out_rows(any_model)
+    held, _, _, _ = held_out_rows(any_model)
     rows_needed = -(-n * length // held.shape[1])
     reference = held[:rows_needed].reshape(-1)[: n * length].reshape(n, length)
     rows.append("| held-out text | - | - | - | - | " + " | ".join(_quality(reference, ar)) + " |")
@@ -161,8 +168,9 @@ def generation_table(models: dict, args: argparse.Namespace) -> list[str]:
 def demo_run(out: Path) -> list[str]:
     """Wall-clock and peak memory of the demo in a child process (its own max RSS)."""
     code = (
-        "import sys; from pathlib import Path; from difflab.recipes.text import demo; "
-        "print(demo(Path(sys.argv[1]), quiet=True))"
+        "import sys; from pathlib import Path; from difflab.recipes import run_demo; "
+        "from difflab.recipes.text import RECIPE; print(run_demo(RECIPE, Path(sys.argv[1]), "
+        "quiet=True))"
     )
     start = time.perf_counter()
     subprocess.run([sys.executable, "-c", code, str(out)], check=True, capture_output=True)

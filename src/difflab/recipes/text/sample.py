@@ -75,7 +75,7 @@ def generate_tokens(
     prompt_tokens = encode_prompt(model.tokenizer, prompt, s.length, n, model.device)
     cond = class_condition(model, label, n, s.guidance)
     generator = torch.Generator(model.device).manual_seed(s.seed)
-    draw = autoregressive if model.process is None else diffusion
+    draw = draw_autoregressive if model.process is None else draw_diffusion
     return draw(model, (n, s.length), s, prompt_tokens, cond, generator)
 
 
@@ -165,7 +165,7 @@ def class_condition(model: LoadedTextModel, label: Any, n: int, guidance: float)
 # ---------------------------------------------------------------- the draws
 
 
-def autoregressive(
+def draw_autoregressive(
     model: LoadedTextModel,
     shape: tuple[int, int],
     s: Settings,
@@ -181,7 +181,7 @@ def autoregressive(
     )  # fmt: skip
 
 
-def diffusion(
+def draw_diffusion(
     model: LoadedTextModel,
     shape: tuple[int, int],
     s: Settings,

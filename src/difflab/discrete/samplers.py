@@ -1,7 +1,7 @@
 """Samplers of discrete diffusion: ancestral (MDLM/D3PM/UDLM/GIDD), confidence-based (LLaDA),
 semi-autoregressive blocks, with prompts/infilling, temperature, nucleus and guidance.
 
-Every sampler has the signature (DESIGN.md, "Sampler")::
+Every sampler has the signature (docs/design.md, "Sampler")::
 
     sampler(model, process, shape, times, *, cond=None, generator=None, callback=None, **options)
         -> DiscreteSamples

@@ -16,7 +16,7 @@ The names follow MDLM (Sahoo et al. 2024), whose schedules are written through t
 - :class:`LinearSchedule`: ``sigma(t) = sigma_max t``, so ``alpha(t) = exp(-sigma_max t)``.
 - :class:`CosineSchedule`: ``alpha(t) = eps + (1 - eps) cos(pi t / 2)``.
 - :class:`DiscreteTimeSchedule`: D3PM's ``T`` steps, ``alpha`` at ``t = k / T`` equal to
-  ``alpha_bar_k = prod_{j <= k} (1 - beta_j)`` (DESIGN.md notation), linear in between.
+  ``alpha_bar_k = prod_{j <= k} (1 - beta_j)`` (docs/design.md notation), linear in between.
 """
 
 from __future__ import annotations

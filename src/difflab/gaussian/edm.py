@@ -6,7 +6,7 @@ The preconditioning itself is a parameterization of the denoiser,
 ``Denoiser(net, schedule, prediction="edm", sigma_data=0.5)``
 (:func:`~difflab.gaussian.parameterization.edm_preconditioning`), so it works with every schedule,
 sampler and guidance wrapper. EDM writes everything in the VE variable ``x~ = x_t / alpha =
-x_0 + sigma eps`` with ``sigma = sigma_ve`` (DESIGN.md); its training loss (Table 1) is
+x_0 + sigma eps`` with ``sigma = sigma_ve`` (docs/design.md); its training loss (Table 1) is
 
     L = E_{sigma, x_0, eps} lambda(sigma) ||D(x_0 + sigma eps; sigma) - x_0||^2 / D_dim,
     ln sigma ~ N(P_mean, P_std^2),

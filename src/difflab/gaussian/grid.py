@@ -4,7 +4,7 @@ validated grid of sampling times with the schedule's values there, and the per-s
 A grid is ``1 >= t_0 > t_1 > ... > t_n = 0``: ``n`` steps, the last onto the data. At each time
 it holds ``alpha_i = alpha(t_i)``, ``sigma_i = sigma(t_i)`` and the half log-SNR
 ``ell_i = log(alpha_i / sigma_i) = lambda(t_i) / 2`` (``+inf`` at ``t_n = 0``), in float64 on the
-host, so a sampler computes its step weights once, before its loop (DESIGN.md notation).
+host, so a sampler computes its step weights once, before its loop (docs/design.md notation).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Every wrapper here satisfies :class:`~difflab.gaussian.parameterization.Denoiser
 ``schedule`` and ``__call__(x_t, t, cond) -> Prediction``), so every sampler runs them, and they
 compose: ``DynamicThresholding(ClassifierFreeGuidance(denoiser, 3.0, null_label=10))``.
 
-Notation (DESIGN.md): ``x_t = alpha_t x_0 + sigma_t eps``; the score is
+Notation (docs/design.md): ``x_t = alpha_t x_0 + sigma_t eps``; the score is
 ``grad log q_t(x_t) = -eps / sigma`` (seed 002), so a change of score ``delta`` is a change of
 noise estimate ``-sigma delta``.
 

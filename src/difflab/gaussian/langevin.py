@@ -8,7 +8,7 @@ which converges to ``p`` as ``delta -> 0`` and the number of steps grows. Song &
 Algorithm 1) write the same step with ``alpha = 2 delta``: ``x <- x + (alpha/2) s + sqrt(alpha) z``.
 
 Annealed Langevin dynamics runs it on the noised data ``p_sigma = p * N(0, sigma^2 I)`` at noise
-levels ``sigma_1 < ... < sigma_N`` (the VE variable ``x~ = x_0 + sigma eps``, DESIGN.md), from
+levels ``sigma_1 < ... < sigma_N`` (the VE variable ``x~ = x_0 + sigma eps``, docs/design.md), from
 ``sigma_N`` down to ``sigma_1``, ``T`` steps per level, with Song & Ermon's step size
 
     alpha_i = eps * sigma_i^2 / sigma_1^2        (their ``sigma_L`` is our smallest, ``sigma_1``),

@@ -2,7 +2,7 @@
 Chen et al. 2018; Grathwohl et al. 2019), in nats and in bits per dimension.
 
 **The ODE.** In the VE variable ``x~ = x_t / alpha = x_0 + sigma eps`` (``sigma = sigma_ve``,
-DESIGN.md) the probability-flow ODE of every schedule is the same (Karras et al. 2022, eq. 4):
+docs/design.md) the probability-flow ODE of every schedule is the same (Karras et al. 2022, eq. 4):
 ``dx~ / d sigma = (x~ - D(x~; sigma)) / sigma = eps_hat``. Written in the log-SNR
 ``lambda = -2 log sigma``,
 

@@ -1,6 +1,6 @@
 """Samplers: stateless functions that turn noise into data with any denoiser.
 
-Every sampler has the signature (DESIGN.md, "Sampler")::
+Every sampler has the signature (docs/design.md, "Sampler")::
 
     sampler(denoiser, x, ts, *, cond=None, generator=None, callback=None, **options) -> Tensor
 
@@ -24,7 +24,7 @@ All step coefficients are computed once, in float64 on the host, before the loop
 calls the denoiser and combines tensors with Python-float weights, so it never synchronises
 with the device. Samplers run under ``torch.inference_mode()`` and keep no state between calls.
 
-Notation (DESIGN.md): ``x_t = alpha_t x_0 + sigma_t eps``; ``sigma_ve = sigma / alpha``; the
+Notation (docs/design.md): ``x_t = alpha_t x_0 + sigma_t eps``; ``sigma_ve = sigma / alpha``; the
 exponential integrators use the half log-SNR ``ell = log(alpha / sigma) = lambda / 2`` and
 ``h = ell_s - ell_t > 0`` for a step from ``t`` down to ``s`` (Lu et al. 2022).
 """

@@ -10,7 +10,7 @@ given by their log-SNR, Song et al.'s VP, sub-VP and VE SDEs (whose dynamics are
 and Karras et al.'s EDM schedule (its training distribution and loss are in ``edm.py``). This is
 the bottom of ``gaussian/``: it imports nothing from the package.
 
-Notation (DESIGN.md): ``alpha_bar_i = prod_{s<=i} (1 - beta_s)``; in continuous time
+Notation (docs/design.md): ``alpha_bar_i = prod_{s<=i} (1 - beta_s)``; in continuous time
 ``alpha(t)``, ``sigma(t)``, ``lambda(t) = log(alpha^2 / sigma^2)`` (the log signal-to-noise ratio,
 seed 002) and the VE noise level ``sigma_ve = sigma / alpha``.
 """

@@ -3,7 +3,7 @@
 
 A noise-conditional score network ``s_theta(x~, sigma)`` is trained at noise levels
 ``sigma_1 < ... < sigma_N`` (geometric, :func:`~difflab.gaussian.langevin.geometric_sigmas`) on
-``x~ = x_0 + sigma eps`` (the VE variable of DESIGN.md). Vincent's identity replaces the
+``x~ = x_0 + sigma eps`` (the VE variable of docs/design.md). Vincent's identity replaces the
 intractable ``grad log p_sigma(x~)`` by ``grad_x~ log N(x~; x_0, sigma^2 I) = -eps / sigma``, and
 the weight ``lambda(sigma) = sigma^2`` makes every level's loss of order one:
 

@@ -160,7 +160,7 @@ def _float(t: Tensor | float) -> Tensor:
     return t if t.is_floating_point() else t.to(torch.get_default_dtype())
 
 
-_FACTORIES: dict[str, Callable[..., TokenSchedule]] = {
+TOKEN_SCHEDULES: dict[str, Callable[..., TokenSchedule]] = {
     "log-linear": LogLinearSchedule,
     "linear": LinearSchedule,
     "cosine": CosineSchedule,
@@ -175,10 +175,10 @@ def make_token_schedule(kind: str, **kwargs) -> TokenSchedule:
     ``discrete`` (``betas``)."""
     if kind == "discrete":
         return DiscreteTimeSchedule(torch.tensor(kwargs["betas"], dtype=torch.float64))
-    if kind not in _FACTORIES:
-        raise ValueError(f"unknown token schedule {kind!r}: choose one of {', '.join(_FACTORIES)}")
+    if kind not in TOKEN_SCHEDULES:
+        raise ValueError(f"unknown token schedule {kind!r}: choose one of {', '.join(TOKEN_SCHEDULES)}")
     try:
-        return _FACTORIES[kind](**kwargs)
+        return TOKEN_SCHEDULES[kind](**kwargs)
     except TypeError as e:
         raise ValueError(f"bad options for token schedule {kind!r}: {e}") from None
 

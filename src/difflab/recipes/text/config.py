@@ -20,7 +20,7 @@ from typing import Any
 from difflab.config import TrainConfig, check, choose, from_dict
 from difflab.data.text import SPECIAL_TOKENS, BPETokenizer, CharTokenizer
 from difflab.discrete.samplers import TOKEN_SAMPLERS
-from difflab.discrete.schedules import _FACTORIES as TOKEN_SCHEDULES
+from difflab.discrete.schedules import TOKEN_SCHEDULES
 
 #: The version of this config's layout that checkpoints record (0.1's had no number).
 CONFIG_VERSION = 2

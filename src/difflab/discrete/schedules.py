@@ -176,7 +176,8 @@ def make_token_schedule(kind: str, **kwargs) -> TokenSchedule:
     if kind == "discrete":
         return DiscreteTimeSchedule(torch.tensor(kwargs["betas"], dtype=torch.float64))
     if kind not in TOKEN_SCHEDULES:
-        raise ValueError(f"unknown token schedule {kind!r}: choose one of {', '.join(TOKEN_SCHEDULES)}")
+        names = ", ".join(TOKEN_SCHEDULES)
+        raise ValueError(f"unknown token schedule {kind!r}: choose one of {names}")
     try:
         return TOKEN_SCHEDULES[kind](**kwargs)
     except TypeError as e:

@@ -9,12 +9,8 @@ import torch
 
 import difflab.evaluate.digits_classifier as dc
 from difflab.data.images import digits_split
-from difflab.evaluate.digits_classifier import (
-    CACHE_VERSION,
-    FEATURE_DIM,
-    DigitsClassifier,
-    load_digits_classifier,
-)
+from difflab.evaluate.digits_classifier import CACHE_VERSION, load_digits_classifier
+from difflab.nets.judge import FEATURE_DIM, DigitsClassifier
 
 CACHE_NAME = f"digits_classifier_v{CACHE_VERSION}_seed0.safetensors"
 

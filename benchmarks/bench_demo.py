@@ -10,7 +10,8 @@ judges the demo's checkpoint:
 - sampling time per image for the demo sampler (DDIM, 50 steps, x_0 clipped to [-1, 1]).
 
 Usage: ``python benchmarks/bench_demo.py [--out runs/bench-demo] [--skip-train]``; prints a
-markdown table for docs/BENCHMARKS.md.
+markdown table for docs/BENCHMARKS.md. A seconds-long smoke run: ``--train-steps 20
+--n-per-class 2``.
 """
 
 from __future__ import annotations
@@ -25,20 +26,20 @@ from pathlib import Path
 
 import torch
 
+import difflab
 from difflab.data.images import digits_split
 from difflab.evaluate.digits_classifier import load_digits_classifier
 from difflab.evaluate.frechet import frechet_distance_from_samples
-from difflab.recipes import image
 
 
 def quality(run: Path, sampler: str, steps: int, n_per_class: int, seed: int = 0) -> dict:
     """FD (pixels, classifier features) and classifier accuracy of class-conditional samples."""
-    model = image.load_model(run, "cpu")
+    loaded = difflab.load(run, "cpu")
     train, held_out = digits_split()
     judge = load_digits_classifier()
     labels = torch.arange(10).repeat_interleave(n_per_class)
     start = time.perf_counter()
-    x = image.generate(model, len(labels), sampler=sampler, steps=steps, labels=labels, seed=seed)
+    x = loaded.sample(len(labels), sampler=sampler, steps=steps, label=labels, seed=seed).x
     seconds = time.perf_counter() - start
     x = x.clamp(-1, 1)
 
@@ -66,17 +67,23 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench-demo"))
     parser.add_argument("--skip-train", action="store_true", help="reuse the run in --out")
     parser.add_argument("--n-per-class", type=int, default=144)
+    parser.add_argument("--train-steps", type=int, help="demo training steps (default: its own)")
     args = parser.parse_args()
     rows = []
     if not args.skip_train:
+        steps = [] if args.train_steps is None else ["--steps", str(args.train_steps)]
         start = time.perf_counter()
         proc = subprocess.run(
-            [sys.executable, "-m", "difflab.cli", "demo", "--out", str(args.out), "--quiet"],
+            [sys.executable, "-m", "difflab.cli", "demo", "--out", str(args.out), "--quiet",
+             *steps],
             capture_output=True, text=True, check=True,
         )  # fmt: skip
         wall = time.perf_counter() - start
         peak_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
         print(proc.stdout)
+        folder = Path(proc.stdout.split("checkpoint: ", 1)[-1].splitlines()[0]).parent
+        if folder != args.out:  # the demo writes into no folder that holds others' files
+            raise SystemExit(f"{args.out} holds other files: the demo trained in {folder}")
         speed = proc.stdout.split(" images/s")[0].rsplit(" ", 1)[-1]
         rows += [
             ("demo wall-clock (train + pictures)", f"{wall:.0f} s", "<= 180 s"),

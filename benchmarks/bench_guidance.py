@@ -33,14 +33,12 @@ from pathlib import Path
 
 import torch
 
-from difflab.config import config_from_dict, load_config
+import difflab
 from difflab.data.images import digits_split
 from difflab.evaluate.digits_classifier import load_digits_classifier
 from difflab.evaluate.precision_recall import precision_recall, within_class_spread
-from difflab.gaussian.classifier import load_classifier, train_classifier
-from difflab.recipes import image
+from difflab.recipes import is_run
 from difflab.recipes import text_to_digit as t2d
-from difflab.train.checkpoint import FILENAME
 
 NUM_CLASSES = 10
 
@@ -62,19 +60,19 @@ def judge_samples(x: torch.Tensor, labels: torch.Tensor, judge, held_out) -> dic
     }
 
 
-def sweep(model, make_denoiser, scales, labels, args, judge, held_out) -> list[dict]:
+def sweep(run, options, scales, labels, args, judge, held_out) -> list[dict]:
+    """Samples of ``run`` with the guidance options ``options(scale)`` for every scale."""
     rows = []
     for scale in scales:
         start = time.perf_counter()
-        x = image.generate(
-            model,
+        x = run.sample(
             len(labels),
             sampler=args.sampler,
             steps=args.steps,
-            labels=labels,
+            label=labels,
             seed=args.seed,
-            denoiser=make_denoiser(scale),
-        )
+            **options(scale),
+        ).x
         seconds = time.perf_counter() - start
         rows.append(
             {
@@ -87,39 +85,48 @@ def sweep(model, make_denoiser, scales, labels, args, judge, held_out) -> list[d
     return rows
 
 
-def classifier_for(model, args):
-    """Load the noisy classifier at ``--classifier``, training it there first if missing."""
+def classifier_for(run: difflab.Run, args) -> Path:
+    """The noisy classifier run at ``--classifier``, trained there first if missing (with the
+    config of the model it guides: its data and noise schedule), checked to fit ``run``."""
     path = Path(args.classifier or args.out / "classifier")
-    if not (path / FILENAME).exists() and not path.is_file():
-        cfg = config_from_dict(model.config.to_dict())
-        cfg.train.out, cfg.train.steps = str(path), args.classifier_steps
-        cfg.train.ckpt_every = max(cfg.train.ckpt_every, args.classifier_steps)
+    if not is_run(path) and not path.is_file():
         print(f"training the noisy classifier ({args.classifier_steps} steps) into {path}")
-        train_classifier(cfg, progress=False)
-    clf = load_classifier(path, args.device)
-    if clf.schedule.config() != model.denoiser.schedule.config():
-        raise SystemExit(f"the classifier in {path} was trained on another noise schedule")
-    return clf
-
-
-def text_model_for(args) -> t2d.TextToDigitModel:
-    """Load the text-to-digit model at ``--text``, training it there first if missing."""
-    path = Path(args.text or args.out / "text-to-digit")
-    if not (path / FILENAME).exists() and not path.is_file():
-        cfg = load_config(
-            "digits",
-            [
-                f"train.out={path}",
-                f"train.steps={args.text_steps}",
-                f"train.ckpt_every={max(500, args.text_steps)}",
-            ],
+        difflab.train(
+            run.path if run.path.is_dir() else run.path.parent,  # the run folder: its config
+            recipe="classifier",
+            progress=False,
+            out=str(path),
+            steps=args.classifier_steps,
+            ckpt_every=max(run.config.train.ckpt_every, args.classifier_steps),
         )
+    clf = difflab.load(path, args.device)
+    if clf.recipe.name != "classifier":
+        raise SystemExit(f"{path} is a {clf.recipe.name} run, not a noisy classifier")
+    if clf.model.schedule.config() != run.model.denoiser.schedule.config():
+        raise SystemExit(f"the classifier in {path} was trained on another noise schedule")
+    return path
+
+
+def text_model_for(args) -> difflab.Run:
+    """Load the text-to-digit run at ``--text``, training it there first if missing."""
+    path = Path(args.text or args.out / "text-to-digit")
+    if not is_run(path) and not path.is_file():
         print(f"training the text-to-digit model ({args.text_steps} steps) into {path}")
-        t2d.train(cfg, progress=False)
-    return t2d.load_model(path, args.device)
+        difflab.train(
+            "digits",
+            recipe="text-to-digit",
+            progress=False,
+            out=str(path),
+            steps=args.text_steps,
+            ckpt_every=max(500, args.text_steps),
+        )
+    run = difflab.load(path, args.device)
+    if run.recipe.name != "text-to-digit":
+        raise SystemExit(f"{path} is a {run.recipe.name} run, not a text-to-digit model")
+    return run
 
 
-def adherence_rows(model, scales, args, judge) -> list[dict]:
+def adherence_rows(run: difflab.Run, scales, args, judge) -> list[dict]:
     """Adherence to prompts naming a digit, a thickness and a slant (40 prompts), and to the
     same prompts shuffled (the chance level of the measurement)."""
     prompts = [
@@ -138,19 +145,19 @@ def adherence_rows(model, scales, args, judge) -> list[dict]:
     rows = []
     for scale in scales:
         x = (
-            t2d.generate(
-                model,
-                prompts,
+            run.sample(
+                len(prompts),
+                prompt=prompts,
                 guidance=scale,
                 sampler=args.sampler,
                 steps=args.steps,
                 seed=args.seed,
             )
-            .float()
+            .x.float()
             .cpu()
         )
         for name, asked in (("prompts", prompts), ("shuffled prompts", shuffled)):
-            a = t2d.prompt_adherence(x, asked, model.thresholds, judge.predict)
+            a = t2d.prompt_adherence(x, asked, run.model.thresholds, judge.predict)
             rows.append(
                 {
                     "scale": scale,
@@ -239,28 +246,28 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
 
-    model = image.load_model(args.checkpoint, args.device)
-    if model.num_classes != NUM_CLASSES:
+    run = difflab.load(args.checkpoint, args.device)
+    if run.recipe.name != "image" or run.model.num_classes != NUM_CLASSES:
         raise SystemExit(f"{args.checkpoint} is not a class-conditional digits model")
     judge = load_digits_classifier()
     _, held_out = digits_split()
     labels = torch.arange(NUM_CLASSES).repeat_interleave(args.n_per_class)
     real = judge_samples(held_out.x, held_out.labels, judge, held_out)
 
-    def cfg_denoiser(w: float):
-        return image.wrap_denoiser(model, guidance=w)
+    def cfg_options(w: float) -> dict:
+        return {"guidance": w}
 
-    cfg_rows = sweep(model, cfg_denoiser, _scales(args.cfg_scales), labels, args, judge, held_out)
-    clf = classifier_for(model, args)
+    cfg_rows = sweep(run, cfg_options, _scales(args.cfg_scales), labels, args, judge, held_out)
+    clf = classifier_for(run, args)
 
-    def cg_denoiser(s: float):
-        return image.wrap_denoiser(model, classifier_net=clf.net, classifier_scale=s)
+    def cg_options(s: float) -> dict:
+        return {"classifier": clf, "classifier_scale": s}
 
-    cg_rows = sweep(model, cg_denoiser, _scales(args.cg_scales), labels, args, judge, held_out)
+    cg_rows = sweep(run, cg_options, _scales(args.cg_scales), labels, args, judge, held_out)
     columns = ["scale", "accuracy", "spread", "precision", "recall", "seconds"]
     args.out.mkdir(parents=True, exist_ok=True)
     lines = [
-        f"# Guidance on digits ({model.step} training steps, {args.sampler} {args.steps} steps, "
+        f"# Guidance on digits ({run.step} training steps, {args.sampler} {args.steps} steps, "
         f"{len(labels)} samples per scale)",
         f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch "
         f"{torch.__version__}",

@@ -473,36 +473,31 @@ FAST_SAMPLERS = ("ddpm", "ddim", "euler", "heun", "dpm_solver", "dpmpp_2m", "dpm
 def digits_quality(
     checkpoint: Path, device: str, n_per_class: int, grids: tuple[str, ...] = ("trailing",)
 ) -> str:
+    import difflab
     from difflab.data.images import digits_split
     from difflab.evaluate.digits_classifier import load_digits_classifier
     from difflab.evaluate.frechet import frechet_distance_from_samples
-    from difflab.recipes import image
 
-    model = image.load_model(checkpoint, device)
-    denoiser = image.wrap_denoiser(model, threshold=model.config.sample.threshold)
+    run = difflab.load(checkpoint, device)
+    if run.recipe.name != "image":
+        raise SystemExit(f"{checkpoint} is a {run.recipe.name} run, not of the image recipe")
     _, held_out = digits_split()
     judge = load_digits_classifier()
     labels = torch.arange(10).repeat_interleave(n_per_class)
-    dev = next(model.denoiser.net.parameters()).device
-    schedule = model.denoiser.schedule
+    schedule = run.model.denoiser.schedule
 
     def fd(name: str, nfe: int, grid: str, **options) -> tuple[float, float]:
-        steps = _steps(name, options, nfe)
-        ts = S.time_grid(schedule, steps, grid)
-        gen = torch.Generator(dev).manual_seed(0)
-        x = torch.randn((len(labels), *model.shape), generator=gen, device=dev) * schedule.prior_std
-        out = (
-            S.SAMPLERS[name](
-                denoiser,
-                x,
-                ts,
-                cond={"class_labels": labels.to(dev)},
-                generator=gen,
-                **options,
-            )
-            .clamp(-1, 1)
-            .cpu()
+        # The run's own x_0 threshold (static for images); starting noise from seed 0.
+        samples = run.sample(
+            len(labels),
+            sampler=name,
+            steps=_steps(name, options, nfe),
+            grid=grid,
+            label=labels,
+            seed=0,
+            sampler_options=options,
         )
+        out = samples.x.clamp(-1, 1).cpu()
         pixels = frechet_distance_from_samples(out.flatten(1), held_out.x.flatten(1))
         feats = frechet_distance_from_samples(judge.features(out), judge.features(held_out.x))
         return pixels, feats

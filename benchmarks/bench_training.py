@@ -18,9 +18,9 @@ import time
 import torch
 from torch import nn
 
-from difflab.config import load_config
 from difflab.gaussian.objectives import loss_fn
 from difflab.gaussian.parameterization import Denoiser
+from difflab.recipes import load_config
 from difflab.recipes.image import build_net, build_schedule
 
 
@@ -57,10 +57,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="steps per round")
     parser.add_argument("--batch-size", type=int, default=128)
     args = parser.parse_args()
-    cfg = load_config("digits")
-    schedule = build_schedule(cfg)
+    _, cfg = load_config("digits")
+    schedule = build_schedule(cfg.diffusion)
     torch.manual_seed(0)
-    nets = {"difflab UNet": build_net(cfg, (1, 8, 8), 10), "diffusers UNet2DModel": None}
+    nets = {"difflab UNet": build_net(cfg.model, (1, 8, 8), 10), "diffusers UNet2DModel": None}
     nets["diffusers UNet2DModel"] = DiffusersNet(diffusers_unet())
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(args.batch_size, 1, 8, 8, generator=gen) * 2 - 1

@@ -19,6 +19,7 @@ JOBS = [
     ["bench_samplers.py", "--out", "runs/bench-samplers.png", "--checkpoint", RUN],
     ["bench_guidance.py", "--checkpoint", RUN, "--out", "runs/bench-guidance"],
     ["bench_text.py", "--minutes", "2", "--demo"],
+    ["bench_toys.py", "--runs", "runs/bench-toys", "--plot", "runs/bench-toys/moons_defaults.png"],
 ]
 
 

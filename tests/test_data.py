@@ -118,7 +118,7 @@ def test_config_rejects_unknown_keys_and_impossible_values(tmp_path):
         (["sample.sampler=heun", "sample.eta=0.5"], "sample.eta does not apply"),
         (["optim.lr=1"], "unknown config section optim"),
         (["model.dit.depth=2"], "model.dit does not apply to model.kind=unet"),
-        (["diffusion.schedule=edm"], "diffusion.T does not apply"),
+        (["diffusion.schedule=edm", "diffusion.T=10"], "diffusion.T does not apply"),
         (["train.lr=fast"], "train.lr has an impossible value"),
         (["steps=3"], "must look like section.key=value"),
     ]:

@@ -1,6 +1,7 @@
 """Every recipe on the one interface, from the command line: each image recipe trains with every
-parameterization it accepts (2 steps), saves, loads and samples; every sampling option a recipe
-does not take is refused with one line naming it; checkpoints of difflab 0.1 still load."""
+parameterization it accepts (2 steps), saves, loads and samples; nonsense values are refused with
+one line (every option a recipe does not take: the table of test_bad_input.py); checkpoints of
+difflab 0.1 still load."""
 
 from __future__ import annotations
 
@@ -81,41 +82,6 @@ def runs(tmp_path_factory):
                       recipe=recipe, out=str(root / recipe), progress=False)  # fmt: skip
     difflab.train("text-tiny", ["train.steps=2"], out=str(root / "text"), progress=False)
     return root
-
-
-#: Every sampling option with a value, and the recipes that take it.
-OPTIONS = {
-    "--sampler": ("ddim", {"image", "cascade", "text-to-digit", "text"}),
-    "--grid": ("karras", {"image", "cascade", "text-to-digit"}),
-    "--eta": ("0.5", {"image", "cascade", "text-to-digit"}),
-    "--opt": ("eta=0.5", {"image", "cascade", "text-to-digit"}),
-    "--class": ("3", {"image", "cascade", "text"}),
-    "--guidance": ("1", {"image", "cascade", "text-to-digit", "text"}),
-    "--convention": ("gamma", {"image", "cascade", "text-to-digit"}),
-    "--classifier": ("{classifier}", {"image"}),
-    "--classifier-scale": ("2", {"image"}),
-    "--threshold": ("dynamic", {"image", "cascade", "text-to-digit"}),
-    "--percentile": ("0.9", {"image", "cascade", "text-to-digit"}),
-    "--aug-level": ("0.2", {"cascade"}),
-    "--prompt": ("a three", {"text-to-digit", "text"}),
-    "--length": ("8", {"text"}),
-    "--temperature": ("0.5", {"text"}),
-    "--top-p": ("0.9", {"text"}),
-}
-ALL = ("image", "classifier", "cascade", "text-to-digit", "text")
-REFUSED = [(r, o) for o, (_, takes) in OPTIONS.items() for r in ALL if r not in takes]
-
-
-@pytest.mark.parametrize(("recipe", "option"), REFUSED)
-def test_an_option_a_recipe_does_not_take_is_refused(recipe, option, runs, monkeypatch, capsys):
-    value = OPTIONS[option][0].format(classifier=runs / "classifier")
-    args = ["sample", str(runs / recipe), "--n", "2", "--out", str(runs / "refused"), option, value]
-    if recipe == "text-to-digit" and option != "--prompt":
-        args += ["--prompt", "a three"]
-    code, _, err = run(monkeypatch, capsys, *args)
-    assert code == 2, err
-    assert err == f"difflab: error: {option} does not apply to {recipe} runs\n"
-    assert not list(runs.glob("refused*"))
 
 
 @pytest.mark.parametrize(

@@ -282,8 +282,10 @@ def demo(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: every usage error and :class:`UserError` becomes one line and exit 2;
-    Ctrl-C or SIGTERM during training saves a checkpoint and exits with 130."""
+    """Entry point: every usage error, :class:`UserError`, failed allocation and file-system
+    error becomes one line and exit 2; Ctrl-C or SIGTERM during training saves a checkpoint and
+    exits with 130."""
+    from difflab.files import file_error
     from difflab.train.trainer import Interrupted
 
     try:
@@ -298,12 +300,26 @@ def main(argv: list[str] | None = None) -> None:
     except Interrupted as e:
         typer.echo(f"difflab: {e}", err=True)
         sys.exit(130)
-    except (KeyboardInterrupt, click_errors.Abort):
+    except (KeyboardInterrupt, typer.Abort):
         typer.echo("difflab: interrupted", err=True)
         sys.exit(130)
-    except MemoryError:
-        _fail("out of memory: ask for fewer samples or a smaller batch")
+    except (MemoryError, RuntimeError) as e:
+        if not _out_of_memory(e):
+            raise
+        _fail("out of memory: ask for fewer samples (--n), a smaller train.batch_size or a "
+              "smaller model")  # fmt: skip
+    except OSError as e:  # a file-system failure no reader turned into a UserError itself
+        _fail(str(file_error(e, e.filename or "a file")))
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is a failed allocation (Python's, or PyTorch's on the CPU or a GPU)."""
+    import torch
+
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or (
+        "can't allocate memory" in str(error)
+    )
 
 
 def _fail(message: str) -> None:

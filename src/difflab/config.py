@@ -13,9 +13,11 @@ each recipe defines its own sections (``recipes/``).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import json
+import datetime
 import math
+import reprlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -27,6 +29,9 @@ from difflab.errors import UserError
 
 #: The recipe of a config that names none.
 DEFAULT_RECIPE = "image"
+#: The largest random seed (``torch.manual_seed`` takes up to ``2**64 - 1``; this leaves room
+#: for the ``seed + 1`` of a second stage).
+MAX_SEED = 2**63 - 1
 
 
 @dataclass
@@ -59,7 +64,7 @@ class TrainConfig:
         check(0.0 <= self.ema < 1.0, "train.ema must be in [0, 1)")
         check(self.grad_clip >= 0, "train.grad_clip must be non-negative (0 disables it)")
         check(self.weight_decay >= 0, "train.weight_decay must be non-negative")
-        check(self.seed >= 0, "train.seed must be non-negative")
+        check_seed("train.seed", self.seed)
         choose("train.lr_schedule", self.lr_schedule, ("constant", "cosine"))
         check(self.log_every >= 1, "train.log_every must be at least 1")
         check(self.ckpt_every >= 1, "train.ckpt_every must be at least 1")
@@ -74,11 +79,26 @@ def check(ok: bool, message: str) -> None:
         raise UserError(message)
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring = 2, 4, 4, 60
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)`` cut short: a YAML value may be a nested structure of any size (an alias
+    bomb has billions of items), and an error message is one line."""
+    return _REPR.repr(value)
+
+
+def check_seed(key: str, seed: int) -> None:
+    """Refuse a seed outside ``0..MAX_SEED``."""
+    check(0 <= seed <= MAX_SEED, f"{key} must be a whole number in 0..2**63-1, got {seed}")
+
+
 def choose(key: str, value: Any, choices: Any) -> None:
     """Refuse ``value`` for ``key`` unless it is one of ``choices`` (a registry's names)."""
     names = list(choices)
     if value not in names:
-        raise UserError(f"{key} must be one of {', '.join(map(str, names))}, got {value!r}")
+        raise UserError(f"{key} must be one of {', '.join(map(str, names))}, got {_shown(value)}")
 
 
 # ------------------------------------------------------------------ sources
@@ -126,7 +146,7 @@ def read_source(source: str | Path) -> dict[str, Any]:
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """``raw`` with each ``dotted.key=value`` set (a copy; intermediate sections are created)."""
-    raw = json.loads(json.dumps(raw))
+    raw = copy.deepcopy(raw)  # keeps YAML's shared aliases shared: no exponential blow-up
     for item in overrides:
         key, sep, value = item.partition("=")
         parts = key.split(".")
@@ -168,7 +188,7 @@ def from_dict(cls: type, values: Any, where: str = "") -> Any:
             raise UserError(f"unknown config {kind} {path}: known {kind}s are {known}")
         section = _section_type(hints[key])
         if section is None:
-            kwargs[key] = _coerce(value, hints[key], path)
+            kwargs[key] = coerce(value, hints[key], path)
         elif value is not None or type(None) not in get_args(hints[key]):
             kwargs[key] = from_dict(section, value, path)
     return cls(**kwargs)
@@ -186,8 +206,9 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Check and convert ``value`` to the annotated type (int -> float allowed; NaN refused)."""
+def coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check and convert ``value`` to the annotated type (int -> float allowed; NaN refused;
+    a YAML date such as ``2024-01-01`` is the string it was written as)."""
     options = get_args(hint) if get_origin(hint) in (type(int | None),) else (hint,)
     if value is None:
         if type(None) in options:
@@ -206,12 +227,16 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             except ValueError:
                 continue
             if not math.isfinite(number):
-                raise UserError(f"{key} must be a finite number, got {value!r}")
+                raise UserError(f"{key} must be a finite number, got {_shown(value)}")
             return number
-        if option is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if (
+            option is str
+            and isinstance(value, (str, int, float, datetime.date))
+            and not isinstance(value, bool)
+        ):
             return str(value)
         if get_origin(option) is list and isinstance(value, list):
             (item,) = get_args(option)
-            return [_coerce(v, item, key) for v in value]
+            return [coerce(v, item, key) for v in value]
     expected = " or ".join(getattr(o, "__name__", str(o)) for o in options if o is not type(None))
-    raise UserError(f"{key} has an impossible value {value!r} (expected {expected})")
+    raise UserError(f"{key} has an impossible value {_shown(value)} (expected {expected})")

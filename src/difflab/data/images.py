@@ -180,10 +180,17 @@ def image_folder(path: str | Path, image_size: int | None = None, channels: int 
     or 3 (RGB); 0 keeps grey if every image is grey. Images whose range is unknown (floats,
     32-bit integers) are refused: nothing is clipped silently.
     """
+    from PIL import Image
+
     if image_size is not None and (
         isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1
     ):
         raise UserError(f"data.image_size must be a positive integer, got {image_size!r}")
+    if image_size is not None and image_size**2 > (Image.MAX_IMAGE_PIXELS or math.inf):
+        raise UserError(
+            f"data.image_size={image_size} asks for images of {image_size**2:,} pixels, more "
+            f"than difflab reads safely ({Image.MAX_IMAGE_PIXELS:,}, as for image files)"
+        )
     if channels not in (0, 1, 3):
         raise UserError(f"channels must be 0 (as the images are), 1 or 3, got {channels!r}")
     root = Path(path)

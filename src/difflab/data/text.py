@@ -38,6 +38,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from difflab.errors import UserError
+from difflab.files import file_error
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<bos>", "<eos>", "<mask>", "<unk>")
 PAD_ID, BOS_ID, EOS_ID, MASK_ID, UNK_ID = range(len(SPECIAL_TOKENS))
@@ -114,6 +115,8 @@ def load_text_documents(path: str | Path, separator: str | None = None) -> list[
             text = file.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
             raise UserError(f"{file} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except OSError as e:
+            raise file_error(e, file) from None
         pieces = text.split(separator) if separator else [text]
         documents.extend(piece for piece in pieces if piece.strip())
     if not documents:
@@ -345,6 +348,8 @@ def _read_json(path: str | Path) -> dict[str, Any]:
         raise UserError(f"tokenizer file {path} does not exist") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"tokenizer file {path} is not valid JSON: {e}") from None
+    except OSError as e:
+        raise file_error(e, path) from None
     if not isinstance(payload, dict):
         raise UserError(f"tokenizer file {path} does not hold a JSON object")
     return payload

@@ -15,10 +15,13 @@ the module-level ``RECIPE``, add its module to :data:`RECIPES`, and give it a pr
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import math
+import os
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -29,6 +32,7 @@ from torch import Tensor, nn
 
 from difflab.config import (
     DEFAULT_RECIPE,
+    MAX_SEED,
     apply_overrides,
     choose,
     from_dict,
@@ -36,9 +40,9 @@ from difflab.config import (
     to_dict,
 )
 from difflab.errors import UserError
-from difflab.files import write_atomically, write_text
-from difflab.train.checkpoint import FILENAME, load_checkpoint, read_run_config
-from difflab.train.trainer import TrainResult, load_ema
+from difflab.files import file_error, make_folder, write_atomically, write_bytes, write_text
+from difflab.train.checkpoint import CONFIG_FILENAME, FILENAME, load_checkpoint, read_run_config
+from difflab.train.trainer import LOG_NAME, TrainResult, load_ema
 from difflab.viz.images import save_grid, save_images, save_loss_curve
 
 #: Every recipe: its name (recorded in checkpoints) and the module defining ``RECIPE``.
@@ -159,13 +163,23 @@ def load_network(
     found = get(str(meta.get("recipe", "image")))
     if found is not recipe:
         raise UserError(f"{path} is a run of the {found.name} recipe, not of {recipe.name}")
-    try:
+    with reading_metadata(path):
         cfg = recipe.config_from_run(meta)
         net = recipe.build(cfg, meta)
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"the metadata of the checkpoint in {path} is damaged ({e!r})") from None
     load_ema(net, ckpt.ema, path, device)
     return cfg, meta, net, ckpt.step
+
+
+@contextmanager
+def reading_metadata(path: str | Path) -> Iterator[None]:
+    """Within the block, a missing or ill-typed entry of the metadata of the checkpoint at
+    ``path`` (``KeyError``, ``TypeError``, ``ValueError``) is a one-line :class:`UserError`."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(
+            f"the metadata of the checkpoint in {path} is damaged ({type(e).__name__}: {e})"
+        ) from None
 
 
 def is_run(source: str | Path) -> bool:
@@ -190,7 +204,8 @@ def recipe_of_run(path: str | Path) -> Recipe:
 def run_config(path: str | Path) -> dict[str, Any]:
     """The config a run was trained with, as nested dicts with its ``recipe`` key."""
     recipe = recipe_of_run(path)
-    return {"recipe": recipe.name, **to_dict(recipe.config_from_run(run_metadata(path)))}
+    with reading_metadata(path):
+        return {"recipe": recipe.name, **to_dict(recipe.config_from_run(run_metadata(path)))}
 
 
 @dataclass
@@ -210,27 +225,62 @@ class Samples:
         """Write the samples next to ``stem``, each file whole or not at all: ``STEM.txt`` for
         passages; ``STEM.npz`` (``samples``: images in ``[0, 1]``, vectors as drawn; ``labels``,
         -1 where none) and, for images, the grid ``STEM.png`` (and ``STEM_<extra>.png``), plus
-        with ``png`` one file per sample ``STEM/000000.png`` ... (what FID tools read)."""
+        with ``png`` one file per sample ``STEM/000000.png`` ... (what FID tools read). Nothing
+        is written when the request is refused (no file stem, ``png`` for text or vectors or
+        into a folder holding more samples, or a file of a run in the way)."""
         stem = Path(stem)
+        if stem.name in ("", ".."):
+            raise UserError(f"the output {str(stem)!r} names no file: give a stem such as "
+                            "runs/x/samples")  # fmt: skip
+        images = self.x is not None and self.x.ndim == 4
+        if png and not images:
+            raise UserError("--format png applies to images only")
         if self.texts is not None:
-            return [write_text(stem.with_suffix(".txt"), "\n\n---\n\n".join(self.texts) + "\n")]
+            path = stem.with_suffix(".txt")
+            _keep_run_files([path])
+            return [write_text(path, "\n\n---\n\n".join(self.texts) + "\n")]
         assert self.x is not None
         x = self.x.detach().float().cpu()
-        images = x.ndim == 4
+        grids = {stem.with_suffix(".png"): x} if images else {}
+        grids.update({stem.with_name(f"{stem.name}_{name}.png"): extra
+                      for name, extra in self.extras.items()})  # fmt: skip
+        _keep_run_files([stem.with_suffix(".npz"), *grids])
+        if png:
+            _check_png_folder(stem, len(x))
         values = ((x.clamp(-1, 1) + 1) / 2) if images else x
         labels = np.full(len(x), -1) if self.labels is None else self.labels.cpu().numpy()
         arrays = {"samples": values.numpy(), "labels": labels}
         written = [write_atomically(stem.with_suffix(".npz"), lambda f: np.savez(f, **arrays))]
-        if images:
-            written.append(save_grid(x, stem.with_suffix(".png"), nrow=min(self.nrow, len(x))))
-            for name, extra in self.extras.items():
-                path = stem.with_name(f"{stem.name}_{name}.png")
-                written.append(save_grid(extra, path, nrow=min(self.nrow, len(extra))))
+        written += [save_grid(grid, path, nrow=min(self.nrow, len(grid)))
+                    for path, grid in grids.items()]  # fmt: skip
         if png:
-            if not images:
-                raise UserError("--format png applies to images only")
             written += save_images(x, stem)
         return written
+
+
+#: The files a training writes into its run folder: ``difflab sample --out`` never replaces them.
+LOSS_CURVE = "loss_curve.png"
+RUN_FILES = (FILENAME, CONFIG_FILENAME, LOG_NAME, LOSS_CURVE)
+
+
+def _check_png_folder(folder: Path, n: int) -> None:
+    """Refuse to write ``n`` sample PNGs into ``folder`` when it is a file, or when it holds
+    numbered PNGs beyond ``n`` (an earlier, larger request: the two would be mixed)."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder} is a file: one PNG per sample needs a folder of that name")
+    numbered = folder.glob("[0-9]" * 6 + ".png") if folder.is_dir() else []
+    if beyond := sorted(p.name for p in numbered if int(p.stem) >= n):
+        raise UserError(
+            f"{folder} holds sample PNGs up to {beyond[-1]} from an earlier, larger request, "
+            f"which these {n} would not replace: choose another --out"
+        )
+
+
+def _keep_run_files(paths: list[Path]) -> None:
+    """Refuse to write over a file of a run (:data:`RUN_FILES` next to a checkpoint)."""
+    for path in paths:
+        if path.name in RUN_FILES and is_run(path.parent):
+            raise UserError(f"{path} is a file of the run in {path.parent}: choose another --out")
 
 
 @dataclass
@@ -267,7 +317,13 @@ class Run:
             raise UserError(f"the number of samples must be a whole number >= 1, got {n!r}")
         if n > MAX_SAMPLES:
             raise UserError(f"{n} samples will not fit in memory; draw at most {MAX_SAMPLES:,}")
-        return self.recipe.sample(self.model, n, **options)
+        samples = self.recipe.sample(self.model, n, **options)
+        if samples.x is not None and not bool(samples.x.isfinite().all()):
+            raise UserError(
+                "sampling diverged: the samples hold NaN or infinite values (lower the guidance "
+                "scale, or clip the x_0 estimate with --threshold static or dynamic)"
+            )
+        return samples
 
     def evaluate(self, **options: Any) -> Evaluation:
         """Held-out metrics with the recipe's evaluation options (others are refused)."""
@@ -297,13 +353,16 @@ def train(
     items = [*overrides, *(f"train.{key}={json.dumps(v)}" for key, v in train_keys.items())]
     chosen, cfg = load_config(source, items, recipe)
     out = Path(cfg.train.out)
+    if is_run(out) and (found := recipe_of_run(out)) is not chosen:
+        raise UserError(f"{out} holds a run of the {found.name} recipe: choose another train.out "
+                        f"for the {chosen.name} recipe")  # fmt: skip
     if resume and is_run(out) and not run_metadata(out).get("config_version"):
         raise UserError(
             f"{out} was trained by difflab 0.1: this version samples and evaluates it, but "
             "continuing its training needs difflab 0.1"
         )
     result = chosen.train(cfg, resume=resume, progress=progress)
-    save_loss_curve(result.log, result.log.with_name("loss_curve.png"))
+    save_loss_curve(result.log, result.log.with_name(LOSS_CURVE))
     return result
 
 
@@ -320,30 +379,43 @@ def run_demo(recipe: Recipe, out: Path, **options: Any) -> str:
     """``recipe.demo`` into ``out``, never deleting what difflab did not write there: a folder
     made by an earlier demo (it holds :data:`DEMO_MARKER`) has the demo's own files replaced;
     any other non-empty folder is left alone and the demo goes to ``out-2``, ``out-3``, ...
-    (said in the report)."""
+    (said in the report). The options are checked before the folder is touched."""
     refuse_unknown(options, recipe.demo, f"the {recipe.name} demo")
+    if options.get("steps") is not None:
+        positive_int("steps", options["steps"])
     folder, i = Path(out), 1
-    while folder.exists() and any(folder.iterdir()) and not (folder / DEMO_MARKER).is_file():
+    while _holds_other_files(folder):
         i += 1
-        folder = Path(out).with_name(f"{Path(out).name}-{i}")
+        folder = Path(f"{os.path.abspath(out)}-{i}")
+    make_folder(folder)
     for name in recipe.demo_files:
-        (folder / name).unlink(missing_ok=True)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / DEMO_MARKER).touch()
+        try:
+            (folder / name).unlink(missing_ok=True)
+        except OSError as e:
+            raise file_error(e, folder / name) from None
+    write_bytes(folder / DEMO_MARKER, b"")
     report = recipe.demo(folder, **options)
     if folder != Path(out):
         report = f"{out} holds other files, so this demo ran in {folder}\n{report}"
     return report
 
 
+def _holds_other_files(folder: Path) -> bool:
+    """Whether ``folder`` is a non-empty folder that no demo made."""
+    try:
+        return folder.is_dir() and not (folder / DEMO_MARKER).is_file() and any(folder.iterdir())
+    except OSError as e:
+        raise file_error(e, folder) from None
+
+
 def refuse_unknown(options: dict[str, Any], method: Any, what: str) -> None:
     """Refuse the keyword ``options`` that ``method`` does not declare, naming the first one
-    the way the command line spells it."""
-    import inspect
-
+    the way the command line spells it (a method with ``**options`` takes them all)."""
     accepted = inspect.signature(method).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+        return
     for key in options:
-        if key not in accepted or accepted[key].kind is inspect.Parameter.VAR_KEYWORD:
+        if key not in accepted:
             raise UserError(f"{flag(key)} does not apply to {what}")
 
 
@@ -392,9 +464,17 @@ def finite(name: str, value: float, low: float = -math.inf, high: float = math.i
     except (TypeError, ValueError):
         raise UserError(f"{flag(name)} must be a number, got {value!r}") from None
     if not math.isfinite(number) or not low <= number <= high:
-        span = f"[{low:g}, {high:g}]" if math.isfinite(high) else f">= {low:g}"
-        raise UserError(f"{flag(name)} must be a finite number {span}, got {value!r}")
+        span = f" [{low:g}, {high:g}]" if math.isfinite(high) else f" >= {low:g}"
+        span = span if math.isfinite(low) else ""
+        raise UserError(f"{flag(name)} must be a finite number{span}, got {value!r}")
     return number
+
+
+def seed_value(value: Any) -> int:
+    """``value`` as a seed: an int in ``0..MAX_SEED``, or a :class:`UserError`."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+        raise UserError(f"{flag('seed')} must be a whole number in 0..2**63-1, got {value!r}")
+    return value
 
 
 def positive_int(name: str, value: Any) -> int:

@@ -41,7 +41,15 @@ from difflab.gaussian.parameterization import DenoiserFn
 from difflab.gaussian.process import q_sample
 from difflab.gaussian.schedules import Schedule
 from difflab.nets.super_resolution import SuperResolutionNet
-from difflab.recipes import Evaluation, Recipe, Samples, finite, load_network
+from difflab.recipes import (
+    Evaluation,
+    Recipe,
+    Samples,
+    finite,
+    load_network,
+    reading_metadata,
+    seed_value,
+)
 from difflab.recipes.image import (
     ImageConfig,
     LoadedModel,
@@ -53,13 +61,15 @@ from difflab.recipes.image import (
     data_splits,
     draw,
     drop_labels,
+    guidance_settings,
     guided_denoiser,
     labels_and_rows,
     make_loss,
-    resolve_threshold,
     run_metadata,
     sampler_settings,
+    threshold_settings,
 )
+from difflab.train.checkpoint import FILENAME, resolve_checkpoint
 from difflab.train.trainer import Trainer, TrainResult
 
 STAGES = ("base", "sr")
@@ -219,6 +229,9 @@ class CascadeRecipe(Recipe):
         labels = () if k is None else (data.labels,)
         base_meta = {**sr_meta, "stage": "base", "shape": [data.shape[0], low, low]}
         out = Path(cfg.train.out)
+        if resume:  # both stages, before either continues
+            for stage in STAGES:
+                resolve_checkpoint(out / stage)
         stages = [
             (base_meta, make_loss(cfg.diffusion, k), (downsample(data.x, low), *labels)),
             (sr_meta, make_super_resolution_loss(cfg, k), (data.x, *labels)),
@@ -231,14 +244,17 @@ class CascadeRecipe(Recipe):
         return result
 
     def load(self, path: Path, device: str = "auto") -> Cascade:
+        if path.is_file() or (path / FILENAME).is_file():
+            raise UserError(f"{path} is one stage of a cascade: give the cascade's folder (which "
+                            "holds base/ and sr/)")  # fmt: skip
         stages = {}
         for stage in STAGES:
             cfg, meta, net, step = load_network(self, path / stage, device)
-            if stage_of(meta) != stage:
-                raise UserError(f"{path / stage} holds the {stage_of(meta)} stage, not {stage}")
-            denoiser = build_denoiser(net, cfg.diffusion)
-            shape, names = tuple(meta["shape"]), meta["class_names"]
-            stages[stage] = LoadedModel(denoiser, cfg, shape, names, step)
+            with reading_metadata(path / stage):
+                if stage_of(meta) != stage:
+                    raise UserError(f"{path / stage} holds the {stage_of(meta)} stage, not {stage}")
+                shape, names = tuple(meta["shape"]), meta["class_names"]
+            stages[stage] = LoadedModel(build_denoiser(net, cfg.diffusion), cfg, shape, names, step)
         return Cascade(stages["base"], stages["sr"], stages["sr"].config, stages["sr"].step)
 
     def sample(
@@ -267,17 +283,13 @@ class CascadeRecipe(Recipe):
         sampler, steps, grid, options = sampler_settings(s, sampler, steps, grid, eta,
                                                          sampler_options)  # fmt: skip
         labels, nrow = labels_and_rows(label, model.class_names, n)
-        guidance = s.guidance if guidance is None else finite("guidance", guidance, 0.0)
-        if convention is not None and guidance == 0:
-            raise UserError("--convention applies with --guidance only")
-        threshold = resolve_threshold(threshold or s.threshold, base.shape)
-        if percentile is not None and threshold != "dynamic":
-            raise UserError("--percentile applies with --threshold dynamic only")
+        guidance, convention = guidance_settings(guidance, convention, s.guidance)
+        threshold, percentile = threshold_settings(threshold, percentile, s.threshold, base.shape)
         level = model.config.cascade.aug_sample if aug_level is None else aug_level
         level = finite("aug_level", level, 0.0, 1.0)
-        seed = s.seed if seed is None else seed
-        wrap = {"guidance": guidance, "convention": convention or "w", "threshold": threshold,
-                "percentile": 0.995 if percentile is None else percentile}  # fmt: skip
+        seed = s.seed if seed is None else seed_value(seed)
+        wrap = {"guidance": guidance, "convention": convention, "threshold": threshold,
+                "percentile": percentile}  # fmt: skip
         cond = None
         if model.class_names is not None:
             null = torch.full((n,), len(model.class_names), dtype=torch.long)
@@ -294,7 +306,7 @@ class CascadeRecipe(Recipe):
             raise UserError(f"sampler {sampler}: {e}") from None
         return Samples(x=high, labels=labels, nrow=nrow, extras={"low": low})
 
-    def evaluate(self, model: Cascade) -> Evaluation:
+    def evaluate(self, model: Cascade, **options: Any) -> Evaluation:
         raise UserError("a cascade has no likelihood evaluation yet")
 
 

@@ -28,7 +28,15 @@ from difflab.gaussian.objectives import sample_times
 from difflab.gaussian.process import q_sample
 from difflab.gaussian.schedules import Schedule
 from difflab.nets.classifier import NoisyClassifier
-from difflab.recipes import Evaluation, Recipe, Samples, load_network, positive_int
+from difflab.recipes import (
+    Evaluation,
+    Recipe,
+    Samples,
+    load_network,
+    positive_int,
+    reading_metadata,
+    seed_value,
+)
 from difflab.recipes.image import (
     ImageConfig,
     build_schedule,
@@ -160,8 +168,9 @@ class ClassifierRecipe(Recipe):
     def load(self, path: Path, device: str = "auto") -> LoadedClassifier:
         cfg, meta, net, step = load_network(self, path, device)
         net.requires_grad_(False)
-        return LoadedClassifier(net, build_schedule(cfg.diffusion), cfg,
-                                list(meta["class_names"]), step)  # fmt: skip
+        with reading_metadata(path):
+            names = list(meta["class_names"])
+        return LoadedClassifier(net, build_schedule(cfg.diffusion), cfg, names, step)
 
     def sample(self, model: LoadedClassifier, n: int) -> Samples:
         raise UserError(
@@ -174,6 +183,7 @@ class ClassifierRecipe(Recipe):
     ) -> Evaluation:
         """Held-out accuracy of the classifier on ``x_t`` at t = 0, 0.25, 0.5, 0.75."""
         positive_int("n", n)
+        seed_value(seed)
         _, held_out = data_splits(model.config.data)
         if len(held_out) == 0:
             raise UserError("this run has no held-out data (data.held_out=0)")

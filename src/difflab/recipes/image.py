@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from difflab.config import TrainConfig, check, choose, from_dict, to_dict
+from difflab.config import TrainConfig, check, check_seed, choose, coerce, from_dict, to_dict
 from difflab.data.images import ArrayData, load_dataset
 from difflab.errors import UserError
 from difflab.gaussian import guidance as g
@@ -39,6 +39,8 @@ from difflab.recipes import (
     flag,
     load_network,
     positive_int,
+    reading_metadata,
+    seed_value,
 )
 from difflab.train.trainer import Trainer, TrainResult
 from difflab.viz.images import save_animation, save_grid, save_loss_curve
@@ -207,7 +209,7 @@ class SampleConfig:
         check(self.threshold is None or self.threshold in THRESHOLDS,
               "sample.threshold must be none, static or dynamic")  # fmt: skip
         check(self.n >= 1, "sample.n must be at least 1")
-        check(self.seed >= 0, "sample.seed must be non-negative")
+        check_seed("sample.seed", self.seed)
 
 
 THRESHOLDS = ("none", "static", "dynamic")
@@ -265,6 +267,8 @@ def migrate(config: dict[str, Any]) -> dict[str, Any]:
 def config_from_run(config_type: type, meta: dict[str, Any]) -> Any:
     """The validated config of type ``config_type`` that a checkpoint's metadata records
     (migrated from difflab 0.1's layout when it has no ``config_version``)."""
+    if not isinstance(meta["config"], dict):
+        raise TypeError("its config is not a mapping")
     config = meta["config"] if meta.get("config_version") else migrate(meta["config"])
     return from_dict(config_type, config).validate()
 
@@ -388,13 +392,32 @@ def is_images(shape: tuple[int, ...]) -> bool:
     return len(shape) == 3
 
 
-def resolve_threshold(threshold: str | None, shape: tuple[int, ...]) -> str:
-    """The x_0 threshold to use: the one asked for, else ``static`` for images (known to lie in
-    ``[-1, 1]``) and ``none`` for vectors."""
-    if threshold is not None:
-        choose(flag("threshold"), threshold, THRESHOLDS)
-        return threshold
-    return "static" if is_images(shape) else "none"
+def threshold_settings(
+    threshold: str | None, percentile: float | None, default: str | None, shape: tuple[int, ...]
+) -> tuple[str, float]:
+    """The x_0 threshold to use and the percentile of the dynamic one, checked: the threshold
+    asked for, else the run's ``default``, else ``static`` for images (known to lie in
+    ``[-1, 1]``) and ``none`` for vectors; ``percentile`` (default 0.995) in ``(0, 1]``."""
+    threshold = default if threshold is None else threshold
+    if threshold is None:
+        threshold = "static" if is_images(shape) else "none"
+    choose(flag("threshold"), threshold, THRESHOLDS)
+    if percentile is not None and threshold != "dynamic":
+        raise UserError("--percentile applies with --threshold dynamic only")
+    return threshold, 0.995 if percentile is None else finite("percentile", percentile, 1e-6, 1.0)
+
+
+def guidance_settings(
+    guidance: float | None, convention: str | None, default: float
+) -> tuple[float, str]:
+    """The classifier-free guidance scale (given, else ``default``) and its convention (w or
+    gamma, default w), checked."""
+    guidance = default if guidance is None else finite("guidance", guidance, 0.0)
+    if convention is not None:
+        if guidance == 0:
+            raise UserError("--convention applies with --guidance only")
+        choose(flag("convention"), convention, g.CONVENTIONS)
+    return guidance, convention or "w"
 
 
 # ------------------------------------------------------------------ loaded model
@@ -501,20 +524,26 @@ def sampler_settings(
     sampler_options: dict[str, Any] | None,
 ) -> tuple[str, int, str, dict[str, Any]]:
     """``(sampler, steps, grid, options)``: the given ones, checked, else the run's defaults;
-    ``eta`` and ``sampler_options`` must be options of the chosen sampler."""
+    ``eta`` and ``sampler_options`` must be options of the chosen sampler, each ``--opt`` value
+    of the type of the option's default."""
     sampler = cfg.sampler if sampler is None else sampler
     choose("--sampler", sampler, gaussian_samplers.SAMPLERS)
     steps = cfg.steps if steps is None else positive_int("steps", steps)
     grid = cfg.grid if grid is None else grid
     choose("--grid", grid, gaussian_samplers.GRIDS)
     accepted = gaussian_samplers.sampler_options(sampler)
-    options = dict(sampler_options or {})
-    for key in options:
+    options = {}
+    for key, value in (sampler_options or {}).items():
         if key not in accepted:
             names = ", ".join(accepted) or "none"
             raise UserError(
                 f"--opt {key} does not apply to sampler {sampler} (its options: {names})"
             )
+        options[key] = coerce(value, type(accepted[key]), f"--opt {key}")
+    if "eta" in options:
+        if eta is not None:
+            raise UserError("--eta and --opt eta were both given: give eta once")
+        eta = options.pop("eta")
     if eta is None and cfg.eta is not None and sampler == cfg.sampler:
         eta = cfg.eta
     if eta is not None:
@@ -554,8 +583,9 @@ class ImageRecipe(Recipe):
 
     def load(self, path: Path, device: str = "auto") -> LoadedModel:
         cfg, meta, net, step = load_network(self, path, device)
-        return LoadedModel(build_denoiser(net, cfg.diffusion), cfg, tuple(meta["shape"]),
-                           meta["class_names"], step)  # fmt: skip
+        with reading_metadata(path):
+            return LoadedModel(build_denoiser(net, cfg.diffusion), cfg, tuple(meta["shape"]),
+                               meta["class_names"], step)  # fmt: skip
 
     def sample(
         self,
@@ -587,29 +617,24 @@ class ImageRecipe(Recipe):
         sampler, steps, grid, options = sampler_settings(s, sampler, steps, grid, eta,
                                                          sampler_options)  # fmt: skip
         labels, nrow = labels_and_rows(label, model.class_names, n)
-        guidance = s.guidance if guidance is None else finite("guidance", guidance, 0.0)
-        if convention is not None and guidance == 0:
-            raise UserError("--convention applies with --guidance only")
+        guidance, convention = guidance_settings(guidance, convention, s.guidance)
+        seed = s.seed if seed is None else seed_value(seed)
         net = None
         if classifier is not None:
             net = load_guiding_classifier(classifier, model)
         elif classifier_scale is not None:
             raise UserError("--classifier-scale applies with --classifier only")
         scale = 1.0 if classifier_scale is None else finite("classifier_scale", classifier_scale)
-        threshold = resolve_threshold(threshold or s.threshold, model.shape)
-        if percentile is not None and threshold != "dynamic":
-            raise UserError("--percentile applies with --threshold dynamic only")
-        percentile = 0.995 if percentile is None else finite("percentile", percentile, 1e-6, 1.0)
-        den = guided_denoiser(model, guidance=guidance, convention=convention or "w",
+        threshold, percentile = threshold_settings(threshold, percentile, s.threshold, model.shape)
+        den = guided_denoiser(model, guidance=guidance, convention=convention,
                               classifier=net, classifier_scale=scale, threshold=threshold,
                               percentile=percentile)  # fmt: skip
         cond = None
         if model.num_classes is not None:
             null = torch.full((n,), model.num_classes, dtype=torch.long)
             cond = {"class_labels": (null if labels is None else labels).to(model.device)}
-        x = draw(model, den, n, cond, sampler=sampler, steps=steps, grid=grid,
-                 seed=s.seed if seed is None else seed, options=options,
-                 callback=callback)  # fmt: skip
+        x = draw(model, den, n, cond, sampler=sampler, steps=steps, grid=grid, seed=seed,
+                 options=options, callback=callback)  # fmt: skip
         return Samples(x=x, labels=labels, nrow=nrow)
 
     def evaluate(
@@ -630,19 +655,25 @@ class ImageRecipe(Recipe):
         Hutchinson probes, uniform dequantization)."""
         choose("--method", method, ("vlb", "ode"))
         positive_int("n", n)
+        seed_value(seed)
         if not is_images(model.shape):
             raise UserError("eval measures bits/dim of 8-bit images; this run's data are vectors")
         if method == "vlb":
             if ode_steps is not None or probes is not None:
                 raise UserError("--ode-steps and --probes apply to --method ode only")
-            if model.denoiser.schedule.T is None:
+            T = model.denoiser.schedule.T
+            if T is None:
                 raise UserError(
                     "the variational bound needs a discrete-time schedule: use --method ode"
                 )
-            if t_samples is not None:
-                positive_int("t_samples", t_samples)
+            if t_samples is not None and positive_int("t_samples", t_samples) >= T:
+                raise UserError(f"--t-samples must be below T = {T}: leave it empty for the "
+                                f"exact sum of all {T - 1} terms")  # fmt: skip
         elif t_samples is not None:
             raise UserError("--t-samples applies to --method vlb only")
+        else:
+            ode_steps = 100 if ode_steps is None else positive_int("ode_steps", ode_steps)
+            probes = 1 if probes is None else positive_int("probes", probes)
         _, held_out = data_splits(model.config.data)
         if len(held_out) == 0:
             raise UserError("this run has no held-out data (data.held_out=0)")
@@ -662,7 +693,7 @@ class ImageRecipe(Recipe):
         se = float(total.std() / len(total) ** 0.5) if len(total) > 1 else float("nan")
         metrics.update(examples=len(x), stderr=se, method=method)
         if method == "ode":
-            how = f"probability-flow ODE, {ode_steps or 100} RK4 steps, uniform dequantization"
+            how = f"probability-flow ODE, {ode_steps} RK4 steps, uniform dequantization"
         else:
             how = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
                             if k not in ("total", "examples", "stderr", "method"))  # fmt: skip
@@ -677,7 +708,7 @@ class ImageRecipe(Recipe):
 
         overrides = [f"train.out={out}", "train.max_minutes=2.7"]
         if steps is not None:
-            overrides.append(f"train.steps={positive_int('steps', steps)}")
+            overrides.append(f"train.steps={steps}")
         _, cfg = load_config(self.preset, overrides)
         start = time.perf_counter()
         result = self.train(cfg, progress=not quiet)
@@ -719,8 +750,8 @@ def _bits_per_dim(
     if method == "ode":
         from difflab.gaussian.likelihood import ode_bits_per_dim
 
-        bpd = ode_bits_per_dim(model.denoiser, x, cond, n_steps=ode_steps or 100,
-                               n_probes=probes or 1, generator=generator)  # fmt: skip
+        bpd = ode_bits_per_dim(model.denoiser, x, cond, n_steps=ode_steps, n_probes=probes,
+                               generator=generator)  # fmt: skip
         return {"total": bpd}
     from difflab.gaussian.vlb import bits_per_dim
 

@@ -43,7 +43,7 @@ from difflab.errors import UserError
 from difflab.gaussian.objectives import make_objective
 from difflab.gaussian.parameterization import Denoiser
 from difflab.nets.text_encoder import TextEncoder, TextToDigitNet
-from difflab.recipes import Evaluation, Recipe, Samples, finite, load_network
+from difflab.recipes import Evaluation, Recipe, Samples, load_network, reading_metadata, seed_value
 from difflab.recipes.image import (
     ImageConfig,
     build_denoiser,
@@ -51,10 +51,11 @@ from difflab.recipes.image import (
     config_from_run,
     data_splits,
     draw,
+    guidance_settings,
     guided_denoiser,
-    resolve_threshold,
     run_metadata,
     sampler_settings,
+    threshold_settings,
 )
 from difflab.train.trainer import Trainer, TrainResult
 
@@ -281,9 +282,9 @@ def build_net(cfg: TextToDigitConfig, shape: tuple[int, ...]) -> TextToDigitNet:
     t = cfg.text_encoder
     try:
         unet = build_unet(cfg.model.net, shape, None, context_dim=t.dim)
-        encoder = TextEncoder(len(VOCAB), MAX_TOKENS, t.dim, t.depth, t.num_heads, pad=PAD)
     except ValueError as e:
-        raise UserError(str(e)) from None
+        raise UserError(f"model.unet: {e}") from None
+    encoder = TextEncoder(len(VOCAB), MAX_TOKENS, t.dim, t.depth, t.num_heads, pad=PAD)
     return TextToDigitNet(encoder, unet)
 
 
@@ -368,9 +369,10 @@ class TextToDigitRecipe(Recipe):
 
     def load(self, path: Path, device: str = "auto") -> TextToDigitModel:
         cfg, meta, net, step = load_network(self, path, device)
-        thresholds = Thresholds.from_dict(meta["thresholds"])
-        return TextToDigitModel(build_denoiser(net, cfg.diffusion), cfg, tuple(meta["shape"]),
-                                thresholds, step)  # fmt: skip
+        with reading_metadata(path):
+            thresholds = Thresholds.from_dict(meta["thresholds"])
+            shape = tuple(meta["shape"])
+        return TextToDigitModel(build_denoiser(net, cfg.diffusion), cfg, shape, thresholds, step)
 
     def sample(
         self,
@@ -401,27 +403,26 @@ class TextToDigitRecipe(Recipe):
             raise UserError("--prompt holds no caption")
         try:
             tokens = tokenize(prompts)
+            for p in prompts:
+                parse_prompt(p)  # one digit, no contradiction: what the captions were
         except ValueError as e:
             raise UserError(str(e)) from None
         sampler, steps, grid, options = sampler_settings(s, sampler, steps, grid, eta,
                                                          sampler_options)  # fmt: skip
-        guidance = DEFAULT_GUIDANCE if guidance is None else finite("guidance", guidance, 0.0)
-        if convention is not None and guidance == 0:
-            raise UserError("--convention applies with --guidance only")
-        threshold = resolve_threshold(threshold or s.threshold, model.shape)
-        if percentile is not None and threshold != "dynamic":
-            raise UserError("--percentile applies with --threshold dynamic only")
+        guidance, convention = guidance_settings(guidance, convention, DEFAULT_GUIDANCE)
+        threshold, percentile = threshold_settings(threshold, percentile, s.threshold, model.shape)
+        seed = s.seed if seed is None else seed_value(seed)
         device = model.device
         tokens = tokens.repeat(-(-n // len(prompts)), 1)[:n].to(device)
         empty = torch.full((1, MAX_TOKENS), PAD, dtype=torch.long, device=device)
-        den = guided_denoiser(model, guidance=guidance, convention=convention or "w",
+        den = guided_denoiser(model, guidance=guidance, convention=convention,
                               threshold=threshold, null_cond={"tokens": empty},
-                              percentile=0.995 if percentile is None else percentile)  # fmt: skip
+                              percentile=percentile)  # fmt: skip
         x = draw(model, den, n, {"tokens": tokens}, sampler=sampler, steps=steps, grid=grid,
-                 seed=s.seed if seed is None else seed, options=options)  # fmt: skip
+                 seed=seed, options=options)  # fmt: skip
         return Samples(x=x, nrow=min(10, n))
 
-    def evaluate(self, model: TextToDigitModel) -> Evaluation:
+    def evaluate(self, model: TextToDigitModel, **options: Any) -> Evaluation:
         raise UserError("a text-to-digit run has no likelihood evaluation yet")
 
 

@@ -22,9 +22,9 @@ from safetensors.torch import load_file, safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
-from difflab.version import __version__
 from difflab.errors import UserError
 from difflab.files import file_error, write_bytes, write_text
+from difflab.version import __version__
 
 FILENAME = "checkpoint.safetensors"
 CONFIG_FILENAME = "config.json"
@@ -100,6 +100,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def _metadata(p: Path) -> dict[str, str]:
     """The safetensors header of a difflab checkpoint (no tensor is read)."""
     try:
+        open(p, "rb").close()  # safetensors reports a denied file as a missing one
         with safe_open(str(p), framework="pt") as f:
             meta = f.metadata() or {}
     except PermissionError as e:

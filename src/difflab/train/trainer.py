@@ -87,8 +87,11 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise UserError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device=cuda but no CUDA device is available")
+    if device.type == "cuda" and (device.index or 0) >= (count := torch.cuda.device_count()):
+        raise UserError(f"the device {name!r} was asked for, but this machine has {count} CUDA "
+                        "devices")  # fmt: skip
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N")
     return device
 
 

@@ -130,3 +130,36 @@ def test_checkpoints_of_difflab_0_1_load_and_sample(kind, tmp_path, monkeypatch,
     code, _, err = run(monkeypatch, capsys, "train", str(old), "train.steps=3", "--resume",
                        "--quiet")  # fmt: skip
     assert code == 2 and "trained by difflab 0.1" in err and err.count("\n") == 1
+
+
+def test_large_requests_are_drawn_in_chunks_with_their_own_labels(monkeypatch):
+    """``draw`` splits n samples into chunks of SAMPLE_CHUNK rows and hands each chunk its own
+    rows of the condition; a request within one chunk is one batch."""
+    import torch
+
+    from difflab.gaussian.parameterization import Denoiser
+    from difflab.gaussian.schedules import make_schedule
+    from difflab.recipes import image
+
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, x, c_noise, class_labels=None):
+            seen.append(class_labels.tolist())
+            return x * self.weight
+
+    schedule = make_schedule("cosine", T=20)
+    model = image.LoadedModel(Denoiser(Spy(), schedule, "eps"), None, (1, 2, 2), None, 0)
+    labels = {"class_labels": torch.arange(5)}
+    kwargs = {"sampler": "ddim", "steps": 1, "grid": "trailing", "seed": 0, "options": {}}
+    monkeypatch.setattr(image, "SAMPLE_CHUNK", 2)
+    x = image.draw(model, model.denoiser, 5, labels, **kwargs)
+    assert x.shape == (5, 1, 2, 2) and seen == [[0, 1], [2, 3], [4]]
+    seen.clear()
+    monkeypatch.setattr(image, "SAMPLE_CHUNK", 8)
+    one_batch = image.draw(model, model.denoiser, 5, labels, **kwargs)
+    assert seen == [[0, 1, 2, 3, 4]] and torch.isfinite(one_batch).all()

@@ -472,6 +472,10 @@ def guided_denoiser(
     return g.thresholded(den, threshold, percentile)
 
 
+#: Samples drawn per network batch: a large request runs in chunks of this many rows.
+SAMPLE_CHUNK = 1024
+
+
 def draw(
     model: LoadedModel,
     denoiser: DenoiserFn,
@@ -484,24 +488,38 @@ def draw(
     seed: int,
     options: dict[str, Any],
     callback: Any = None,
-    start: Tensor | None = None,
 ) -> Tensor:
-    """Run ``sampler`` from prior noise (or ``start``) over ``steps`` of the time ``grid``."""
+    """Run ``sampler`` from prior noise over ``steps`` of the time ``grid``, in chunks of
+    :data:`SAMPLE_CHUNK` rows (one generator for all, so ``n`` up to a chunk draws exactly what
+    one batch would), with a progress bar on a terminal."""
     schedule = model.denoiser.schedule
     try:
         ts = gaussian_samplers.time_grid(schedule, steps, grid)
     except ValueError as e:
         raise UserError(str(e)) from None
     gen = torch.Generator(model.device).manual_seed(seed)
-    if start is None:
-        start = torch.randn((n, *model.shape), generator=gen, device=model.device)
-        start = start * schedule.prior_std
     fn = gaussian_samplers.SAMPLERS[sampler]
-    try:
-        with torch.inference_mode(not _needs_gradients(denoiser)):
-            return fn(denoiser, start, ts, cond=cond, generator=gen, callback=callback, **options)
-    except ValueError as e:
-        raise UserError(f"sampler {sampler}: {e}") from None
+    chunks = []
+    with tqdm(total=n * (len(ts) - 1), desc=f"sampling ({sampler})", unit="sample-step",
+              disable=None, leave=False) as bar:  # fmt: skip
+        report = callback
+        if not bar.disable:  # the bar reads each step; without it, no per-step callback cost
+
+            def report(i: int, t: float, x_t: Tensor, x0: Tensor) -> None:
+                bar.update(len(x_t))
+                if callback is not None:
+                    callback(i, t, x_t, x0)
+
+        for rows in torch.arange(n).split(SAMPLE_CHUNK):
+            x = torch.randn((len(rows), *model.shape), generator=gen, device=model.device)
+            part = None if cond is None else {k: v[rows] for k, v in cond.items()}
+            try:
+                with torch.inference_mode(not _needs_gradients(denoiser)):
+                    chunks.append(fn(denoiser, x * schedule.prior_std, ts, cond=part,
+                                     generator=gen, callback=report, **options))  # fmt: skip
+            except ValueError as e:
+                raise UserError(f"sampler {sampler}: {e}") from None
+    return torch.cat(chunks)
 
 
 def _needs_gradients(denoiser: DenoiserFn) -> bool:
@@ -729,6 +747,13 @@ class ImageRecipe(Recipe):
             f"loss curve: {save_loss_curve(result.log, out / 'loss_curve.png')}",
             f"checkpoint: {result.checkpoint}",
         ]
+        if result.stopped_early:
+            lines.append(
+                f"WARNING: this machine trained only {result.steps} of {cfg.train.steps} steps "
+                f"in the demo's {cfg.train.max_minutes:g} minutes, so the samples are "
+                f"undertrained; continue with: difflab train {out} --resume train.max_minutes=0, "
+                f"then difflab sample {out}"
+            )
         return "\n".join(lines)
 
 

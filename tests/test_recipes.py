@@ -163,3 +163,14 @@ def test_large_requests_are_drawn_in_chunks_with_their_own_labels(monkeypatch):
     monkeypatch.setattr(image, "SAMPLE_CHUNK", 8)
     one_batch = image.draw(model, model.denoiser, 5, labels, **kwargs)
     assert seen == [[0, 1, 2, 3, 4]] and torch.isfinite(one_batch).all()
+
+
+def test_a_classifier_of_another_schedule_is_refused(tmp_path, monkeypatch, capsys):
+    import difflab
+
+    difflab.train("digits-tiny", TINY, out=str(tmp_path / "model"), progress=False)
+    difflab.train("digits-tiny", [*TINY, "classifier.channels=8", "diffusion.schedule=linear"],
+                  recipe="classifier", out=str(tmp_path / "clf"), progress=False)  # fmt: skip
+    code, _, err = run(monkeypatch, capsys, "sample", str(tmp_path / "model"), "--n", "2",
+                       "--classifier", str(tmp_path / "clf"))  # fmt: skip
+    assert code == 2 and "trained on another noise schedule" in err, err

@@ -795,7 +795,8 @@ def labels_and_rows(label: Any, names: list[str] | None, n: int) -> tuple[Tensor
 
 
 def load_guiding_classifier(path: str | Path, model: LoadedModel) -> nn.Module:
-    """The noisy classifier of a ``classifier`` run, checked to fit ``model``'s classes."""
+    """The noisy classifier of a ``classifier`` run, checked to fit ``model``: the same classes
+    and the same noise schedule (its times ``t`` must mean the same ``x_t``)."""
     from difflab.recipes import load
 
     run = load(path, str(model.device))
@@ -804,6 +805,9 @@ def load_guiding_classifier(path: str | Path, model: LoadedModel) -> nn.Module:
                         f"{run.recipe.name} run")  # fmt: skip
     if run.model.class_names != model.class_names:
         raise UserError(f"the classifier in {path} knows other classes than this model")
+    if run.model.schedule.config() != model.denoiser.schedule.config():
+        raise UserError(f"the classifier in {path} was trained on another noise schedule than "
+                        "this model: train it with this model's config")  # fmt: skip
     return run.model.net
 
 

@@ -117,6 +117,9 @@ def _damaged_runs(runs: Path, bad: Path) -> None:
     damage("text-to-digit", "t2d-thresholds",
            config(lambda c: {k: v for k, v in c.items() if k != "thresholds"}))  # fmt: skip
     damage("text", "text-json", header(config="[1,"))
+    damage("text", "text-classes",
+           config(lambda c: {k: v for k, v in c.items() if k != "class_names"}))  # fmt: skip
+    damage("text", "text-null-config", config(lambda c: {**c, "config": None}))
     for name, data in (("truncated", None), ("garbage", b"hello")):
         shutil.copytree(runs / "image", bad / name)
         path = bad / name / "checkpoint.safetensors"
@@ -321,6 +324,10 @@ ROWS = [
     ("train text-tiny data.tokenizer=magic " + T, "data.tokenizer must be one of char, bpe"),
     ("train text-tiny diffusion.kind=magic " + T, "diffusion.kind must be one of"),
     ("train text-tiny train.seed=-1 " + T, "train.seed must be a whole number in 0..2**63-1"),
+    ("train text-tiny sample.seed=100000000000000000000000 " + T,
+     "sample.seed must be a whole number in 0..2**63-1"),
+    ("train text-tiny sample.seed=-1 " + T, "sample.seed must be a whole number in 0..2**63-1"),
+    ("train text-tiny data.length=100000000 " + T, "data.length must be at most 8,192 tokens"),
     # config files
     ("train {data}/binary.yaml " + T, "cannot read {data}/binary.yaml"),
     ("train {data}/utf16.yaml " + T, "cannot read {data}/utf16.yaml"),
@@ -407,13 +414,19 @@ ROWS = [
     ("sample {bad}/moons-classes " + S, "is damaged (KeyError: 'class_names')"),
     ("sample {bad}/t2d-thresholds " + S + " " + P, "is damaged (KeyError: 'thresholds')"),
     ("sample {bad}/text-json " + S, "its run config is not JSON"),
+    ("sample {bad}/text-classes " + S, "is damaged (KeyError: 'class_names')"),
+    ("sample {bad}/text-null-config " + S, "is damaged (TypeError: its config is not a mapping)"),
     ("eval {bad}/no-step", "'step' is missing"),
     ("train {bad}/no-rng --resume --quiet", "cannot be resumed: it lacks rng.generator"),
     ("train {bad}/rng --resume --quiet", "does not fit this model"),
     ("train {bad}/null-config --resume --quiet", "its config is not a mapping"),
+    ("train {bad}/text-null-config --resume --quiet", "its config is not a mapping"),
     # too large for memory
     ("sample {text} --n 100000000 --out {scratch}/s", "will not fit in memory"),
     ("sample {moons} --n 2000000 --out {scratch}/s", "will not fit in memory"),
+    ("sample {text} --n 10000 --length 100000 --out {scratch}/s",
+     "(1,000,000,000 tokens) will not fit in memory"),
+    ("eval {text} --t-samples 100000000", "--t-samples must be at most 256"),
     ("eval {image} --t-samples 100000000", "--t-samples must be below T = 20"),
     ("train digits-tiny train.batch_size=100000000000 " + T, "out of memory"),
     # nonsense and NaN options
@@ -467,7 +480,8 @@ ROWS = [
     ("sample {text} --length 0 " + S, "--length must be a whole number >= 1"),
     ("sample {text} --prompt 'snow ☃' " + S, "outside this model's vocabulary: '☃'"),
     ("sample {text} --prompt 'a long prompt' --length 4 " + S, "the length (4) must exceed it"),
-    ("sample {text} --seed -1 " + S, "--seed must be a whole number >= 0"),
+    ("sample {text} --seed -1 " + S, "--seed must be a whole number in 0..2**63-1"),
+    ("sample {text} --seed 100000000000000000000000 " + S, "--seed must be a whole number in 0"),
     ("sample {text} --class 1 " + S, "this model is not class-conditional"),
     ("sample {text} --guidance 1 " + S, "--guidance applies to labelled runs"),
     # eval
@@ -488,6 +502,7 @@ ROWS = [
     ("eval {classifier} --n 0", "--n must be a whole number >= 1"),
     ("eval {text} --t-samples 0", "--t-samples must be a whole number >= 1"),
     ("eval {text} --ode-steps 3", "--ode-steps does not apply to text runs"),
+    ("eval {text} --seed 100000000000000000000000", "--seed must be a whole number in 0..2**63"),
     # options a recipe does not take
     *NOT_TAKEN,
 ]  # fmt: skip

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import difflab.recipes.text.demo as text_demo
+import difflab.recipes.text.sample as sample_module
 from difflab.config import presets
 from difflab.data.text import (
     EOS_ID,
@@ -184,12 +185,19 @@ def test_lengths_beyond_the_context_are_generated_in_windows(trained, kind, samp
 def test_the_progress_bar_counts_every_step_of_every_window(trained, prompt, length, windows):
     """Context 32, block 16: the first window fills the context after the prompt (at least 16
     new tokens), each later one adds 16. Uncached ancestral sampling calls the network once per
-    step of each window, so its ``nfe`` is the total the progress bar counts to."""
-    model = trained["mdlm"].model
+    step of each window, so its ``nfe`` is the total the progress bar counts to (every token
+    is forced to be "a": no row ends early, which would stop the windows)."""
+    run = trained["mdlm"]
+    model = run.model
     assert (model.context, model.config.block) == (32, 16)
     assert window_count(prompt, length, model.context, model.config.block) == windows
     text = ("KING " * 10)[:prompt]
-    samples = generate_tokens(model, 1, prompt=text, length=length, sampler="ancestral", steps=3)
+    _force(run, model.tokenizer.encode("a")[0])
+    try:
+        samples = generate_tokens(model, 1, prompt=text, length=length, sampler="ancestral",
+                                  steps=3)  # fmt: skip
+    finally:
+        _restore(run)
     assert samples.nfe == 3 * windows
 
 
@@ -202,6 +210,83 @@ def test_ar_sampling_of_a_huge_length_stops_once_every_row_has_ended(trained):
         assert samples.lengths.tolist() == [1, 1]
     finally:
         _restore(run)
+
+
+def test_diffusion_sampling_of_a_huge_length_stops_once_every_row_has_ended(trained):
+    """Every token EOS: the first window ends every row, so no other window is drawn (the 100 k
+    tokens would be 6249 more windows of 32 steps)."""
+    run = trained["mdlm"]
+    _force(run, EOS_ID)
+    try:
+        samples = generate_tokens(run.model, 2, length=100_000, steps=4)
+        assert samples.nfe <= 4
+        assert samples.lengths.tolist() == [1, 1]
+        assert samples.tokens.shape == (2, 100_000)
+    finally:
+        _restore(run)
+
+
+@pytest.mark.parametrize("kind", ["mdlm", "ar"])
+def test_passages_are_drawn_in_chunks_of_rows(trained, kind, monkeypatch):
+    """With room for two rows per network call, five passages are three chunks drawn one after
+    the other from the one generator: the first chunk is what a request of two draws, the next
+    ones continue the generator. A request that fits one chunk is one batch, as before."""
+    model = trained[kind].model
+    options = {"length": 40, "seed": 5, **({"steps": 4} if kind == "mdlm" else {})}
+    assert sample_module.rows_per_chunk(model) >= 5
+    whole = generate_tokens(model, 5, **options)
+    two = generate_tokens(model, 2, **options)
+    monkeypatch.setattr(sample_module, "rows_per_chunk", lambda model: 2)
+    chunked = generate_tokens(model, 5, **options)
+    assert chunked.tokens.shape == (5, 40) and chunked.lengths.shape == (5,)
+    assert torch.equal(chunked.tokens[:2], two.tokens)
+    assert not torch.equal(chunked.tokens[2:4], two.tokens)  # later chunks draw other numbers
+    assert torch.equal(generate_tokens(model, 2, **options).tokens, two.tokens)  # one chunk
+    assert not torch.equal(chunked.tokens, whole.tokens)
+
+
+def test_rows_per_chunk_bounds_the_memory_of_a_call(trained):
+    model = trained["mdlm"].model
+    L, V = model.context + 1, model.tokenizer.vocab_size
+    per_row = L * (V + 4 * model.net.width + model.net.num_heads * L)
+    rows = sample_module.rows_per_chunk(model)
+    assert rows * per_row <= sample_module.CALL_BUDGET < (rows + 1) * per_row
+
+
+@pytest.mark.parametrize(
+    "kind, length, total", [("mdlm", 20, 32), ("mdlm", 80, 4 * 32), ("ar", 20, 20), ("ar", 80, 80)]
+)
+def test_generation_shows_a_progress_bar(trained, monkeypatch, kind, length, total):
+    """A bar counting every step of every window (diffusion) or every token (ar), shown on a
+    terminal only (``disable=None``: tests stay quiet) and only once sampling takes a while."""
+    bars = []
+    real = sample_module.tqdm
+
+    def spy(**kwargs):
+        bars.append(kwargs)
+        return real(**kwargs)
+
+    monkeypatch.setattr(sample_module, "tqdm", spy)
+    generate_tokens(trained[kind].model, 2, length=length)
+    ((bar,),) = [bars]
+    assert bar["total"] == total
+    assert bar["disable"] is None and bar["delay"] == sample_module.PROGRESS_DELAY > 0
+
+
+def test_a_length_beyond_the_training_text_is_refused(tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("To be, or not to be.\n" * 3)
+    with pytest.raises(UserError, match=r"data.length=128 is longer than the training text"):
+        train(tiny(short, tmp_path / "run", "data.length=128"))
+    assert not (tmp_path / "run" / "checkpoint.safetensors").exists()
+    with pytest.raises(UserError, match=r"data.length must be at most 8,192 tokens"):
+        tiny(short, tmp_path / "run", "data.length=100000000")
+
+
+def test_many_time_samples_are_scored_in_smaller_batches(trained):
+    mdlm = trained["mdlm"]
+    result = mdlm.evaluate(n=3, t_samples=256, progress=False).metrics
+    assert result["sequences"] == 3 and math.isfinite(result["nats_per_token"])
 
 
 def test_labels_condition_samples(tmp_path):
@@ -465,7 +550,9 @@ def test_bad_generation_requests_are_user_errors(trained, tmp_path):
         (mdlm, {"top_p": 1.5}, r"--top-p must be in \(0, 1\]"),
         (mdlm, {"length": 0}, "--length must be a whole number >= 1"),
         (mdlm, {"steps": 0}, "--steps must be a whole number >= 1"),
-        (mdlm, {"seed": -1}, "--seed must be a whole number >= 0"),
+        (mdlm, {"seed": -1}, r"--seed must be a whole number in 0..2\*\*63-1"),
+        (ar, {"seed": 10**23}, r"--seed must be a whole number in 0..2\*\*63-1"),
+        (mdlm, {"length": 2 * 10**8}, r"200,000,000 tokens\) will not fit in memory"),
         (ar, {"steps": 4}, "--steps does not apply to ar models"),
         (ar, {"sampler": "cached"}, "--sampler does not apply to ar models"),
         (ar, {"guidance": 1.0}, "--guidance does not apply to ar models"),
@@ -476,6 +563,10 @@ def test_bad_generation_requests_are_user_errors(trained, tmp_path):
             run.sample(1, **options)
     with pytest.raises(UserError, match="--t-samples does not apply to ar models"):
         ar.evaluate(t_samples=2)
+    with pytest.raises(UserError, match="--t-samples must be at most 256"):
+        mdlm.evaluate(t_samples=257)
+    with pytest.raises(UserError, match=r"--seed must be a whole number in 0..2\*\*63-1"):
+        mdlm.evaluate(seed=2**63)
     with pytest.raises(UserError, match="--method does not apply to text runs"):
         mdlm.evaluate(method="ode")
     train(tiny(Path(mdlm.config.data.source), tmp_path, "diffusion.kind=udlm", "train.steps=1"))

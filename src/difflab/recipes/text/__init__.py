@@ -37,7 +37,7 @@ from torch import nn
 from difflab.config import from_dict
 from difflab.data.text import load_tokenizer
 from difflab.errors import UserError
-from difflab.recipes import Evaluation, Recipe, Samples, load_network
+from difflab.recipes import Evaluation, Recipe, Samples, load_network, reading_metadata
 from difflab.recipes.image import num_classes_of
 from difflab.recipes.text.config import KINDS, TextConfig, migrate
 from difflab.recipes.text.demo import DEMO_FILES, mdlm_versus_ar
@@ -69,6 +69,11 @@ class TextRecipe(Recipe):
     demo_files = DEMO_FILES
 
     def config_from_run(self, meta: dict[str, Any]) -> TextConfig:
+        """The validated config a checkpoint records (migrated from difflab 0.1's layout when
+        it has no ``config_version``); one that is not a mapping is a ``TypeError``, which
+        :func:`~difflab.recipes.reading_metadata` reports as damaged metadata."""
+        if not isinstance(meta["config"], dict):
+            raise TypeError("its config is not a mapping")
         config = meta["config"] if meta.get("config_version") else migrate(meta["config"])
         return from_dict(TextConfig, config).validate()
 
@@ -91,6 +96,9 @@ class TextRecipe(Recipe):
         else:
             tokenizer = build_tokenizer(cfg.data, train_split.documents)
         tokens, loss_mask, labels = pack_split(train_split, tokenizer, cfg.data.length)
+        if len(tokens) == 1 and not bool(loss_mask.all()):
+            raise UserError(f"data.length={cfg.data.length:,} is longer than the training text "
+                            f"({int(loss_mask.sum()):,} tokens): choose at most that")  # fmt: skip
         meta = run_metadata(cfg, tokenizer, class_names)
         process = build_process(cfg.diffusion, tokenizer.vocab_size)
         torch.manual_seed(cfg.train.seed)  # network initialisation
@@ -105,13 +113,18 @@ class TextRecipe(Recipe):
     def load(self, path: Path, device: str = "auto") -> LoadedTextModel:
         """The run's EMA network, the tokenizer saved next to its checkpoint, and its process."""
         cfg, meta, net, step = load_network(self, path, device)
+        with reading_metadata(path):
+            vocab_size, class_names = meta["vocab_size"], meta["class_names"]
+            names = class_names if isinstance(class_names, list) else [None]
+            if class_names is not None and not all(isinstance(c, str) for c in names):
+                raise TypeError("class_names is not a list of names")
         tokenizer_path = resolve_checkpoint(path).parent / TOKENIZER_FILE
         tokenizer = load_tokenizer(tokenizer_path)
-        if tokenizer.vocab_size != meta["vocab_size"]:
+        if tokenizer.vocab_size != vocab_size:
             raise UserError(f"{tokenizer_path} has {tokenizer.vocab_size} ids but the model was "
-                            f"trained with {meta['vocab_size']}")  # fmt: skip
-        process = build_process(cfg.diffusion, meta["vocab_size"])
-        return LoadedTextModel(net, tokenizer, process, cfg, meta["class_names"], step)
+                            f"trained with {vocab_size}")  # fmt: skip
+        process = build_process(cfg.diffusion, vocab_size)
+        return LoadedTextModel(net, tokenizer, process, cfg, class_names, step)
 
     def sample(
         self,

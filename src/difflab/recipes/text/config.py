@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from difflab.config import TrainConfig, check, choose, from_dict
+from difflab.config import TrainConfig, check, check_seed, choose, from_dict
 from difflab.data.text import SPECIAL_TOKENS, BPETokenizer, CharTokenizer
 from difflab.discrete.samplers import TOKEN_SAMPLERS
 from difflab.discrete.schedules import TOKEN_SCHEDULES
@@ -52,6 +52,9 @@ KINDS = {
 TOKENIZERS = {"char": CharTokenizer, "bpe": BPETokenizer}
 #: The smallest byte-level BPE vocabulary: the special tokens and the 256 bytes.
 MIN_BPE_VOCAB = len(SPECIAL_TOKENS) + 256
+#: The longest ``data.length``: every layer attends over all positions of a row, so memory and
+#: time grow with its square; far beyond the contexts a model of this library is trained with.
+MAX_LENGTH = 8192
 #: ``sample.sampler`` when left empty, and ``diffusion.cond_drop`` of a labelled run.
 DEFAULT_SAMPLER = "cached"
 DEFAULT_COND_DROP = 0.1
@@ -73,7 +76,8 @@ class TextDataConfig:
     of them, or a local Hugging Face dataset (saved folder or cached name; column
     ``text_field``). ``tokenizer``: one of :data:`TOKENIZERS`; ``bpe_vocab``: ids of the ``bpe``
     tokenizer, specials included (empty: 1024). ``length``: tokens per training row, the model's
-    context. ``labels``: the source is a folder whose immediate subfolders are classes (for
+    context (at most :data:`MAX_LENGTH`; training refuses one beyond the training text).
+    ``labels``: the source is a folder whose immediate subfolders are classes (for
     classifier-free guidance)."""
 
     source: str = "shakespeare"
@@ -96,6 +100,11 @@ class TextDataConfig:
                 f"({len(SPECIAL_TOKENS)} special tokens + 256 bytes)",
             )
         check(self.length >= 2, "data.length must be at least 2")
+        check(
+            self.length <= MAX_LENGTH,
+            f"data.length must be at most {MAX_LENGTH:,} tokens (the model's context: attention "
+            f"over a row grows with its square), got {self.length:,}",
+        )
 
     def tokenizer_options(self) -> dict[str, Any]:
         """The keyword options of ``TOKENIZERS[tokenizer].train``."""
@@ -232,7 +241,7 @@ class TextSampleConfig:
         check(self.length is None or self.length >= 1, "sample.length must be at least 1")
         check(self.block is None or self.block >= 1, "sample.block must be at least 1")
         check(self.n >= 1, "sample.n must be at least 1")
-        check(self.seed >= 0, "sample.seed must be non-negative")
+        check_seed("sample.seed", self.seed)
         check(self.guidance is None or self.guidance >= 0, "sample.guidance must be non-negative")
 
 

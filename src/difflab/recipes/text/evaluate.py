@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from difflab.discrete.objectives import continuous_time_loss, d3pm_loss, mask_count_loss
 from difflab.errors import UserError
 from difflab.evaluate.text_metrics import bits_per_character
-from difflab.recipes import Evaluation, flag, positive_int
+from difflab.recipes import Evaluation, flag, positive_int, seed_value
 from difflab.recipes.text.config import KINDS, TextConfig
 from difflab.recipes.text.train import (
     LoadedTextModel,
@@ -29,9 +29,12 @@ from difflab.recipes.text.train import (
 )
 
 #: Held-out rows scored per network call (one progress-bar tick), and the draws of the noise
-#: level per row when ``t_samples`` is left empty.
+#: level per row when ``t_samples`` is left empty. One call scores every draw of its rows, at
+#: most ``EVAL_BATCH * TIME_SAMPLES`` of them (fewer rows per call for more draws), so
+#: ``t_samples`` is at most that.
 EVAL_BATCH = 64
 TIME_SAMPLES = 4
+MAX_TIME_SAMPLES = EVAL_BATCH * TIME_SAMPLES
 
 
 def held_out_rows(model: LoadedTextModel) -> tuple[Tensor, Tensor, Tensor | None, TextSplit]:
@@ -60,7 +63,8 @@ def score_held_out(
 ) -> Evaluation:
     """Negative log-likelihood per token on ``n`` held-out rows spread evenly over the held-out
     split: for ``ar`` the exact value, for the diffusion kinds the NELBO estimated with
-    ``t_samples`` draws per row spread over the noise levels (empty: 4; D3PM kinds: their
+    ``t_samples`` draws per row spread over the noise levels (empty: 4, at most
+    :data:`MAX_TIME_SAMPLES`, with fewer rows per batch beyond 4; D3PM kinds: their
     ``T``-step ``L_vb``; the others: the continuous-time bound of their process). MDLM with a
     time-agnostic network (the default) is scored in the bound's mask-count form
     (:func:`mask_count_loss`: the same bound, lower variance); it is trained in the time form,
@@ -73,8 +77,13 @@ def score_held_out(
     ``bits_per_character = nats_per_token * split_tokens / split_characters / ln 2``.
     """
     positive_int("n", n)
+    seed_value(seed)
     if model.process is not None:
         repeats = TIME_SAMPLES if t_samples is None else positive_int("t_samples", t_samples)
+        if repeats > MAX_TIME_SAMPLES:
+            raise UserError(f"{flag('t_samples')} must be at most {MAX_TIME_SAMPLES} (draws of "
+                            f"the noise level per row, all in one batch), got {repeats:,}: "
+                            f"score more rows with --n instead")  # fmt: skip
     elif t_samples is None:
         repeats = 1
     else:
@@ -84,7 +93,8 @@ def score_held_out(
     rows = torch.linspace(0, len(tokens) - 1, min(n, len(tokens))).round().long()
     generator = torch.Generator(model.device).manual_seed(seed)
     sums, counts = [], []
-    for chunk in tqdm(rows.split(EVAL_BATCH), desc="eval", unit="batch", disable=not progress):
+    batch = EVAL_BATCH if repeats <= TIME_SAMPLES else max(1, MAX_TIME_SAMPLES // repeats)
+    for chunk in tqdm(rows.split(batch), desc="eval", unit="batch", disable=not progress):
         # Row r's draws sit len(chunk) apart in the batch: in strata 1 / repeats apart.
         x0 = tokens[chunk].to(model.device).repeat(repeats, 1)
         mask = loss_mask[chunk].to(model.device).repeat(repeats, 1)

@@ -8,15 +8,21 @@ the first fills the context after the prompt, each later one keeps the last
 ``context - block`` tokens given and adds ``block`` new ones (a passage that fits the context is
 one window; ``semi-ar`` is cached ancestral sampling inside the windows). ``ar`` samples token
 by token with a key/value cache in the same windows
-(:func:`~difflab.discrete.autoregressive.autoregressive_sample`) and stops once every row has
-ended. A labelled run samples given a label; with guidance ``w > 0`` the diffusion kinds use
-classifier-free guidance ``log p_w(x_0 | x_t, c) = (1 + w) log p(x_0 | x_t, c) - w log p(x_0 |
-x_t)`` (:func:`~difflab.discrete.samplers.classifier_free_guidance`).
+(:func:`~difflab.discrete.autoregressive.autoregressive_sample`). Both run one window at a time
+and stop once every row has ended (its tokens after ``<eos>`` would be ``<pad>`` anyway), with a
+progress bar on a terminal once sampling takes more than a moment; the passages are drawn in
+chunks of rows that bound the memory of one network call (:func:`rows_per_chunk`: the same
+samples as one batch whenever ``n`` fits one chunk), and a request of more tokens than
+:data:`MAX_TOKENS` is refused. A labelled run samples given a label; with guidance ``w > 0`` the
+diffusion kinds use classifier-free guidance
+``log p_w(x_0 | x_t, c) = (1 + w) log p(x_0 | x_t, c) - w log p(x_0 | x_t)``
+(:func:`~difflab.discrete.samplers.classifier_free_guidance`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,10 +38,11 @@ from difflab.discrete.samplers import (
     DiscreteSamples,
     classifier_free_guidance,
     semi_autoregressive_sample,
+    truncate_at_eos,
     uniform_times,
 )
 from difflab.errors import UserError
-from difflab.recipes import class_labels, finite, flag, positive_int
+from difflab.recipes import class_labels, finite, flag, positive_int, seed_value
 from difflab.recipes.text.train import LoadedTextModel
 
 
@@ -52,6 +59,16 @@ class Settings:
     guidance: float
     block: int
     seed: int
+
+
+#: The most tokens one request returns (passages times length): their ids and text must fit in
+#: memory at once.
+MAX_TOKENS = 100_000_000
+#: The floats one network call of a chunk of rows may hold (logits, activations, attention
+#: scores): 2**27, half a GiB in float32.
+CALL_BUDGET = 2**27
+#: Seconds of sampling after which a progress bar appears (on a terminal): none for quick ones.
+PROGRESS_DELAY = 2.0
 
 
 def generate_tokens(
@@ -72,11 +89,44 @@ def generate_tokens(
     ``<pad>``); the options are those of :meth:`TextRecipe.sample`."""
     s = settings(model, length=length, temperature=temperature, top_p=top_p, steps=steps,
                  sampler=sampler, guidance=guidance, seed=seed)  # fmt: skip
+    if n * s.length > MAX_TOKENS:
+        raise UserError(f"{n:,} passages of {s.length:,} tokens ({n * s.length:,} tokens) will "
+                        f"not fit in memory; ask for at most {MAX_TOKENS:,} tokens in all "
+                        f"(fewer passages or a shorter {flag('length')})")  # fmt: skip
     prompt_tokens = encode_prompt(model.tokenizer, prompt, s.length, n, model.device)
     cond = class_condition(model, label, n, s.guidance)
     generator = torch.Generator(model.device).manual_seed(s.seed)
-    draw = draw_autoregressive if model.process is None else draw_diffusion
-    return draw(model, (n, s.length), s, prompt_tokens, cond, generator)
+    given = 0 if prompt_tokens is None else prompt_tokens.shape[1]
+    chunks = torch.arange(n).split(rows_per_chunk(model))
+    windows = window_count(given, s.length, model.context, s.block)
+    if model.process is None:
+        draw, total = draw_autoregressive, len(chunks) * (s.length - given)
+        unit = "token"
+    else:
+        draw, total, unit = draw_diffusion, len(chunks) * windows * s.steps, "step"
+    parts = []
+    # On a terminal only (disable=None), and once sampling has taken PROGRESS_DELAY seconds.
+    with tqdm(total=total, desc="sampling", unit=unit, disable=None, delay=PROGRESS_DELAY) as bar:
+        for rows in chunks:
+            part_prompt = None if prompt_tokens is None else prompt_tokens[rows]
+            part_cond = None if cond is None else cond[rows]
+            parts.append(draw(model, (len(rows), s.length), s, part_prompt, part_cond,
+                              generator, bar))  # fmt: skip
+    if len(parts) == 1:
+        return parts[0]
+    return DiscreteSamples(torch.cat([p.tokens for p in parts]),
+                           torch.cat([p.lengths for p in parts]),
+                           max(p.nfe for p in parts))  # fmt: skip
+
+
+def rows_per_chunk(model: LoadedTextModel) -> int:
+    """How many passages are drawn at once: as many as keep one network call within
+    :data:`CALL_BUDGET` floats, counting per row ``L (V + 4 width + heads L)`` for a context of
+    ``L`` tokens (logits over ``V`` ids, the widest activations, the attention scores)."""
+    net = model.net
+    tokens = model.context + 1  # the causal model also reads <bos>
+    per_row = tokens * (model.tokenizer.vocab_size + 4 * net.width + net.num_heads * tokens)
+    return max(1, CALL_BUDGET // per_row)
 
 
 def decode(model: LoadedTextModel, samples: DiscreteSamples) -> list[str]:
@@ -120,7 +170,7 @@ def settings(
         sampler=cfg.sampler if sampler is None else sampler,
         guidance=(s.guidance or 0.0) if guidance is None else finite("guidance", guidance, 0),
         block=cfg.block,
-        seed=s.seed if seed is None else _seed(seed),
+        seed=s.seed if seed is None else seed_value(seed),
     )
 
 
@@ -129,12 +179,6 @@ def _nucleus(top_p: float) -> float:
     if not 0.0 < value <= 1.0:
         raise UserError(f"{flag('top_p')} must be in (0, 1], got {top_p!r}")
     return value
-
-
-def _seed(seed: int) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise UserError(f"{flag('seed')} must be a whole number >= 0, got {seed!r}")
-    return seed
 
 
 def encode_prompt(
@@ -172,13 +216,21 @@ def draw_autoregressive(
     prompt: Tensor | None,
     cond: Tensor | None,
     generator: torch.Generator,
+    bar: tqdm,
 ) -> DiscreteSamples:
-    """``x_i ~ p(x_i | <bos>, x_<i)`` token by token; stops once every row has ended."""
-    return autoregressive_sample(
-        model.net, shape, context_length=model.context, block_length=s.block, prompt=prompt,
-        bos_id=BOS_ID, temperature=s.temperature, top_p=s.top_p, cond=cond, eos_id=EOS_ID,
-        pad_id=PAD_ID, generator=generator, device=model.device,
-    )  # fmt: skip
+    """``x_i ~ p(x_i | <bos>, x_<i)`` token by token, one window at a time (:func:`in_windows`);
+    ``bar`` counts the tokens."""
+
+    def window(out: Tensor, end: int) -> DiscreteSamples:
+        result = autoregressive_sample(
+            model.net, (shape[0], end), context_length=model.context, block_length=s.block,
+            prompt=out, bos_id=BOS_ID, temperature=s.temperature, top_p=s.top_p, cond=cond,
+            eos_id=EOS_ID, pad_id=PAD_ID, generator=generator, device=model.device,
+        )  # fmt: skip
+        bar.update(end - out.shape[1])
+        return result
+
+    return in_windows(model, shape, s, prompt, window)
 
 
 def draw_diffusion(
@@ -188,26 +240,51 @@ def draw_diffusion(
     prompt: Tensor | None,
     cond: Tensor | None,
     generator: torch.Generator,
+    bar: tqdm,
 ) -> DiscreteSamples:
-    """The sampler ``s.sampler`` over ``s.steps`` steps in each window, guided when
-    ``s.guidance > 0``; a progress bar counts the steps when there are several windows."""
+    """The sampler ``s.sampler`` over ``s.steps`` steps in each window (:func:`in_windows`),
+    guided when ``s.guidance > 0``; ``bar`` counts the steps."""
     denoiser: Any = model.net
     if s.guidance > 0:
         denoiser = classifier_free_guidance(model.net, s.guidance, torch.tensor(model.num_classes))
-    given = 0 if prompt is None else prompt.shape[1]
-    windows = window_count(given, shape[1], model.context, s.block)
-    with tqdm(total=windows * s.steps, desc="sampling", unit="step",
-              disable=True if windows == 1 else None) as bar:  # fmt: skip
+
+    def window(out: Tensor, end: int) -> DiscreteSamples:
         try:
             return semi_autoregressive_sample(
-                denoiser, model.process, shape, uniform_times(s.steps),
-                context_length=model.context, block_length=s.block, prompt=prompt, cond=cond,
-                temperature=s.temperature, top_p=s.top_p, eos_id=EOS_ID, pad_id=PAD_ID,
-                generator=generator, device=model.device, callback=_ticks(bar),
-                **_inner_sampler(s.sampler),
+                denoiser, model.process, (shape[0], end), uniform_times(s.steps),
+                context_length=model.context, block_length=s.block, prompt=out, cond=cond,
+                temperature=s.temperature, top_p=s.top_p, generator=generator,
+                device=model.device, callback=_ticks(bar), **_inner_sampler(s.sampler),
             )  # fmt: skip
         except ValueError as e:
             raise UserError(f"sampler {s.sampler}: {e}") from None
+
+    return in_windows(model, shape, s, prompt, window)
+
+
+def in_windows(
+    model: LoadedTextModel,
+    shape: tuple[int, int],
+    s: Settings,
+    prompt: Tensor | None,
+    window: Callable[[Tensor, int], DiscreteSamples],
+) -> DiscreteSamples:
+    """The ``(B, length)`` passages of ``shape`` after ``prompt``, one window per call of
+    ``window(out, end)`` (which returns ``out`` followed by its tokens up to ``end``): the
+    windows of one long call of the samplers, which carry their random numbers over through the
+    generator, so the samples are theirs. Stops once every row holds an ``<eos>``: what would
+    follow it is ``<pad>`` in the result anyway."""
+    B, length = shape
+    out = torch.zeros(B, 0, dtype=torch.long, device=model.device) if prompt is None else prompt
+    nfe = 0
+    while out.shape[1] < length and not bool((out == EOS_ID).any(1).all()):
+        done = out.shape[1]
+        end = min(length, done + max(s.block, model.context - done))
+        result = window(out, end)
+        out, nfe = result.tokens, nfe + result.nfe
+    out = torch.nn.functional.pad(out, (0, length - out.shape[1]), value=PAD_ID)
+    tokens, lengths = truncate_at_eos(out, EOS_ID, PAD_ID)
+    return DiscreteSamples(tokens, lengths, nfe)
 
 
 def window_count(prompt: int, length: int, context: int, block: int) -> int:

@@ -158,6 +158,7 @@ def _bad_data(data: Path) -> None:
     (data / "binary.yaml").write_bytes(bytes(range(256)))
     (data / "list.yaml").write_text("- 1\n- 2\n")
     (data / "broken.yaml").write_text("train: [1\n")
+    (data / "twice.yaml").write_text("train:\n  steps: 3\n  steps: 5\n")
     (data / "python.yaml").write_text("train: !!python/object:os.system {}\n")
     (data / "utf16.yaml").write_bytes("recipe: image\n".encode("utf-16"))
     (data / "cycle.yaml").write_text("sample:\n  grid: &g [*g]\n")
@@ -333,6 +334,7 @@ ROWS = [
     ("train {data}/utf16.yaml " + T, "cannot read {data}/utf16.yaml"),
     ("train {data}/list.yaml " + T, "must hold a mapping of sections"),
     ("train {data}/broken.yaml " + T, "cannot parse {data}/broken.yaml"),
+    ("train {data}/twice.yaml " + T, "the key 'steps' is given twice"),
     ("train {data}/python.yaml " + T, "could not determine a constructor"),
     ("train {data}/cycle.yaml " + T, "sample.grid has an impossible value [[[...]]]"),
     ("train {data}/bomb.yaml " + T, "sample.grid has an impossible value [['x', 'x', 'x', 'x'"),

@@ -126,6 +126,20 @@ def resolve_source(source: str | Path) -> Path:
     return path
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last
+    one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
+        for key in keys:
+            if keys.count(key) > 1:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice", node.start_mark
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_source(source: str | Path) -> dict[str, Any]:
     """The nested dicts of a config file (see :func:`resolve_source`), ``recipe`` included."""
     path = resolve_source(source)
@@ -136,7 +150,7 @@ def read_source(source: str | Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read {path}: {e}") from None
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = yaml.load(text, Loader=_StrictLoader) or {}
     except yaml.YAMLError as e:
         raise UserError(f"cannot parse {path}: {str(e).splitlines()[0]}") from None
     if not isinstance(raw, dict):

@@ -204,3 +204,17 @@ def test_recipes_train_and_sample_from_the_command_line(recipe, trained, tmp_pat
         code, _, err = run(monkeypatch, capsys, "sample", str(out), "--class", "3",
                            "--prompt", "a three")  # fmt: skip
         assert code == 2 and "--class does not apply to text-to-digit runs" in err
+
+
+def test_the_digits_demo_runs_twice_in_its_own_folder(tmp_path, monkeypatch, capsys):
+    """A second demo into the folder the first one made replaces the demo's files (and keeps
+    the user's) instead of refusing the run it finds there."""
+    out = tmp_path / "demo"
+    for _ in range(2):
+        code, report, err = run(monkeypatch, capsys, "demo", "--out", str(out), "--steps", "2",
+                                "--quiet")  # fmt: skip
+        assert code == 0, err
+        assert "ran in" not in report and (out / "samples.png").stat().st_size > 0
+        (out / "mine.txt").write_text("kept")
+    assert (out / "mine.txt").read_text() == "kept"
+    assert load_checkpoint(out).step == 2

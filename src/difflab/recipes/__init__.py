@@ -213,7 +213,7 @@ class Samples:
     """What :meth:`Recipe.sample` returns. ``x``: images ``(N, C, H, W)`` in ``[-1, 1]`` or
     vectors ``(N, D)`` in data units; ``labels``: class per sample (``None``: unconditional);
     ``texts``: passages (text models); ``nrow``: images per grid row; ``extras``: further image
-    sets by name (a cascade's ``low`` resolution stage); ``nfe``: network calls per sample."""
+    sets by name (a cascade's ``low`` resolution stage)."""
 
     x: Tensor | None = None
     labels: Tensor | None = None

@@ -31,6 +31,7 @@ from difflab.gaussian.objectives import WEIGHTINGS, check_objective, make_object
 from difflab.gaussian.parameterization import PREDICTIONS, Denoiser, DenoiserFn
 from difflab.gaussian.schedules import SCHEDULES, Schedule, make_schedule, schedule_parameters
 from difflab.recipes import (
+    RUN_FILES,
     Evaluation,
     Recipe,
     Samples,
@@ -42,7 +43,7 @@ from difflab.recipes import (
     reading_metadata,
     seed_value,
 )
-from difflab.train.trainer import Trainer, TrainResult
+from difflab.train.trainer import LOCK_NAME, Trainer, TrainResult
 from difflab.viz.images import save_animation, save_grid, save_loss_curve
 
 # ------------------------------------------------------------------ config
@@ -579,6 +580,7 @@ class ImageRecipe(Recipe):
     config_type = ImageConfig
     preset = "digits"
     data = "images"
+    demo_files = (*RUN_FILES, LOCK_NAME, "samples.png", "reverse_process.gif")
 
     def config_from_run(self, meta: dict[str, Any]) -> ImageConfig:
         return config_from_run(self.config_type, meta)

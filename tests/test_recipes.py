@@ -174,3 +174,25 @@ def test_a_classifier_of_another_schedule_is_refused(tmp_path, monkeypatch, caps
     code, _, err = run(monkeypatch, capsys, "sample", str(tmp_path / "model"), "--n", "2",
                        "--classifier", str(tmp_path / "clf"))  # fmt: skip
     assert code == 2 and "trained on another noise schedule" in err, err
+
+
+def test_requests_beyond_half_the_memory_are_refused_before_drawing():
+    from difflab.errors import UserError
+    from difflab.recipes import image
+
+    image.check_output_memory(1_000_000, (1, 8, 8))  # 0.8 GB of float32 copies: fine
+    with pytest.raises(UserError, match=r"need about .* GiB, more than half"):
+        image.check_output_memory(1_000_000, (3, 256, 256))
+
+
+def test_a_grid_shows_at_most_grid_max_samples(tmp_path, monkeypatch):
+    import torch
+    from PIL import Image
+
+    import difflab.recipes as recipes
+
+    monkeypatch.setattr(recipes, "GRID_MAX", 6)
+    recipes.Samples(x=torch.zeros(10, 1, 8, 8), nrow=3).save(tmp_path / "s")
+    assert len(np.load(tmp_path / "s.npz")["samples"]) == 10
+    # 3 columns, 2 rows of 8x8 images at 4x with 1-pixel borders
+    assert Image.open(tmp_path / "s.png").size == (4 * (3 * 9 + 1), 4 * (2 * 9 + 1))

@@ -225,9 +225,10 @@ class Samples:
         """Write the samples next to ``stem``, each file whole or not at all: ``STEM.txt`` for
         passages; ``STEM.npz`` (``samples``: images in ``[0, 1]``, vectors as drawn; ``labels``,
         -1 where none) and, for images, the grid ``STEM.png`` (and ``STEM_<extra>.png``), plus
-        with ``png`` one file per sample ``STEM/000000.png`` ... (what FID tools read). Nothing
-        is written when the request is refused (no file stem, ``png`` for text or vectors or
-        into a folder holding more samples, or a file of a run in the way)."""
+        with ``png`` one file per sample ``STEM/000000.png`` ... (what FID tools read); a grid
+        shows the first :data:`GRID_MAX` samples. Nothing is written when the request is
+        refused (no file stem, ``png`` for text or vectors or into a folder holding more
+        samples, or a file of a run in the way)."""
         stem = Path(stem)
         if stem.name in ("", ".."):
             raise UserError(f"the output {str(stem)!r} names no file: give a stem such as "
@@ -241,8 +242,8 @@ class Samples:
             return [write_text(path, "\n\n---\n\n".join(self.texts) + "\n")]
         assert self.x is not None
         x = self.x.detach().float().cpu()
-        grids = {stem.with_suffix(".png"): x} if images else {}
-        grids.update({stem.with_name(f"{stem.name}_{name}.png"): extra
+        grids = {stem.with_suffix(".png"): x[:GRID_MAX]} if images else {}
+        grids.update({stem.with_name(f"{stem.name}_{name}.png"): extra[:GRID_MAX]
                       for name, extra in self.extras.items()})  # fmt: skip
         _keep_run_files([stem.with_suffix(".npz"), *grids])
         if png:
@@ -257,6 +258,9 @@ class Samples:
             written += save_images(x, stem)
         return written
 
+
+#: The most samples a grid picture shows (the arrays and per-sample PNGs hold them all).
+GRID_MAX = 400
 
 #: The files a training writes into its run folder: ``difflab sample --out`` never replaces them.
 LOSS_CURVE = "loss_curve.png"

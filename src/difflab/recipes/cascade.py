@@ -51,6 +51,7 @@ from difflab.recipes import (
     seed_value,
 )
 from difflab.recipes.image import (
+    SAMPLE_CHUNK,
     ImageConfig,
     LoadedModel,
     build_denoiser,
@@ -299,9 +300,13 @@ class CascadeRecipe(Recipe):
         gen = torch.Generator(sr.device).manual_seed(seed + 1)
         try:
             ts = gaussian_samplers.time_grid(sr.denoiser.schedule, steps, grid)
-            high = super_resolve(guided_denoiser(sr, **wrap), low, sr.shape, ts, aug_level=level,
-                                 labels=cond and cond["class_labels"], sampler=sampler,
-                                 generator=gen, **options)  # fmt: skip
+            den = guided_denoiser(sr, **wrap)
+            high = torch.cat([
+                super_resolve(den, low[rows], sr.shape, ts, aug_level=level, sampler=sampler,
+                              labels=cond and cond["class_labels"][rows], generator=gen,
+                              **options)
+                for rows in torch.arange(n).split(SAMPLE_CHUNK)
+            ])  # fmt: skip
         except ValueError as e:
             raise UserError(f"sampler {sampler}: {e}") from None
         return Samples(x=high, labels=labels, nrow=nrow, extras={"low": low})

@@ -13,6 +13,8 @@ the other image recipes (``classifier``, ``cascade``, ``text-to-digit``), which 
 from __future__ import annotations
 
 import json
+import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -477,6 +479,18 @@ def guided_denoiser(
 SAMPLE_CHUNK = 1024
 
 
+def check_output_memory(n: int, shape: tuple[int, ...]) -> None:
+    """Refuse ``n`` samples of ``shape`` whose float32 copies (the samples, the array written
+    and the 8-bit grid: about three) would take more than half of this machine's memory."""
+    needed = 3 * 4 * n * math.prod(shape)
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > total // 2:
+        most = total // 2 // (3 * 4 * math.prod(shape))
+        raise UserError(f"{n:,} samples of shape {tuple(shape)} need about {needed / 2**30:.1f} "
+                        f"GiB, more than half this machine's {total / 2**30:.0f} GiB: draw at most "
+                        f"{most:,} at a time")  # fmt: skip
+
+
 def draw(
     model: LoadedModel,
     denoiser: DenoiserFn,
@@ -498,6 +512,7 @@ def draw(
         ts = gaussian_samplers.time_grid(schedule, steps, grid)
     except ValueError as e:
         raise UserError(str(e)) from None
+    check_output_memory(n, model.shape)
     gen = torch.Generator(model.device).manual_seed(seed)
     fn = gaussian_samplers.SAMPLERS[sampler]
     chunks = []

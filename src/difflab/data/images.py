@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from difflab.data.glyphs import LATIN, glyphs_dataset
 from difflab.errors import UserError
 from difflab.files import file_error
 
@@ -355,8 +356,6 @@ def glyphs() -> ArrayData:
     """The 50,000 training glyphs of :mod:`difflab.data.glyphs` (seed 0, cached),
     ``(N, 3, 32, 32)`` on the 8-bit grid, labelled by character (class names the 62 digits and
     Latin letters)."""
-    from difflab.data.glyphs import LATIN, glyphs_dataset
-
     data = glyphs_dataset("train")
     # 2 k / 255 - 1 in float32 directly: to_8bit_grid's float64 copy would take 1.2 GB here.
     x = torch.from_numpy(data.images).permute(0, 3, 1, 2).float().mul_(2.0 / 255.0).sub_(1.0)

@@ -56,9 +56,9 @@ CONFIG_VERSION = 2
 
 @dataclass
 class DataConfig:
-    """Training data. ``name``: digits | moons | swissroll | 8gaussians | checkerboard | folder |
-    array; ``path`` for folder/array; ``image_size`` resizes folder images; ``held_out`` is the
-    share kept for evaluation, split by ``split_seed``."""
+    """Training data. ``name``: digits | glyphs | moons | swissroll | 8gaussians | checkerboard |
+    folder | array; ``path`` for folder/array; ``image_size`` resizes folder images;
+    ``held_out`` is the share kept for evaluation, split by ``split_seed``."""
 
     name: str = "digits"
     path: str | None = None

@@ -55,3 +55,68 @@ class DigitsClassifier(nn.Module):
     def accuracy(self, x: Tensor, y: Tensor) -> float:
         """Share of digits ``x`` whose predicted class equals the label ``y``."""
         return float((self.predict(x) == y.to(self.head.weight.device)).float().mean())
+
+
+GLYPHS_FEATURE_DIM = 128
+GLYPHS_IMAGE_SHAPE = (3, 32, 32)
+#: The four heads of :class:`GlyphsJudge`, in order.
+GLYPHS_HEADS = ("character", "family", "colour", "background")
+
+
+class GlyphsJudge(nn.Module):
+    """CNN for ``(N, 3, 32, 32)`` glyphs in ``[-1, 1]`` (``evaluate/glyphs_judge.py`` trains and
+    caches it): a shared body of four 3x3 convolutions (the first with stride 2) and two 2x2
+    poolings down to 4x4, a 128-unit feature layer, and four linear heads reading the character
+    (the 62 Latin classes of the training split), the font family, the glyph colour and the
+    background colour. No dropout, no batch norm: training and evaluation modes agree."""
+
+    def __init__(self, width: int = 32) -> None:
+        from difflab.data.glyphs import FAMILIES, LATIN, PALETTE
+
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, width, 3, stride=2, padding=1),  # 16x16
+            nn.GELU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1),
+            nn.GELU(),
+            nn.MaxPool2d(2),  # 8x8
+            nn.Conv2d(2 * width, 4 * width, 3, padding=1),
+            nn.GELU(),
+            nn.MaxPool2d(2),  # 4x4
+            nn.Conv2d(4 * width, 4 * width, 3, padding=1),
+            nn.GELU(),
+            nn.Flatten(),
+            nn.Linear(4 * width * 4 * 4, GLYPHS_FEATURE_DIM),
+            nn.GELU(),
+        )
+        sizes = {
+            "character": len(LATIN),
+            "family": len(FAMILIES),
+            "colour": len(PALETTE),
+            "background": len(PALETTE),
+        }
+        self.heads = nn.ModuleDict(
+            {name: nn.Linear(GLYPHS_FEATURE_DIM, sizes[name]) for name in GLYPHS_HEADS}
+        )
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """Logits of each head, ``{"character": (N, 62), "family": (N, 7), "colour": (N, 10),
+        "background": (N, 10)}``."""
+        h = self.body(x)
+        return {name: head(h) for name, head in self.heads.items()}
+
+    def _prepare(self, x: Tensor) -> Tensor:
+        if x.ndim != 4 or tuple(x.shape[1:]) != GLYPHS_IMAGE_SHAPE:
+            raise ValueError(f"expected glyphs of shape (N, 3, 32, 32), got {tuple(x.shape)}")
+        weight = self.heads["character"].weight
+        return x.to(device=weight.device, dtype=weight.dtype)
+
+    @torch.inference_mode()
+    def features(self, x: Tensor) -> Tensor:
+        """Penultimate activations ``(N, 128)``: the space of the feature Frechet distance."""
+        return self.body(self._prepare(x))
+
+    @torch.inference_mode()
+    def predict(self, x: Tensor) -> dict[str, Tensor]:
+        """Most probable class ``(N,)`` of each head, keyed by :data:`GLYPHS_HEADS`."""
+        return {name: logits.argmax(dim=1) for name, logits in self(self._prepare(x)).items()}

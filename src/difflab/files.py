@@ -84,6 +84,14 @@ def write_text(path: str | Path, text: str) -> Path:
     return write_bytes(path, text.encode("utf-8"))
 
 
+def cache_folder(folder: str | Path | None = None) -> Path:
+    """Where built-in data and judges are cached: ``folder`` if given, else ``$DIFFLAB_CACHE``
+    if set, else ``~/.cache/difflab``."""
+    if folder is not None:
+        return Path(folder)
+    return Path(os.environ.get("DIFFLAB_CACHE") or Path.home() / ".cache" / "difflab")
+
+
 def remove_stale_temp_files(folder: str | Path, names: tuple[str, ...]) -> None:
     """Remove the temporary files that interrupted :func:`write_atomically` calls for ``names``
     left in ``folder`` (e.g. after ``kill -9``). Only call it while no other process can be

@@ -33,7 +33,6 @@ compressed ``.npz`` of uint8 images ``(N, 32, 32, 3)``, labels and attribute arr
 
 from __future__ import annotations
 
-import os
 import string
 import warnings
 import zipfile
@@ -47,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from difflab.errors import UserError
-from difflab.files import write_atomically
+from difflab.files import cache_folder, write_atomically
 
 # Bump when anything that changes the pixels, labels or attributes changes: it names the cache
 # files, so a stale data set is never read.
@@ -331,16 +330,10 @@ def generate(split: str, n: int, seed: int = 0) -> Glyphs:
     return Glyphs(render(labels, attributes), labels.astype(np.int16), attributes)
 
 
-def default_cache_dir() -> Path:
-    """``$DIFFLAB_CACHE`` if set, else ``~/.cache/difflab``."""
-    return Path(os.environ.get("DIFFLAB_CACHE") or Path.home() / ".cache" / "difflab")
-
-
 def cache_path(split: str, n: int, seed: int, cache_dir: str | Path | None = None) -> Path:
     """Where :func:`glyphs_dataset` keeps a split:
     ``<cache_dir>/glyphs_v<CACHE_VERSION>_<split>_n<n>_seed<seed>.npz``."""
-    directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    return directory / f"glyphs_v{CACHE_VERSION}_{split}_n{n}_seed{seed}.npz"
+    return cache_folder(cache_dir) / f"glyphs_v{CACHE_VERSION}_{split}_n{n}_seed{seed}.npz"
 
 
 def glyphs_dataset(

@@ -17,17 +17,15 @@ retrains when the file is missing or unreadable.
 
 from __future__ import annotations
 
-import os
-import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from difflab.data.images import digits_split
+from difflab.evaluate.cached import load_cached, save_cached
+from difflab.files import cache_folder
 from difflab.nets.judge import DigitsClassifier
 
 # Bump when the architecture, the data split or the training recipe changes: it names the cache
@@ -84,37 +82,18 @@ def train_digits_classifier(
     return model.eval().requires_grad_(False)
 
 
-def default_cache_dir() -> Path:
-    """``$DIFFLAB_CACHE`` if set, else ``~/.cache/difflab``."""
-    return Path(os.environ.get("DIFFLAB_CACHE") or Path.home() / ".cache" / "difflab")
-
-
 def load_digits_classifier(cache_dir: str | Path | None = None, seed: int = 0) -> DigitsClassifier:
     """The classifier trained on ``digits_split(seed)``'s training split, from the cache if there.
 
-    The weights live in ``<cache_dir>/digits_classifier_v<CACHE_VERSION>_seed<seed>.safetensors``.
-    A missing or unreadable file is (re)trained (a few seconds) and written atomically (a
-    temporary file renamed over it), so concurrent users never read a half-written file.
+    The weights live in ``<cache_dir>/digits_classifier_v<CACHE_VERSION>_seed<seed>.safetensors``
+    (:func:`difflab.files.cache_folder`). A missing or unreadable file is (re)trained (a few
+    seconds) and written atomically, so concurrent users never read a half-written file.
     """
-    directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = directory / f"digits_classifier_v{CACHE_VERSION}_seed{seed}.safetensors"
-    if path.exists():
-        try:
-            model = _initial_model(seed)
-            model.load_state_dict(load_file(path))
-            return model.eval().requires_grad_(False)
-        except (SafetensorError, OSError, RuntimeError) as error:
-            warnings.warn(
-                f"retraining the digits classifier: cannot read {path} ({error})", stacklevel=2
-            )
+    path = cache_folder(cache_dir) / f"digits_classifier_v{CACHE_VERSION}_seed{seed}.safetensors"
+    cached = load_cached(_initial_model(seed), path, "digits classifier")
+    if cached is not None:
+        return cached
     train, _ = digits_split(seed=seed)
     model = train_digits_classifier(train.x, train.labels, seed=seed)
-    directory.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
-        save_file(state, temporary, metadata={"version": str(CACHE_VERSION), "seed": str(seed)})
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    save_cached(model, path, {"version": str(CACHE_VERSION), "seed": str(seed)})
     return model

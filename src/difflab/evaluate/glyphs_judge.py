@@ -18,19 +18,16 @@ when the file is missing or unreadable.
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file
-from safetensors.torch import save as save_bytes
 from torch import Tensor
 
-from difflab.data.glyphs import Glyphs, default_cache_dir, glyphs_dataset
-from difflab.files import write_bytes
+from difflab.data.glyphs import Glyphs, glyphs_dataset
+from difflab.evaluate.cached import load_cached, save_cached
+from difflab.files import cache_folder
 from difflab.nets.judge import GLYPHS_HEADS, GlyphsJudge
 
 # Bump when the architecture, the data or the training recipe changes: it names the cache file,
@@ -131,15 +128,12 @@ def judge_accuracies(judge: GlyphsJudge, glyphs: Glyphs, chunk: int = 2048) -> d
 
 def cache_path(cache_dir: str | Path | None = None, seed: int = 0) -> Path:
     """``<cache_dir>/glyphs_judge_v<CACHE_VERSION>_seed<seed>.safetensors``."""
-    directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    return directory / f"glyphs_judge_v{CACHE_VERSION}_seed{seed}.safetensors"
+    return cache_folder(cache_dir) / f"glyphs_judge_v{CACHE_VERSION}_seed{seed}.safetensors"
 
 
 def save_glyphs_judge(judge: GlyphsJudge, path: str | Path, seed: int = 0) -> Path:
     """Write ``judge``'s weights to ``path`` as safetensors, atomically."""
-    state = {name: tensor.contiguous() for name, tensor in judge.state_dict().items()}
-    metadata = {"version": str(CACHE_VERSION), "seed": str(seed)}
-    return write_bytes(path, save_bytes(state, metadata=metadata))
+    return save_cached(judge, Path(path), {"version": str(CACHE_VERSION), "seed": str(seed)})
 
 
 def load_glyphs_judge(cache_dir: str | Path | None = None, seed: int = 0) -> GlyphsJudge:
@@ -147,15 +141,9 @@ def load_glyphs_judge(cache_dir: str | Path | None = None, seed: int = 0) -> Gly
     (:func:`cache_path`). A missing or unreadable file is (re)trained (about two minutes on two
     CPU cores) and written atomically."""
     path = cache_path(cache_dir, seed)
-    if path.exists():
-        try:
-            model = _initial_model(seed)
-            model.load_state_dict(load_file(path))
-            return model.eval().requires_grad_(False)
-        except (SafetensorError, OSError, RuntimeError) as error:
-            warnings.warn(
-                f"retraining the glyphs judge: cannot read {path} ({error})", stacklevel=2
-            )
+    cached = load_cached(_initial_model(seed), path, "glyphs judge")
+    if cached is not None:
+        return cached
     model = train_glyphs_judge(glyphs_dataset("train", seed=seed, cache_dir=cache_dir), seed=seed)
     save_glyphs_judge(model, path, seed)
     return model

@@ -466,8 +466,9 @@ def test_objectives_that_do_not_apply_are_refused():
     check_objective("edm", "simple", sigma_data=1.0)
     for args, options, message in [
         (("edm", "elbo"), {}, "weighting 'elbo' does not apply to prediction 'edm'"),
-        (("flow", "simple"), {}, "unknown prediction 'flow': choose one of eps, x0, v, score"),
-        (("eps", "snr"), {}, "unknown weighting 'snr': choose one of simple, elbo, min-snr"),
+        (("mu", "simple"), {}, "unknown prediction 'mu': choose one of eps, x0, v, score, flow"),
+        (("eps", "snr"), {}, "unknown weighting 'snr': choose one of simple, elbo, min-snr, flow"),
+        (("edm", "flow"), {}, "weighting 'flow' does not apply to prediction 'edm'"),
         (("edm",), {"time_sampling": "iid"}, "the edm objective takes no option time_sampling"),
         (("eps",), {"p_mean": 0.0}, "takes no option p_mean: its options are time_sampling"),
         (("eps",), {"time_sampling": "sobol"}, "unknown time sampling 'sobol'"),

@@ -107,7 +107,7 @@ def test_schedule_config_round_trip():
 
 def test_registry_lists_every_schedule_with_its_parameters():
     assert list(SCHEDULES) == ["linear", "cosine", "constant", "cosine-logsnr", "linear-logsnr",
-                               "vp-linear", "sub-vp", "ve", "edm"]  # fmt: skip
+                               "vp-linear", "sub-vp", "ve", "edm", "rectified-flow"]  # fmt: skip
     assert schedule_parameters("linear") == {"T": 1000, "beta_start": 1e-4, "beta_end": 0.02}
     assert list(schedule_parameters("cosine-logsnr")) == ["shift", "log_snr_min", "log_snr_max"]
     assert list(schedule_parameters("edm")) == ["sigma_min", "sigma_max", "rho"]

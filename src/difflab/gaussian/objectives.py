@@ -10,12 +10,18 @@ example in front of that squared error, and every one of them is written here as
 
 Because the parameterizations convert exactly (parameterization.py),
 ``||eps - eps_hat||^2 = c * ||out - target||^2`` with ``c = 1`` (eps), ``e^lambda`` (x0),
-``alpha^2 / (alpha^2 + sigma^2)^2`` (v) and ``sigma^2`` (score); the loss is computed on the raw
-output as ``w(lambda) * c * ||out - target||^2 / D``. The weightings:
+``alpha^2 / (alpha^2 + sigma^2)^2`` (v), ``sigma^2`` (score) and ``alpha^2 / det^2`` (flow, the
+velocity ``u = alpha' x_0 + sigma' eps`` with ``det = alpha sigma' - sigma alpha'``, ``= 1`` on
+the linear path); the loss is computed on the raw output as ``w(lambda) * c * ||out - target||^2
+/ D``. The weightings:
 
 - ``"simple"``: the plain MSE of the network's own parameterization, ``w = 1 / c``: L_simple
   for eps (``w = 1``), x0 MSE (``w = e^-lambda``), v MSE (``w = (alpha^2 + sigma^2)^2 / alpha^2``,
   ``1 + e^-lambda`` for VP schedules), score (``w = 1 / sigma^2``).
+- ``"flow"``: the flow-matching loss ``||u - u_hat||^2 / D`` (Lipman et al. 2023; rectified
+  flow's ``||(eps - x_0) - u_hat||^2`` on the linear path) whatever the network predicts,
+  ``w = det^2 / alpha^2`` (``1 / (1 - t)^2`` on the linear path); for a ``flow`` network it is
+  ``"simple"``.
 - ``"min-snr"`` (Hang et al. 2023): ``w = min(e^lambda, gamma) / e^lambda = min(1, gamma
   e^-lambda)`` with ``gamma = 5``; i.e. ``min(SNR, gamma) ||x_0 - x0_hat||^2`` and
   ``min(SNR, gamma) / (SNR + 1) ||v - v_hat||^2`` for VP schedules, as in the paper.
@@ -61,13 +67,13 @@ import torch
 from torch import Tensor
 
 from difflab.gaussian.edm import edm_loss
-from difflab.gaussian.parameterization import PREDICTIONS, Denoiser, Kind, target
+from difflab.gaussian.parameterization import PREDICTIONS, Denoiser, target, velocity_target
 from difflab.gaussian.process import posterior_coefficients, q_sample
 from difflab.gaussian.schedules import Schedule
 from difflab.gaussian.vlb import VARIANCES, ReverseVariance, reverse_variance
 
-Weighting = Literal["simple", "elbo", "min-snr"]
-WEIGHTINGS: tuple[str, ...] = ("simple", "elbo", "min-snr")
+Weighting = Literal["simple", "elbo", "min-snr", "flow"]
+WEIGHTINGS: tuple[str, ...] = ("simple", "elbo", "min-snr", "flow")
 TimeSampling = Literal["iid", "stratified", "antithetic"]
 TIME_SAMPLINGS: tuple[str, ...] = ("iid", "stratified", "antithetic")
 REDUCTIONS: tuple[str, ...] = ("mean", "none")
@@ -140,7 +146,10 @@ def _noise_weight(
     variance: ReverseVariance,
     min_snr_gamma: float,
 ) -> Tensor:
-    """``w(lambda)`` in front of ``||eps - eps_hat||^2 / D`` for "elbo" and "min-snr" (float64)."""
+    """``w(lambda)`` in front of ``||eps - eps_hat||^2 / D`` for "elbo", "min-snr" and "flow"
+    (float64)."""
+    if weighting == "flow":
+        return 1.0 / _conversion("flow", schedule, t, alpha, sigma)
     snr = alpha**2 / sigma**2
     if weighting == "min-snr":
         return (min_snr_gamma / snr).clamp(max=1.0)
@@ -152,8 +161,11 @@ def _noise_weight(
     return T * c_x0**2 / (2.0 * reverse_variance(schedule, i, variance) * snr)
 
 
-def _conversion(kind: Kind, alpha: Tensor, sigma: Tensor) -> Tensor:
+def _conversion(kind: str, schedule: Schedule, t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
     """``c`` with ``||eps - eps_hat||^2 = c ||out - target||^2`` for a network of ``kind``."""
+    if kind == "flow":
+        d_alpha, d_sigma = schedule.derivatives(t)
+        return alpha**2 / (alpha * d_sigma - sigma * d_alpha) ** 2
     if kind == "eps":
         return torch.ones_like(alpha)
     if kind == "x0":
@@ -203,15 +215,20 @@ def loss_fn(
     alpha, sigma = schedule.alpha_sigma(t)
     kind = denoiser.prediction
     pred = denoiser(q_sample(schedule, x0, t, eps), t, cond)
-    # as_kind(kind) is the network's raw output: the same tensor for eps and x0, and recovered
-    # up to round-off for v and score. Float32 at least, so that low-precision activations do
+    # The network's raw output: the same tensor for eps and x0, and recovered up to round-off
+    # for v, score and flow. Float32 at least, so that low-precision activations do
     # not round the squared error.
     dtype = torch.promote_types(x0.dtype, torch.float32)
-    error = pred.as_kind(kind).to(dtype) - target(kind, x0, eps, alpha, sigma).to(dtype)
-    per_example = error.square().flatten(1).mean(1)
-    if weighting != "simple":
+    if kind == "flow":
+        d_alpha, d_sigma = schedule.derivatives(t)
+        out, goal = pred.velocity(d_alpha, d_sigma), velocity_target(x0, eps, d_alpha, d_sigma)
+    else:
+        out, goal = pred.as_kind(kind), target(kind, x0, eps, alpha, sigma)
+    per_example = (out.to(dtype) - goal.to(dtype)).square().flatten(1).mean(1)
+    if weighting != "simple" and not (kind == "flow" and weighting == "flow"):
         weight = _noise_weight(schedule, t, alpha, sigma, weighting, variance, min_snr_gamma)
-        per_example = per_example * (weight * _conversion(kind, alpha, sigma)).to(dtype)
+        conversion = _conversion(kind, schedule, t, alpha, sigma)
+        per_example = per_example * (weight * conversion).to(dtype)
     return per_example.mean() if reduction == "mean" else per_example
 
 
@@ -269,7 +286,7 @@ def make_objective(prediction: str, weighting: str = "simple", **options: Any) -
 
     - ``"edm"``: :func:`~difflab.gaussian.edm.edm_loss`, ``lambda(sigma) ||D - x_0||^2 / D``
       with ``ln sigma ~ N(P_mean, P_std^2)`` (Karras et al. 2022);
-    - ``"eps"``, ``"x0"``, ``"v"``, ``"score"``: :func:`loss_fn` with ``weighting``,
+    - ``"eps"``, ``"x0"``, ``"v"``, ``"score"``, ``"flow"``: :func:`loss_fn` with ``weighting``,
       ``w(lambda) ||eps - eps_hat||^2 / D`` with ``t`` drawn as ``time_sampling`` says.
 
     ``options`` go to that loss (:func:`objective_options`); :func:`check_objective` refuses

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -136,16 +136,20 @@ class GaussianMixtureOracle:
         alpha, sigma = broadcast(st.alpha, x_t), broadcast(st.sigma, x_t)
         return Prediction(x_t, alpha, sigma, x0.reshape(x_t.shape), eps.reshape(x_t.shape))
 
-    def as_network(self, kind: Kind = "eps") -> Callable[..., Tensor]:
+    def as_network(self, kind: Kind | Literal["flow"] = "eps") -> Callable[..., Tensor]:
         """A raw network ``net(x_t, c_noise, **cond)`` predicting ``kind``, for ``Denoiser``.
 
         ``Denoiser(oracle.as_network(kind), oracle.schedule, kind)`` is the oracle again, seen
-        through the parameterization ``kind`` (``t = c_noise / 1000``).
+        through the parameterization ``kind`` (``t = c_noise / 1000``); ``"flow"`` is the exact
+        velocity ``E[alpha' x_0 + sigma' eps | x_t]`` of the path.
         """
 
         def net(x_t: Tensor, c_noise: Tensor, **cond: Any) -> Tensor:
             t = c_noise.to(torch.float64) / 1000.0
-            return self(x_t, t, cond or None).as_kind(kind)
+            pred = self(x_t, t, cond or None)
+            if kind == "flow":
+                return pred.velocity(*self.schedule.derivatives(t))
+            return pred.as_kind(kind)
 
         return net
 

@@ -8,6 +8,14 @@ With ``x_t = alpha x_0 + sigma eps`` (any schedule, VP or not):
   ``x_0 = (alpha x_t - sigma v) / (alpha^2 + sigma^2)`` and
   ``eps = (sigma x_t + alpha v) / (alpha^2 + sigma^2)``
 - ``score``: ``grad log q(x_t) = -eps / sigma`` (seed 002: the predicted noise is a scaled score)
+- ``flow``: the velocity of the path, ``u = dx_t / dt = alpha' x_0 + sigma' eps`` (flow matching,
+  Lipman et al. 2023; rectified flow, Liu et al. 2023; ``u = eps - x_0`` on the linear path
+  ``alpha = 1 - t, sigma = t``). With ``det = alpha sigma' - sigma alpha'`` (``= 1`` on the
+  linear path) it converts exactly: ``x_0 = (sigma' x_t - sigma u) / det`` and
+  ``eps = (alpha u - alpha' x_t) / det`` (:meth:`Prediction.from_velocity`,
+  :meth:`Prediction.velocity`). It needs the schedule's derivatives at ``t``
+  (:meth:`Schedule.derivatives`), so like ``edm`` it is a kind of network output for
+  :class:`Denoiser`, not a form of :class:`Prediction`
 - ``edm``: Karras et al. (2022)'s preconditioning, ``x_0 = c_skip x~ + c_out F(c_in x~, c_noise)``
   in the VE variable ``x~ = x_t / alpha`` (:func:`edm_preconditioning`); a kind of network
   output for :class:`Denoiser`, not a form of :class:`Prediction`
@@ -28,9 +36,10 @@ from difflab.gaussian.schedules import Schedule, broadcast
 
 Kind = Literal["eps", "x0", "v", "score"]
 KINDS: tuple[str, ...] = ("eps", "x0", "v", "score")
-#: What a :class:`Denoiser`'s network may output: a raw prediction of one of :data:`KINDS`, or
-#: ``"edm"``, the output ``F`` of Karras et al.'s preconditioning (:func:`edm_preconditioning`).
-PREDICTIONS: tuple[str, ...] = (*KINDS, "edm")
+#: What a :class:`Denoiser`'s network may output: a raw prediction of one of :data:`KINDS`,
+#: ``"flow"``, the velocity ``u = dx_t / dt`` of the path, or ``"edm"``, the output ``F`` of
+#: Karras et al.'s preconditioning (:func:`edm_preconditioning`).
+PREDICTIONS: tuple[str, ...] = (*KINDS, "flow", "edm")
 
 
 class Prediction:
@@ -111,6 +120,27 @@ class Prediction:
             return cls(x_t, alpha, sigma, eps=-sigma * out)
         raise ValueError(f"unknown parameterization {kind!r}: choose one of {KINDS}")
 
+    @classmethod
+    def from_velocity(
+        cls, u: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor, d_alpha: Tensor,
+        d_sigma: Tensor,
+    ) -> Prediction:  # fmt: skip
+        """A velocity ``u = alpha' x_0 + sigma' eps`` as a Prediction: the solution of the two
+        linear equations ``x_t = alpha x_0 + sigma eps`` and ``u = alpha' x_0 + sigma' eps``,
+        ``x_0 = (sigma' x_t - sigma u) / det``, ``eps = (alpha u - alpha' x_t) / det`` with
+        ``det = alpha sigma' - sigma alpha'`` (no division by ``alpha``: finite at ``alpha = 0``).
+        ``d_alpha``, ``d_sigma`` are the schedule's derivatives at ``t`` (per sample or 0-d)."""
+        alpha, sigma = broadcast(alpha, x_t), broadcast(sigma, x_t)
+        d_alpha, d_sigma = broadcast(d_alpha, x_t), broadcast(d_sigma, x_t)
+        det = alpha * d_sigma - sigma * d_alpha
+        x0 = (d_sigma * x_t - sigma * u) / det
+        return cls(x_t, alpha, sigma, x0=x0, eps=(alpha * u - d_alpha * x_t) / det)
+
+    def velocity(self, d_alpha: Tensor, d_sigma: Tensor) -> Tensor:
+        """``u = alpha' x_0 + sigma' eps``, the velocity of the path at ``x_t``, for the
+        schedule's derivatives ``d_alpha``, ``d_sigma`` at ``t``."""
+        return broadcast(d_alpha, self.x_t) * self.x0 + broadcast(d_sigma, self.x_t) * self.eps
+
     def with_x0(self, x0: Tensor) -> Prediction:
         """The same point with a replaced data estimate; ``eps`` follows from it (used by
         thresholding, which edits ``x_0`` and must keep ``x_t = alpha x0 + sigma eps``)."""
@@ -133,6 +163,12 @@ def target(kind: Kind, x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) ->
     if kind == "score":
         return -eps / sigma
     raise ValueError(f"unknown parameterization {kind!r}: choose one of {KINDS}")
+
+
+def velocity_target(x0: Tensor, eps: Tensor, d_alpha: Tensor, d_sigma: Tensor) -> Tensor:
+    """The regression target of a ``flow`` network for ``(x_0, eps)``: ``u = alpha' x_0 +
+    sigma' eps`` (``eps - x_0`` on the linear path)."""
+    return broadcast(d_alpha, x0) * x0 + broadcast(d_sigma, x0) * eps
 
 
 AlphaSigma = tuple[Tensor, Tensor]
@@ -186,6 +222,9 @@ class Denoiser:
     ``c_noise = 1000 t`` (the DDPM timestep scale, so sinusoidal embeddings see integers on the
     training grid).
 
+    ``prediction="flow"``: the network's output is the velocity ``u = alpha' x_0 + sigma' eps``
+    at ``t``, converted with the schedule's derivatives there (:meth:`Prediction.from_velocity`).
+
     ``prediction="edm"`` is EDM's preconditioning (:func:`edm_preconditioning`, ``sigma_data``):
     the network is called as ``net(c_in x_t / alpha, c_noise, **cond)`` with
     ``c_noise = log(sigma_ve) / 4`` and its output ``F`` gives ``x0 = c_skip x_t / alpha + c_out F``
@@ -196,7 +235,7 @@ class Denoiser:
         self,
         net: Callable[..., Tensor],
         schedule: Schedule,
-        prediction: Kind | Literal["edm"] = "eps",
+        prediction: Kind | Literal["flow", "edm"] = "eps",
         sigma_data: float = 0.5,
     ):
         if prediction not in PREDICTIONS:
@@ -205,7 +244,7 @@ class Denoiser:
             )
         self.net = net
         self.schedule = schedule
-        self.prediction: Kind | Literal["edm"] = prediction
+        self.prediction: Kind | Literal["flow", "edm"] = prediction
         self.sigma_data = float(sigma_data)
 
     def __call__(
@@ -226,4 +265,7 @@ class Denoiser:
             x0 = broadcast(c_skip, x_t) * x_ve + broadcast(c_out, x_t) * out
             return Prediction.from_output("x0", x0, x_t, alpha, sigma)
         out = self.net(x_t, (1000.0 * t).to(x_t.dtype), **(cond or {}))
+        if self.prediction == "flow":
+            d_alpha, d_sigma = self.schedule.derivatives(t.to(torch.float64))
+            return Prediction.from_velocity(out, x_t, alpha, sigma, d_alpha, d_sigma)
         return Prediction.from_output(self.prediction, out, x_t, alpha, sigma)

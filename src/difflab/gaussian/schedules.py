@@ -52,6 +52,23 @@ class Schedule(ABC):
     def t_of_log_snr(self, log_snr: Tensor) -> Tensor:
         """Inverse of ``lambda(t)``: the time at which the log-SNR equals ``log_snr``."""
 
+    def derivatives(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """``(d alpha / dt, d sigma / dt)`` at ``t``, float64: by automatic differentiation of
+        :meth:`alpha_sigma` (also inside ``torch.inference_mode``), unless a schedule knows them
+        in closed form. A discrete schedule's curve is piecewise smooth in ``t``; at a grid
+        point ``i / T`` this is one of its one-sided derivatives."""
+        with torch.inference_mode(False), torch.enable_grad():
+            t_ = torch.as_tensor(t, dtype=torch.float64).detach().clone().requires_grad_(True)
+            alpha, sigma = self.alpha_sigma(t_)
+            grads = [
+                torch.autograd.grad(y.sum(), t_, retain_graph=True, allow_unused=True)[0]
+                if y.requires_grad
+                else None
+                for y in (alpha, sigma)
+            ]
+        d_alpha, d_sigma = (torch.zeros_like(t_) if g is None else g for g in grads)
+        return d_alpha.detach(), d_sigma.detach()
+
     def log_snr(self, t: Tensor) -> Tensor:
         """``lambda(t) = log(alpha(t)^2 / sigma(t)^2)``; ``+inf`` at ``t = 0``."""
         alpha, sigma = self.alpha_sigma(t)
@@ -427,6 +444,56 @@ class EDMSchedule(Schedule):
         return torch.cat([ts, torch.zeros(1, dtype=torch.float64)])
 
 
+# --------------------------------------------------------------------------------------------
+# The linear path of flow matching / rectified flow
+# --------------------------------------------------------------------------------------------
+
+
+class LinearPathSchedule(Schedule):
+    """The straight path between data and noise, ``x_t = (1 - t) x_0 + t eps``: ``alpha = 1 - t``,
+    ``sigma = t`` (rectified flow, Liu et al. 2023; the conditional optimal-transport path of
+    flow matching with ``sigma_min = 0``, Lipman et al. 2023; seed 000 points to both).
+
+    ``lambda(t) = 2 log((1 - t) / t)``, inverted by ``t = 1 / (1 + exp(lambda / 2))``. Neither
+    VP nor VE: ``alpha^2 + sigma^2 = 1 - 2 t (1 - t)`` dips to 1/2 at ``t = 1/2``. At ``t = 1``
+    the path is pure noise, ``alpha = 0`` (``lambda = -inf``, ``sigma_ve = inf``): there
+    ``x_0 = x_t - t u`` and ``eps = x_t + (1 - t) u`` follow from a velocity prediction ``u``
+    (parameterization.py) without dividing by ``alpha``, and DDIM's step from ``t`` to ``s``,
+    ``x_s = (1 - s) x0_hat + s eps_hat = x_t + (s - t) u``, is exactly Euler's method on the flow
+    ODE ``dx/dt = u``. Samplers that work in ``x / alpha`` or in the log-SNR need
+    ``alpha > 0``, so the time grids of this schedule start at :attr:`T_MAX` (a continuous
+    schedule's grid otherwise starts at 1): ``alpha = 1e-3``, a start whose missing data
+    component is below the data's quantisation.
+    """
+
+    #: Where sampling grids start: ``alpha(T_MAX) = 1e-3``, ``lambda = 2 log(1e-3 / 0.999)``.
+    T_MAX = 0.999
+
+    def __init__(self) -> None:
+        self._config = {"kind": "rectified-flow"}
+
+    def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        t64 = t.to(torch.float64)
+        return (1.0 - t64).to(_float(t)), t64.to(_float(t))
+
+    def derivatives(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """``(d alpha / dt, d sigma / dt) = (-1, 1)`` everywhere (float64)."""
+        ones = torch.ones_like(torch.as_tensor(t, dtype=torch.float64))
+        return -ones, ones
+
+    def t_of_log_snr(self, log_snr: Tensor) -> Tensor:
+        t = torch.sigmoid(-0.5 * log_snr.to(torch.float64))
+        return t.clamp(0.0, 1.0).to(_float(log_snr))
+
+    def timesteps(self, n: int, spacing: Spacing = "trailing") -> Tensor:
+        """``n`` equal steps in ``t`` from :attr:`T_MAX` to 0 (``n + 1`` float64 entries);
+        ``spacing`` is ignored (a continuous schedule)."""
+        del spacing
+        if n < 1:
+            raise ValueError(f"the number of sampling steps must be at least 1, got {n}")
+        return torch.linspace(self.T_MAX, 0.0, n + 1, dtype=torch.float64)
+
+
 def _float(t: Tensor) -> torch.dtype:
     return t.dtype if t.is_floating_point() else torch.get_default_dtype()
 
@@ -445,11 +512,12 @@ SCHEDULES: dict[str, Callable[..., Schedule]] = {
     "sub-vp": SubVPSchedule,
     "ve": VESchedule,
     "edm": EDMSchedule,
+    "rectified-flow": LinearPathSchedule,
 }
 """Schedule factories by name: discrete ``linear``, ``cosine``, ``constant`` (``T`` steps),
 continuous VP ``cosine-logsnr``, ``linear-logsnr`` (``shift``), Song et al.'s ``vp-linear``,
-``sub-vp`` and ``ve``, and Karras et al.'s ``edm``. :func:`schedule_parameters` lists what each
-takes."""
+``sub-vp`` and ``ve``, Karras et al.'s ``edm``, and the linear path ``rectified-flow`` of flow
+matching. :func:`schedule_parameters` lists what each takes."""
 
 
 def _known(kind: str) -> Callable[..., Schedule]:

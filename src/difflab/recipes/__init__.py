@@ -52,6 +52,7 @@ RECIPES = {
     "cascade": "difflab.recipes.cascade",
     "text-to-digit": "difflab.recipes.text_to_digit",
     "text": "difflab.recipes.text",
+    "flow": "difflab.recipes.flow",
 }
 #: The names checkpoints of difflab 0.1 recorded for recipes that have since been renamed.
 FORMER_NAMES = {
@@ -109,6 +110,12 @@ class Recipe(ABC):
         """Train on built-in data and write pictures/text into ``out``; returns a report."""
         raise UserError(f"the {self.name} recipe has no demo")
 
+    def adopt(self, raw: dict[str, Any]) -> dict[str, Any]:
+        """A config of another recipe of the same data (``--recipe NAME`` on its preset), made
+        this recipe's before the user's overrides apply: the keys whose values the other
+        recipe's preset chose but that mean something else here (default: none)."""
+        return raw
+
     def config_from_run(self, meta: dict[str, Any]) -> Any:
         """The typed, validated config recorded in a checkpoint's metadata ``meta``."""
         return from_dict(self.config_type, meta["config"]).validate()
@@ -124,8 +131,9 @@ def load_config(
 ) -> tuple[Recipe, Any]:
     """``(recipe, config)`` from a preset, a config file or a run folder, with ``key=value``
     overrides, validated. The recipe is the config's ``recipe`` key (default ``image``);
-    ``recipe`` may name another recipe of the same data (``--recipe cascade`` on ``digits``).
-    A run folder's own ``train.out`` is the folder itself, wherever it now lives."""
+    ``recipe`` may name another recipe of the same data (``--recipe cascade`` on ``digits``),
+    which first adopts that config (:meth:`Recipe.adopt`). A run folder's own ``train.out`` is
+    the folder itself, wherever it now lives."""
     if source is None:
         source = get(recipe or DEFAULT_RECIPE).preset
     if is_run(source):
@@ -136,6 +144,10 @@ def load_config(
         if isinstance(raw.get("config"), dict):  # a checkpoint's metadata (difflab 0.1 config.json)
             chosen = get(str(raw.get("recipe", DEFAULT_RECIPE)))
             raw = {"recipe": chosen.name, **to_dict(chosen.config_from_run(raw))}
+    if recipe is not None:
+        chosen, named = get(recipe), get(str(raw.get("recipe", DEFAULT_RECIPE)))
+        if chosen is not named and chosen.data == named.data:
+            raw = {**chosen.adopt(raw), "recipe": chosen.name}
     raw = apply_overrides(raw, overrides)
     named = get(str(raw.pop("recipe", DEFAULT_RECIPE)))
     chosen = get(recipe) if recipe else named

@@ -1,8 +1,9 @@
 """The ``difflab`` command: parsing, then the Python API (:mod:`difflab.recipes`).
 
-``train`` builds a recipe's config and trains it; ``sample``, ``eval`` and ``demo`` find the recipe
-of a run from its checkpoint and call it with the options the user gave (every option defaults
-to "not given", so the recipe, not the command line, owns the defaults and refuses what it does
+``train`` builds a recipe's config and trains it; ``distill`` trains few-step students of a run
+(:mod:`difflab.recipes.distill`); ``sample``, ``eval`` and ``demo`` find the recipe of a run
+from its checkpoint and call it with the options the user gave (every option defaults to "not
+given", so the recipe, not the command line, owns the defaults and refuses what it does
 not take). A mistake the user can fix prints one line ``difflab: error: ...`` and exits with
 status 2; Ctrl-C or SIGTERM during training saves a checkpoint and exits with status 130.
 """
@@ -257,6 +258,53 @@ def evaluate(
     options = _given(n=n, method=method, t_samples=t_samples, ode_steps=ode_steps,
                      probes=probes, seed=seed)  # fmt: skip
     typer.echo(loaded.evaluate(progress=not quiet, **options).summary)
+
+
+@app.command(
+    help="Distil a trained image or flow run into a few-step sampler. --method progressive "
+    "(Salimans & Ho 2022): halve the number of DDIM steps from --from-steps down to --to-steps, "
+    "each halving a student initialised from its teacher and written to OUT/steps-N, a run "
+    "that difflab sample draws from in N steps by default. OUT defaults to RUN-progressive."
+)
+def distill(
+    run: Annotated[Path, typer.Argument(help="The teacher: a run folder or checkpoint file.")],
+    method: Annotated[str, typer.Option(help="progressive.")] = "progressive",
+    to_steps: Annotated[int, typer.Option(help="Sampling steps of the last student.")] = 4,
+    from_steps: Annotated[
+        int | None,
+        typer.Option(
+            help="The teacher's DDIM steps: --to-steps times a power of two "
+            "(default: the first at or above the run's sample.steps)."
+        ),
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Folder of the students.")] = None,
+    train_steps: Annotated[
+        int | None, typer.Option(help="Training steps per halving (300).")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size (the run's).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate (2e-4, constant).")] = None,
+    prediction: Annotated[
+        str | None, typer.Option(help="The student's parameterization: x0, v or flow.")
+    ] = None,
+    weighting: Annotated[
+        str | None, typer.Option(help="Loss weight: truncated-snr (default) or v.")
+    ] = None,
+    guidance: Annotated[
+        float | None,
+        typer.Option(help="Classifier-free guidance scale of the teacher, fixed at distillation."),
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+) -> None:
+    from difflab.recipes.distill import distill as distill_run
+
+    options = _given(from_steps=from_steps, out=out, train_steps=train_steps,
+                     batch_size=batch_size, lr=lr, prediction=prediction, weighting=weighting,
+                     guidance=guidance, seed=seed)  # fmt: skip
+    for halving in distill_run(run, method=method, to_steps=to_steps, device=device,
+                               progress=not quiet, **options):  # fmt: skip
+        typer.echo(f"{halving.steps} steps: {halving.path} ({halving.seconds:.0f} s)")
 
 
 @app.command(

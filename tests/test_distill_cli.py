@@ -1,6 +1,6 @@
-"""``difflab distill RUN --method progressive`` from the command line: one run folder per
-halving, each an image run whose default sampler is DDIM on its own step count; bad input is
-one line, exit 2, and writes nothing."""
+"""``difflab distill RUN --method progressive | reflow`` from the command line: one run folder
+per halving, each an image run whose default sampler is DDIM on its own step count; one flow
+run retrained on its own pairs; bad input is one line, exit 2, and writes nothing."""
 
 from __future__ import annotations
 
@@ -38,6 +38,8 @@ def teachers(tmp_path_factory) -> dict[str, Path]:
                   out=str(root / "moons"), progress=False)  # fmt: skip
     difflab.train("digits-tiny", TINY, recipe="classifier", out=str(root / "classifier"),
                   progress=False)  # fmt: skip
+    difflab.train("digits-tiny", [*TINY[:-2], "sample.steps=4"], recipe="flow",
+                  out=str(root / "flow"), progress=False)  # fmt: skip
     return {p.name: p for p in root.iterdir()}
 
 
@@ -81,6 +83,8 @@ def test_progressive_distillation_writes_one_sampleable_run_per_halving(
         (["--weighting", "snr"], "--weighting must be one of"),
         (["--lr", "nan"], "--lr must be a finite number"),
         (["--train-steps", "0"], "--train-steps must be a whole number >= 1"),
+        (["--pairs", "10"], "--pairs does not apply to --method progressive"),
+        (["--method", "reflow"], "--method reflow distils runs of the flow recipe"),
     ],
 )
 def test_bad_distillation_options_are_refused(args, message, teachers, tmp_path, monkeypatch,
@@ -108,3 +112,25 @@ def test_distillation_refuses_other_teachers_and_keeps_earlier_students(
                        "--from-steps", "4", "--out", str(tmp_path / "earlier"), *FAST)  # fmt: skip
     assert code == 2 and "already exists: choose another --out" in err
     assert (earlier / "checkpoint.safetensors").read_bytes() == b"mine"
+
+
+def test_reflow_retrains_a_flow_on_its_own_pairs(teachers, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "reflow"
+    code, stdout, err = run(monkeypatch, capsys, "distill", str(teachers["flow"]), "--method",
+                            "reflow", "--pairs", "16", "--pair-steps", "2", "--guidance", "1",
+                            "--out", str(out), *FAST)  # fmt: skip
+    assert code == 0, err
+    assert stdout.startswith(f"4 steps: {out / 'reflow-1'}")
+    config = json.loads((out / "reflow-1" / "config.json").read_text())
+    assert config["recipe"] == "flow" and config["sample"]["guidance"] == 0.0
+    code, _, err = run(monkeypatch, capsys, "sample", str(out / "reflow-1"), "--n", "3",
+                       "--steps", "1", "--out", str(tmp_path / "s"))  # fmt: skip
+    assert code == 0, err
+    assert np.isfinite(np.load(tmp_path / "s.npz")["samples"]).all()
+    for args, message in [
+        (["--to-steps", "2"], "--to-steps does not apply to --method reflow"),
+        (["--pairs", "0"], "--pairs must be a whole number >= 1"),
+    ]:
+        code, _, err = run(monkeypatch, capsys, "distill", str(teachers["flow"]), "--method",
+                           "reflow", "--out", str(tmp_path / "bad"), *FAST, *args)  # fmt: skip
+        assert code == 2 and message in err and not (tmp_path / "bad").exists(), err

@@ -261,34 +261,45 @@ def evaluate(
 
 
 @app.command(
-    help="Distil a trained image or flow run into a few-step sampler. --method progressive "
-    "(Salimans & Ho 2022): halve the number of DDIM steps from --from-steps down to --to-steps, "
-    "each halving a student initialised from its teacher and written to OUT/steps-N, a run "
-    "that difflab sample draws from in N steps by default. OUT defaults to RUN-progressive."
+    help="Distil a trained run into a few-step sampler. --method progressive (Salimans & Ho "
+    "2022; image and flow runs): halve the number of DDIM steps from --from-steps down to "
+    "--to-steps, each halving a student initialised from its teacher and written to "
+    "OUT/steps-N, a run that difflab sample draws from in N steps by default. --method reflow "
+    "(Liu et al. 2023; flow runs): retrain the flow on --pairs noise-sample pairs it generates, "
+    "into OUT/reflow-1, whose straighter paths need fewer steps. OUT defaults to RUN-METHOD."
 )
 def distill(
     run: Annotated[Path, typer.Argument(help="The teacher: a run folder or checkpoint file.")],
-    method: Annotated[str, typer.Option(help="progressive.")] = "progressive",
-    to_steps: Annotated[int, typer.Option(help="Sampling steps of the last student.")] = 4,
+    method: Annotated[str, typer.Option(help="progressive or reflow.")] = "progressive",
+    to_steps: Annotated[
+        int | None, typer.Option(help="progressive: steps of the last student (4).")
+    ] = None,
     from_steps: Annotated[
         int | None,
         typer.Option(
-            help="The teacher's DDIM steps: --to-steps times a power of two "
+            help="progressive: the teacher's DDIM steps, --to-steps times a power of two "
             "(default: the first at or above the run's sample.steps)."
         ),
     ] = None,
+    prediction: Annotated[
+        str | None, typer.Option(help="progressive: the student's x0, v or flow.")
+    ] = None,
+    weighting: Annotated[
+        str | None, typer.Option(help="progressive: truncated-snr (default) or v.")
+    ] = None,
+    pairs: Annotated[
+        int | None, typer.Option(help="reflow: noise-sample pairs (4 per training example).")
+    ] = None,
+    pair_steps: Annotated[
+        int | None, typer.Option(help="reflow: Euler steps per pair (the run's sample.steps).")
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Folder of the students.")] = None,
     train_steps: Annotated[
-        int | None, typer.Option(help="Training steps per halving (300).")
+        int | None,
+        typer.Option(help="Training steps per student (progressive 300, reflow 1000)."),
     ] = None,
     batch_size: Annotated[int | None, typer.Option(help="Batch size (the run's).")] = None,
     lr: Annotated[float | None, typer.Option(help="Learning rate (2e-4, constant).")] = None,
-    prediction: Annotated[
-        str | None, typer.Option(help="The student's parameterization: x0, v or flow.")
-    ] = None,
-    weighting: Annotated[
-        str | None, typer.Option(help="Loss weight: truncated-snr (default) or v.")
-    ] = None,
     guidance: Annotated[
         float | None,
         typer.Option(help="Classifier-free guidance scale of the teacher, fixed at distillation."),
@@ -299,12 +310,13 @@ def distill(
 ) -> None:
     from difflab.recipes.distill import distill as distill_run
 
-    options = _given(from_steps=from_steps, out=out, train_steps=train_steps,
-                     batch_size=batch_size, lr=lr, prediction=prediction, weighting=weighting,
-                     guidance=guidance, seed=seed)  # fmt: skip
-    for halving in distill_run(run, method=method, to_steps=to_steps, device=device,
-                               progress=not quiet, **options):  # fmt: skip
-        typer.echo(f"{halving.steps} steps: {halving.path} ({halving.seconds:.0f} s)")
+    options = _given(to_steps=to_steps, from_steps=from_steps, prediction=prediction,
+                     weighting=weighting, pairs=pairs, pair_steps=pair_steps,
+                     train_steps=train_steps, batch_size=batch_size, lr=lr, guidance=guidance,
+                     seed=seed)  # fmt: skip
+    for student in distill_run(run, method=method, out=out, device=device, progress=not quiet,
+                               **options):  # fmt: skip
+        typer.echo(f"{student.steps} steps: {student.path} ({student.seconds:.0f} s)")
 
 
 @app.command(

@@ -1,6 +1,6 @@
-"""``difflab distill RUN --method progressive --to-steps 4``: progressive distillation
-(Salimans & Ho 2022; seed 004, Algorithm 2) of a trained ``image`` or ``flow`` run.
+"""``difflab distill RUN --method progressive | reflow``: few-step students of a trained run.
 
+**progressive** (Salimans & Ho 2022; seed 004, Algorithm 2), for ``image`` and ``flow`` runs.
 Starting from the teacher sampled by DDIM on ``from_steps`` steps of its schedule's own grid
 (:meth:`Schedule.timesteps`, ``trailing`` for discrete schedules: every other point of the
 ``2N``-step grid is the ``N``-step grid), each halving trains a student, initialised with the
@@ -9,25 +9,34 @@ teacher's (EMA) weights, so that one of its DDIM steps lands where two of the te
 teacher, until ``to_steps`` remain. Each halving writes an ordinary run folder of the ``image``
 recipe, ``OUT/steps-N``, whose ``sample`` section is DDIM on ``N`` steps (so ``difflab sample
 OUT/steps-4`` takes 4 steps by default) and whose ``train`` section is the distillation's.
-
 The student predicts ``x0``, ``v`` or ``flow`` (by default the teacher's parameterization when it
 is one of those, else ``v``). Its network is the teacher's, weights included; when the
 parameterization changes (an ``eps`` teacher) the copied output layer first means the wrong
 quantity and the first halving has to relearn it, so it needs more training steps.
 
+**reflow** (Liu et al. 2023; ``gaussian/rectified_flow.py``), for ``flow`` runs on the linear
+path: ``pairs`` noise draws ``eps`` are carried to ``x_0`` by ``pair_steps`` Euler steps of the
+teacher's flow ODE from ``t = 1``, and a student initialised from the teacher is trained with
+the flow-matching loss on these coupled pairs (``x_t = (1 - t) x_0 + t eps``, target
+``eps - x_0``). It writes a ``flow`` run, ``OUT/reflow-1``, with the teacher's sampling
+defaults; its straighter paths need fewer steps (``difflab sample OUT/reflow-1 --steps 2``),
+and it can be distilled further (``difflab distill OUT/reflow-1 --method progressive``).
+
 Class-conditional teachers with classifier-free guidance: the guidance scale ``w`` is fixed at
 distillation time (guided distillation with a fixed scale, not as an input of the student): the
-first teacher is sampled with guidance ``w``, and labels are dropped to the null label at the
-teacher's ``cond_drop`` rate, so the student learns the guided map for labels and the
-unconditional one for the null label. Its samples carry the guidance; its ``sample.guidance``
-is 0. The teacher's x_0 estimate is thresholded as its own sampler does (static for images).
+first teacher is sampled with guidance ``w``. Progressive distillation drops labels to the null
+label at the teacher's ``cond_drop`` rate, so the student learns the guided map for labels and
+the unconditional one for the null label; reflow generates its pairs for labels cycled over the
+classes and trains with the same label dropout (its null label learns the reflow of the guided
+mixture). The students' samples carry the guidance; their ``sample.guidance`` is 0. The
+teacher's x_0 estimate is thresholded as its own sampler does (static for images).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +49,12 @@ from difflab.gaussian.distillation import (
     STUDENT_PREDICTIONS,
     progressive_loss,
 )
-from difflab.recipes import finite, is_run, load, positive_int, seed_value
+from difflab.gaussian.objectives import loss_fn
+from difflab.gaussian.rectified_flow import reflow_pairs
+from difflab.recipes import Run, finite, is_run, load, positive_int, refuse_unknown, seed_value
 from difflab.recipes.image import RECIPE as IMAGE
 from difflab.recipes.image import (
+    SAMPLE_CHUNK,
     ImageConfig,
     LoadedModel,
     build_denoiser,
@@ -54,14 +66,15 @@ from difflab.recipes.image import (
 )
 from difflab.train.trainer import Trainer
 
-METHODS: tuple[str, ...] = ("progressive",)
-#: The recipes whose runs can be distilled: a Gaussian denoiser of images or vectors.
-TEACHERS: tuple[str, ...] = ("image", "flow")
+#: The recipes whose runs each method distils.
+TEACHERS: dict[str, tuple[str, ...]] = {"progressive": ("image", "flow"), "reflow": ("flow",)}
+METHODS: tuple[str, ...] = tuple(TEACHERS)
 
 
 @dataclass
-class Halving:
-    """One halving: the student's step count, its run folder and the training time."""
+class Student:
+    """One student: its default number of sampling steps, its run folder and its training
+    time (pair generation included)."""
 
     steps: int
     path: Path
@@ -72,9 +85,34 @@ def distill(
     run: str | Path,
     *,
     method: str = "progressive",
+    out: str | Path | None = None,
+    device: str = "auto",
+    progress: bool = True,
+    **options: Any,
+) -> list[Student]:
+    """The students of ``run`` by ``method`` (:func:`progressive` or :func:`reflow`, whose
+    keyword arguments are the ``options`` it takes; any other is refused), written into ``out``
+    (default ``RUN-<method>``)."""
+    choose("--method", method, METHODS)
+    fn = {"progressive": progressive, "reflow": reflow}[method]
+    refuse_unknown(options, fn, f"--method {method}")
+    teacher_run = load(run, device)
+    if teacher_run.recipe.name not in TEACHERS[method]:
+        raise UserError(f"--method {method} distils runs of the "
+                        f"{' and '.join(TEACHERS[method])} recipe; {run} is a "
+                        f"{teacher_run.recipe.name} run")  # fmt: skip
+    out = Path(out) if out is not None else Path(f"{Path(run).resolve()}-{method}")
+    return fn(teacher_run, out=out, device=device, progress=progress, **options)
+
+
+def progressive(
+    teacher_run: Run,
+    *,
+    out: Path,
+    device: str,
+    progress: bool,
     to_steps: int = 4,
     from_steps: int | None = None,
-    out: str | Path | None = None,
     train_steps: int = 300,
     batch_size: int | None = None,
     lr: float = 2e-4,
@@ -82,55 +120,36 @@ def distill(
     weighting: str = "truncated-snr",
     guidance: float | None = None,
     seed: int = 0,
-    device: str = "auto",
-    progress: bool = True,
-) -> list[Halving]:
-    """Distil the run ``run`` by ``method`` into ``to_steps`` DDIM steps, halving from
+) -> list[Student]:
+    """Progressive distillation of ``teacher_run`` into ``to_steps`` DDIM steps, halving from
     ``from_steps`` (default: the smallest ``to_steps * 2^k >= `` the teacher's ``sample.steps``,
     ``k >= 1``), each halving ``train_steps`` steps of AdamW at ``lr`` (constant, EMA 0.99) on
-    batches of ``batch_size`` (default: the teacher's), into ``out/steps-N`` (default
-    ``RUN-progressive``). ``prediction``: the student's (x0, v or flow); ``weighting``:
-    truncated-snr or v; ``guidance``: the fixed classifier-free guidance scale of the first
-    teacher (default: its ``sample.guidance``). Every argument is checked, and no folder is
-    written, before training starts."""
-    choose("--method", method, METHODS)
+    batches of ``batch_size`` (default: the teacher's), into ``out/steps-N``. ``prediction``:
+    the student's (x0, v or flow); ``weighting``: truncated-snr or v; ``guidance``: the fixed
+    classifier-free guidance scale of the first teacher (default: its ``sample.guidance``).
+    Every argument is checked, and no folder is written, before training starts."""
     to_steps = positive_int("to_steps", to_steps)
-    train_steps = positive_int("train_steps", train_steps)
-    lr = finite("lr", lr, 1e-12, 1.0)
-    seed = seed_value(seed)
-    choose("--weighting", weighting, DISTILL_WEIGHTINGS)
-    teacher_run = load(run, device)
-    if teacher_run.recipe.name not in TEACHERS:
-        raise UserError(f"progressive distillation distils runs of the {' and '.join(TEACHERS)} "
-                        f"recipes; {run} is a {teacher_run.recipe.name} run")  # fmt: skip
     teacher: LoadedModel = teacher_run.model
     cfg = teacher.config
     prediction = _student_prediction(prediction, cfg.diffusion.prediction)
-    if batch_size is None:
-        batch_size = cfg.train.batch_size
-    batch_size = positive_int("batch_size", batch_size)
-    w = cfg.sample.guidance if guidance is None else finite("guidance", guidance, 0.0)
-    if w > 0 and teacher.num_classes is None:
-        raise UserError("--guidance needs a class-conditional teacher")
+    choose("--weighting", weighting, DISTILL_WEIGHTINGS)
+    training = _training(cfg, train_steps, batch_size, lr, seed, device)
+    w = _guidance(guidance, teacher)
     halvings = _halvings(to_steps, from_steps, cfg.sample.steps, teacher.denoiser.schedule.T)
-    out = Path(out) if out is not None else Path(f"{Path(run).resolve()}-{method}")
-    folders = [out / f"steps-{n}" for n in halvings]
-    for folder in folders:
-        if is_run(folder) or (folder.exists() and not folder.is_dir()):
-            raise UserError(f"{folder} already exists: choose another --out")
+    folders = _free_folders([out / f"steps-{n}" for n in halvings])
     threshold, percentile = threshold_settings(None, None, cfg.sample.threshold, teacher.shape)
     train_data, _ = data_splits(cfg.data)
     num_classes = teacher.num_classes
     tensors = (train_data.x,) if num_classes is None else (train_data.x, train_data.labels)
+    run = teacher_run.path
     result = []
     for n, folder in zip(halvings, folders, strict=True):
         teacher_den = guided_denoiser(teacher, guidance=w, threshold=threshold,
                                       percentile=percentile)  # fmt: skip
         grid = teacher.denoiser.schedule.timesteps(2 * n)
-        student_cfg = _student_config(cfg, prediction, n, folder, train_steps, batch_size, lr,
-                                      seed, device)  # fmt: skip
+        student_cfg = _student_config(cfg, prediction, n, replace(training, out=str(folder)))
         meta = run_metadata(IMAGE.name, student_cfg, train_data, distilled={
-            "method": method, "teacher": str(run), "teacher_steps": 2 * n, "steps": n,
+            "method": "progressive", "teacher": str(run), "teacher_steps": 2 * n, "steps": n,
             "guidance": w, "weighting": weighting, "from_steps": halvings[0] * 2,
         })  # fmt: skip
         net = IMAGE.build(student_cfg, meta)
@@ -138,7 +157,7 @@ def distill(
         loss = _loss(student_cfg, teacher_den, grid, weighting, num_classes)
         start = time.perf_counter()
         Trainer(net, loss, tensors, student_cfg.train, meta, folder).fit(progress=progress)
-        result.append(Halving(n, folder, time.perf_counter() - start))
+        result.append(Student(n, folder, time.perf_counter() - start))
         teacher, w = IMAGE.load(folder, device), 0.0  # the guidance is in the student now
     return result
 
@@ -168,26 +187,44 @@ def _halvings(to_steps: int, from_steps: int | None, teacher_steps: int, T: int 
 
 
 def _student_config(
-    cfg: ImageConfig,
-    prediction: str,
-    steps: int,
-    folder: Path,
-    train_steps: int,
-    batch_size: int,
-    lr: float,
-    seed: int,
-    device: str,
+    cfg: ImageConfig, prediction: str, steps: int, training: TrainConfig
 ) -> ImageConfig:
-    """The image-recipe config of a student: the teacher's with the student's prediction, DDIM
-    on ``steps`` as its sampler, and the distillation's training settings."""
+    """The image-recipe config of a progressive student: the teacher's with the student's
+    prediction, DDIM on ``steps`` as its sampler, and the distillation's training settings."""
     raw = to_dict(cfg)
     raw["diffusion"].update(prediction=prediction, weighting="simple", sigma_data=None)
     raw["sample"].update(sampler="ddim", steps=steps, grid="trailing", eta=None, guidance=0.0)
-    train = TrainConfig(steps=train_steps, batch_size=batch_size, lr=lr, warmup=0,
-                        lr_schedule="constant", ema=0.99, seed=seed, device=device,
-                        out=str(folder), ckpt_every=train_steps)  # fmt: skip
-    raw["train"] = to_dict(train)
+    raw["train"] = to_dict(training)
     return from_dict(ImageConfig, raw).validate()
+
+
+def _training(
+    cfg: ImageConfig, steps: int, batch_size: int | None, lr: float, seed: int, device: str
+) -> TrainConfig:
+    """The students' training settings, checked: AdamW at a constant ``lr``, EMA 0.99, one
+    checkpoint at the end; ``batch_size`` defaults to the teacher's."""
+    batch_size = cfg.train.batch_size if batch_size is None else batch_size
+    steps = positive_int("train_steps", steps)
+    return TrainConfig(steps=steps, batch_size=positive_int("batch_size", batch_size),
+                       lr=finite("lr", lr, 1e-12, 1.0), warmup=0, lr_schedule="constant",
+                       ema=0.99, seed=seed_value(seed), device=device,
+                       ckpt_every=steps)  # fmt: skip
+
+
+def _guidance(guidance: float | None, teacher: LoadedModel) -> float:
+    """The fixed guidance scale of the teacher: the one given, else its ``sample.guidance``."""
+    w = teacher.config.sample.guidance if guidance is None else finite("guidance", guidance, 0.0)
+    if w > 0 and teacher.num_classes is None:
+        raise UserError("--guidance needs a class-conditional teacher")
+    return w
+
+
+def _free_folders(folders: list[Path]) -> list[Path]:
+    """``folders``, refused if any already holds a run or is a file (nothing is replaced)."""
+    for folder in folders:
+        if is_run(folder) or (folder.exists() and not folder.is_dir()):
+            raise UserError(f"{folder} already exists: choose another --out")
+    return folders
 
 
 def _loss(cfg: ImageConfig, teacher: Any, grid: torch.Tensor, weighting: str,
@@ -204,3 +241,68 @@ def _loss(cfg: ImageConfig, teacher: Any, grid: torch.Tensor, weighting: str,
                                 generator=generator)  # fmt: skip
 
     return loss
+
+
+def reflow(
+    teacher_run: Run,
+    *,
+    out: Path,
+    device: str,
+    progress: bool,
+    pairs: int | None = None,
+    pair_steps: int | None = None,
+    train_steps: int = 1000,
+    batch_size: int | None = None,
+    lr: float = 2e-4,
+    guidance: float | None = None,
+    seed: int = 0,
+) -> list[Student]:
+    """One round of reflow of a flow run on the linear path (module docstring): ``pairs``
+    noise-sample pairs (default: 4 per training example) by ``pair_steps`` Euler steps of its
+    ODE (default: its ``sample.steps``), then ``train_steps`` steps on them, into
+    ``out/reflow-1``."""
+    teacher: LoadedModel = teacher_run.model
+    cfg = teacher.config
+    if cfg.diffusion.schedule != "rectified-flow":
+        raise UserError(f"reflow straightens the linear path (diffusion.schedule=rectified-flow); "
+                        f"this run's schedule is {cfg.diffusion.schedule}")  # fmt: skip
+    training = _training(cfg, train_steps, batch_size, lr, seed, device)
+    w = _guidance(guidance, teacher)
+    train_data, _ = data_splits(cfg.data)
+    pairs = 4 * len(train_data) if pairs is None else positive_int("pairs", pairs)
+    steps = cfg.sample.steps if pair_steps is None else positive_int("pair_steps", pair_steps)
+    (folder,) = _free_folders([out / "reflow-1"])
+    threshold, percentile = threshold_settings(None, None, cfg.sample.threshold, teacher.shape)
+    den = guided_denoiser(teacher, guidance=w, threshold=threshold, percentile=percentile)
+    start = time.perf_counter()
+    gen = torch.Generator().manual_seed(training.seed)
+    noise = torch.randn((pairs, *teacher.shape), generator=gen)
+    labels = None
+    if teacher.num_classes is not None:
+        labels = torch.arange(pairs) % teacher.num_classes
+    samples = []
+    for rows in torch.arange(pairs).split(SAMPLE_CHUNK):
+        cond = None if labels is None else {"class_labels": labels[rows].to(teacher.device)}
+        samples.append(reflow_pairs(den, noise[rows].to(teacher.device), steps, cond).cpu())
+    x = torch.cat(samples)
+    student_cfg = from_dict(type(cfg), {**to_dict(cfg), "train": to_dict(
+        replace(training, out=str(folder)))}).validate()  # fmt: skip
+    student_cfg.sample.guidance = 0.0
+    meta = run_metadata(teacher_run.recipe.name, student_cfg, train_data, distilled={
+        "method": "reflow", "teacher": str(teacher_run.path), "pairs": pairs,
+        "pair_steps": steps, "guidance": w,
+    })  # fmt: skip
+    net = teacher_run.recipe.build(student_cfg, meta)
+    net.load_state_dict(teacher.denoiser.net.state_dict())
+    d, num_classes = student_cfg.diffusion, teacher.num_classes
+
+    def loss(net: torch.nn.Module, batch: tuple[torch.Tensor, ...], generator) -> torch.Tensor:
+        cond = None
+        if num_classes is not None:
+            cond = {"class_labels": drop_labels(batch[2], num_classes, d.cond_drop, generator)}
+        return loss_fn(build_denoiser(net, d), batch[0], cond, weighting=d.weighting,
+                       generator=generator, eps=batch[1])  # fmt: skip
+
+    tensors = (x, noise) if labels is None else (x, noise, labels)
+    Trainer(net, loss, tensors, student_cfg.train, meta, folder).fit(progress=progress)
+    return [Student(student_cfg.sample.steps, folder, time.perf_counter() - start)]

@@ -18,7 +18,7 @@ LAYERS = {
     "config": 2,
     "train": 3,
     "recipes": 4,
-    "cli": 5, "__main__": 5, "__init__": 5,
+    "cli": 5, "explore": 5, "__main__": 5, "__init__": 5,
 }  # fmt: skip
 #: The maths layer reaches nothing of these, directly or not.
 MATHS, ABOVE_MATHS = ("gaussian", "discrete", "nets"), ("recipes", "train", "config", "cli")

@@ -341,6 +341,26 @@ def demo(
     typer.echo(run_demo(recipe, folder, quiet=quiet, **_given(steps=steps)))
 
 
+@app.command(
+    help="Serve the explorer, a local web page of the lectures' figures on exact oracles and on "
+    "your runs: the forward process, the score field and sampler paths in 2-D, the reverse "
+    "process of an image model, guidance, and a text model unmasking a passage. Needs the "
+    "explore extra (pip install 'difflab[explore]')."
+)
+def explore(
+    runs: Annotated[
+        list[Path] | None, typer.Argument(help="Run folders to open (2-D, image or text runs).")
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to serve on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to serve on.")] = 7860,
+) -> None:
+    from difflab.explore import serve
+
+    if not 0 < port < 65536:
+        raise UserError(f"--port must be in 1..65535, got {port}")
+    serve([str(r) for r in runs or []], host, port)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: every usage error, :class:`UserError`, failed allocation and file-system
     error becomes one line and exit 2; Ctrl-C or SIGTERM during training saves a checkpoint and

@@ -13,7 +13,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check $(TORCH)
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test,text,dev]'
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test,text,dev,explore]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -328,6 +328,18 @@ def test_explore_command_refusals(args, message, runs, monkeypatch, capsys):
     assert err.count("\n") == 1
 
 
+def test_explore_without_gradio_says_how_to_install_it(monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "gradio", None)  # as if it were not installed
+    monkeypatch.delitem(sys.modules, "difflab.explore.app", raising=False)
+    code, err = _explore(monkeypatch, capsys)
+    assert (
+        code == 2
+        and err == "difflab: error: the explorer needs gradio: pip install 'difflab[explore]'\n"
+    )
+
+
 def test_explore_refuses_runs_it_cannot_draw(runs, tmp_path):
     """A vector run of more than 2 dimensions is refused when the page is built."""
     pytest.importorskip("gradio")

@@ -354,8 +354,12 @@ def explore(
     host: Annotated[str, typer.Option(help="Address to serve on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to serve on.")] = 7860,
 ) -> None:
-    from difflab.explore import serve
-
+    try:
+        from difflab.explore.app import serve
+    except ModuleNotFoundError as e:
+        if e.name != "gradio":
+            raise
+        raise UserError("the explorer needs gradio: pip install 'difflab[explore]'") from None
     if not 0 < port < 65536:
         raise UserError(f"--port must be in 1..65535, got {port}")
     serve([str(r) for r in runs or []], host, port)

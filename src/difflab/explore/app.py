@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+import torch
 
 from difflab.discrete.samplers import TOKEN_SAMPLERS, semi_autoregressive_sample
 from difflab.errors import UserError
@@ -360,3 +361,13 @@ def launch(app: gr.Blocks, host: str, port: int, *, block: bool = True) -> None:
                    quiet=True, show_error=True, theme=THEME)  # fmt: skip
     except OSError as e:
         raise UserError(f"cannot serve on {host}:{port}: {e}") from None
+
+
+def serve(runs: list[str], host: str = "127.0.0.1", port: int = 7860) -> None:
+    """Load ``runs`` (refusing a missing or damaged one before serving), then serve the
+    explorer on ``host:port`` until interrupted. Sampling in the page runs on one CPU thread:
+    its batches are small, and one thread answers fastest on a busy machine."""
+    torch.set_num_threads(1)
+    app = build_app(runs)
+    print(f"difflab explorer on http://{host}:{port} (Ctrl-C stops it)", flush=True)
+    launch(app, host, port)

@@ -102,6 +102,7 @@ def forward_figure(view: ForwardView, data: str, schedule_name: str, prediction:
     t, alpha, sigma = n["t"], n["alpha"], n["sigma"]
     if view.x0.ndim == 4:
         fig = new_figure(10, 2.6)
+        fig.subplots_adjust(bottom=0.2)
         axes = fig.subplots(1, 5)
         label = f" ({view.captions[0]})" if view.captions else ""
         image_panel(axes[0], view.x0[0], f"x_0{label}")

@@ -79,6 +79,7 @@ class Page:
 
     def shot(self, folder: Path | None, name: str) -> None:
         if folder is not None:
+            self.page.wait_for_timeout(5000)  # every queued update has drawn
             path = folder / f"explore-{name}.png"
             self.page.screenshot(path=str(path), full_page=True)
             print(f"wrote {path}")

@@ -273,19 +273,22 @@ def test_remasking_follows_the_schedule(runs):
             L * (text.masked_fraction(result, i - 1) - text.masked_fraction(result, i))
         )
         assert not bool(marks["corrected"].any())
+        assert int(marks["remasked"].sum()) == round(L * text.masked_fraction(result, i))
     expected = 1 - model.process.alpha(torch.tensor(result.times, dtype=torch.float64))
     assert result.expected_masked == pytest.approx(expected.tolist())
     assert text.masked_fraction(result, 8) == 0.0
 
 
 def test_step_marks_on_a_made_up_run():
-    """Revealed, corrected and remasked positions, by their definitions (mask id 3)."""
+    """Revealed, corrected and remasked positions, by their definitions (mask id 3): only a
+    sampler that proposes every masked token remasks."""
     states = [torch.tensor([3, 3, 3, 7]), torch.tensor([5, 3, 3, 8])]
-    run = text.Unmasking(states, states, [1.0, 0.5], [1.0, 0.5], mask_id=3)
-    marks = text.step_marks(run, 1)
-    assert marks["revealed"].tolist() == [True, False, False, False]
-    assert marks["corrected"].tolist() == [False, False, False, True]
-    assert marks["remasked"].tolist() == [False, True, True, False]
+    for remasks in (True, False):
+        run = text.Unmasking(states, states, [1.0, 0.5], [1.0, 0.5], mask_id=3, remasks=remasks)
+        marks = text.step_marks(run, 1)
+        assert marks["revealed"].tolist() == [True, False, False, False]
+        assert marks["corrected"].tolist() == [False, False, False, True]
+        assert marks["remasked"].tolist() == [False, remasks, remasks, False]
 
 
 def test_text_refusals(runs):

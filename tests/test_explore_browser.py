@@ -169,6 +169,7 @@ def test_guidance_tab_scale_moves_accuracy_and_diversity(page):
 def test_text_tab_unmasks_step_by_step(page, server):
     import difflab
     from difflab.explore import text
+    from difflab.explore.app import TEXT_SAMPLER
 
     open_tab(page, "Text")
     page.locator("#text-steps input").fill("8")
@@ -178,7 +179,7 @@ def test_text_tab_unmasks_step_by_step(page, server):
     set_slider(page, "text-frame", 3)
     fraction = changed(page, "text", "masked_fraction", 0.0)
     model = difflab.load(server["root"] / "text").model
-    expected = text.unmasking(model, "remask", 8, seed=0)
+    expected = text.unmasking(model, TEXT_SAMPLER, 8, seed=0)
     assert fraction == pytest.approx(text.masked_fraction(expected, 3))
     assert page.locator("#text-passage .tok").count() == model.context
 

@@ -38,6 +38,8 @@ from difflab.recipes import Run, load
 
 #: The choice of the score tab that means the exact oracle rather than a trained run.
 EXACT = f"exact: {MIXTURE_2D}"
+#: The text tab's first sampler: exact ancestral sampling (MDLM), skipping idle network calls.
+TEXT_SAMPLER = "cached"
 
 
 class Runs:
@@ -322,7 +324,7 @@ def build_app(run_paths: list[str] | None = None) -> gr.Blocks:
                 x_source = gr.Dropdown(texts, value=texts[0] if texts else None,
                                        allow_custom_value=True, label="text run folder",
                                        elem_id="text-source")  # fmt: skip
-                x_sampler = gr.Dropdown(token_samplers, value="remask", label="sampler",
+                x_sampler = gr.Dropdown(token_samplers, value=TEXT_SAMPLER, label="sampler",
                                         elem_id="text-sampler")  # fmt: skip
                 x_steps = gr.Number(32, precision=0, label="steps", elem_id="text-steps")
                 x_seed = gr.Number(0, precision=0, label="seed", elem_id="text-seed")

@@ -157,8 +157,9 @@ def digits_guidance(run, label: int, w: float, steps: int = 20, seed: int = 0):
 
 def digits_figure(samples: Tensor, numbers: dict[str, float], label: int) -> Figure:
     """The guided digits in a grid of 4 rows, titled with their judged numbers."""
-    fig = new_figure(10, 2.4)
-    axes = fig.subplots(2, 20)
+    fig = new_figure(6, 2.8)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.88, wspace=0.08, hspace=0.08)
+    axes = fig.subplots(4, 10)
     for ax, x in zip(axes.flat, samples, strict=False):
         image_panel(ax, x, "")
     fig.suptitle(f"class {label}, w = {numbers['w']:g}: accuracy {numbers['accuracy']:.3f}, "

@@ -24,7 +24,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from difflab.discrete.samplers import TOKEN_SAMPLERS, semi_autoregressive_sample, uniform_times
+from difflab.discrete.samplers import (
+    TOKEN_SAMPLERS,
+    confidence_sample,
+    semi_autoregressive_sample,
+    uniform_times,
+)
 from difflab.errors import UserError
 
 #: The most steps the tab runs.
@@ -34,14 +39,16 @@ MAX_STEPS = 1000
 @dataclass
 class Unmasking:
     """``states[i]`` and ``estimates[i]`` (``(L,)`` token ids) at step ``i``, then the final
-    tokens as both; ``times[i]`` the step's time; ``mask_id`` (``None`` for processes without
-    one) and the expected masked fraction ``1 - alpha(t_i)``."""
+    tokens as both; ``times[i]`` the step's time; the expected masked fraction
+    ``1 - alpha(t_i)``; ``mask_id`` (``None`` for processes without one); ``remasks``: whether
+    the sampler proposes every masked token and remasks those it does not keep."""
 
     states: list[Tensor]
     estimates: list[Tensor]
     times: list[float]
     expected_masked: list[float]
     mask_id: int | None
+    remasks: bool
 
 
 def unmasking(model, sampler: str, steps: int, seed: int = 0) -> Unmasking:
@@ -74,7 +81,9 @@ def unmasking(model, sampler: str, steps: int, seed: int = 0) -> Unmasking:
     estimates.append(final)
     times.append(0.0)
     expected = (1 - model.process.alpha(torch.tensor(times, dtype=torch.float64))).tolist()
-    return Unmasking(states, estimates, times, expected, model.process.mask_id)
+    fn = TOKEN_SAMPLERS[sampler]
+    remasks = getattr(fn, "func", fn) is confidence_sample
+    return Unmasking(states, estimates, times, expected, model.process.mask_id, remasks)
 
 
 def step_marks(run: Unmasking, index: int) -> dict[str, Tensor]:
@@ -91,7 +100,7 @@ def step_marks(run: Unmasking, index: int) -> dict[str, Tensor]:
     return {
         "revealed": was_noise & ~is_noise,
         "corrected": ~was_noise & (after != before),
-        "remasked": was_noise & is_noise,
+        "remasked": was_noise & is_noise & run.remasks,
     }
 
 

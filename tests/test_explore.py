@@ -331,6 +331,20 @@ def test_explore_command_refusals(args, message, runs, monkeypatch, capsys):
     assert err.count("\n") == 1
 
 
+def test_a_port_in_use_is_refused():
+    pytest.importorskip("gradio")
+    import socket
+
+    from difflab.explore.app import build_app, launch
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(UserError, match=f"cannot serve on 127.0.0.1:{port}"):
+            launch(build_app([]), "127.0.0.1", port, block=False)
+
+
 def test_explore_without_gradio_says_how_to_install_it(monkeypatch, capsys):
     import sys
 

@@ -256,7 +256,7 @@ def build_app(run_paths: list[str] | None = None) -> gr.Blocks:
             with gr.Row():
                 s_steps = gr.Slider(1, score.MAX_STEPS, value=10, step=1, label="steps",
                                     elem_id="score-steps")  # fmt: skip
-                s_t = gr.Slider(0.01, 1.0, value=0.5, step=0.01, label="t of the score field",
+                s_t = gr.Slider(0.01, 1.0, value=0.3, step=0.01, label="t of the score field",
                                 elem_id="score-t")  # fmt: skip
             s_figure = gr.Image(type="pil", show_label=False, interactive=False,
                                 elem_id="score-figure")  # fmt: skip
@@ -371,5 +371,6 @@ def serve(runs: list[str], host: str = "127.0.0.1", port: int = 7860) -> None:
     its batches are small, and one thread answers fastest on a busy machine."""
     torch.set_num_threads(1)
     app = build_app(runs)
+    launch(app, host, port, block=False)
     print(f"difflab explorer on http://{host}:{port} (Ctrl-C stops it)", flush=True)
-    launch(app, host, port)
+    app.block_thread()

@@ -22,7 +22,7 @@ from difflab.explore.data import (
     schedule,
 )
 from difflab.gaussian.samplers import SAMPLERS, time_grid
-from difflab.gaussian.schedules import make_schedule
+from difflab.gaussian.schedules import SCHEDULES, make_schedule
 
 TINY = ["train.steps=2", "train.batch_size=8", "train.log_every=1", "model.unet.channels=8",
         "model.unet.num_heads=2", "diffusion.T=20", "sample.steps=2"]  # fmt: skip
@@ -46,6 +46,7 @@ def runs(tmp_path_factory):
 
 @pytest.mark.parametrize("name", ["cosine", "linear", "ve", "edm", "cosine-logsnr"])
 def test_forward_numbers_are_the_schedules(name):
+    """At t = 0.3; every schedule is drawn at t = 1 by the next test."""
     view = forward.forward_view(MIXTURE_1D, name, "eps", 0.3)
     alpha, sigma = schedule(name).alpha_sigma(torch.tensor(0.3, dtype=torch.float64))
     n = view.numbers
@@ -55,6 +56,16 @@ def test_forward_numbers_are_the_schedules(name):
     x0 = float(view.x0[0, 0])
     assert n["mean[0]"] == pytest.approx(float(alpha) * x0)
     assert n["band_high[0]"] - n["band_low[0]"] == pytest.approx(4 * float(sigma))
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_every_schedule_is_shown_up_to_t_1(name):
+    """Where alpha(1) = 0 (rectified flow) sigma_ve and logSNR are infinite, not an error."""
+    view = forward.forward_view(MIXTURE_1D, name, "eps", 1.0)
+    assert view.numbers["sigma_ve"] == float(
+        schedule(name).sigma_ve(torch.tensor(1.0, dtype=torch.float64))
+    )
+    figure_image(forward.forward_figure(view, MIXTURE_1D, name, "eps"))
 
 
 def test_forward_draws_follow_the_kernel():
@@ -167,6 +178,14 @@ def test_exact_log_density_matches_a_quadrature():
     cell = (5.0 / 499) ** 2
     integral = float((logp.exp() * logp).sum() * cell)
     assert score.exact_log_density(oracle) == pytest.approx(integral, abs=0.02)
+
+
+def test_the_reference_of_a_short_discrete_schedule_uses_its_whole_grid():
+    oracle = mixture(MIXTURE_2D, make_schedule("constant", T=50))
+    fine = SAMPLERS["heun"](
+        oracle, score.starting_noise(oracle, 8, 0), time_grid(oracle.schedule, 50)
+    )
+    torch.testing.assert_close(score.reference_endpoints(oracle, 8, 0), fine)
 
 
 def test_trajectories_refusals():

@@ -71,7 +71,7 @@ def forward_view(
         "alpha": alpha,
         "sigma": sigma,
         "log_snr": float(sched.log_snr(tt)),
-        "sigma_ve": sigma / alpha,
+        "sigma_ve": float(sched.sigma_ve(tt)),
     }
     if x0.ndim == 2:
         for i, m in enumerate(kernel.mean[0].tolist()):

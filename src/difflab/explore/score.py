@@ -118,13 +118,15 @@ def trajectories(
 
 def reference_endpoints(denoiser: DenoiserFn, n: int, seed: int) -> Tensor:
     """The probability-flow ODE's samples from :func:`starting_noise` (Heun,
-    :data:`REFERENCE_STEPS` steps): the exact endpoint every deterministic sampler tends to."""
+    :data:`REFERENCE_STEPS` steps, or all ``T`` of a discrete schedule with fewer): the exact
+    endpoint every deterministic sampler tends to."""
     return _reference(denoiser, n, seed)
 
 
 @functools.lru_cache(maxsize=16)
 def _reference(denoiser: DenoiserFn, n: int, seed: int) -> Tensor:
-    ts = time_grid(denoiser.schedule, REFERENCE_STEPS)
+    T = denoiser.schedule.T  # a discrete schedule has no finer grid than its own T steps
+    ts = time_grid(denoiser.schedule, REFERENCE_STEPS if T is None else min(T, REFERENCE_STEPS))
     return SAMPLERS["heun"](denoiser, starting_noise(denoiser, n, seed), ts)
 
 

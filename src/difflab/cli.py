@@ -80,7 +80,7 @@ def train(
         str | None,
         typer.Option(
             help="Train another recipe on the same config (sets its recipe key): image, "
-            "classifier, cascade, text-to-digit, text."
+            "classifier, cascade, text-to-digit, text, flow."
         ),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,

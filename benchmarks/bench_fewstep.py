@@ -1,0 +1,123 @@
+"""Few-step generation on the digits model (issue 14): quality at 1, 2, 4 and 8 network calls.
+
+Rows (1,000 class-conditional samples each by default, 100 per class, seed 0):
+
+- DPM-Solver++(2M) on the teacher, no training;
+- progressive distillation of the teacher (``difflab distill TEACHER --to-steps 1``): the
+  student of each halving at its own step count (8, 4, 2, 1);
+- rectified flow: a flow trained like the teacher (``--recipe flow``), sampled by Euler; then
+  one reflow (``--method reflow``), Euler; then the reflowed flow distilled progressively.
+
+Each row: the Frechet distance to the teacher's DDIM 50-step samples (same labels) in the digits
+judge's 64-d features and in pixels, and the judge's accuracy on the samples' labels; and the
+wall-clock time its training took on this machine.
+
+Usage::
+
+    python benchmarks/bench_fewstep.py --teacher runs/demo [--work runs/bench-fewstep]
+        [--n-per-class 100] [--train-steps 300] [--reflow-steps 1000] [--flow-minutes 2.7]
+
+``--teacher`` is a digits run of the image recipe (the ``make demo`` checkpoint, or
+``difflab train digits``); the flow is trained with the same preset for ``--flow-minutes``.
+The students are written under ``--work`` (re-using those already there). Prints a markdown
+table for docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+import difflab
+from difflab.evaluate.digits_classifier import load_digits_classifier
+from difflab.evaluate.frechet import frechet_distance_from_samples
+from difflab.recipes import is_run
+from difflab.recipes.distill import distill
+
+CALLS = (1, 2, 4, 8)
+
+
+def _timed_distill(run: Path, out: Path, **options) -> float:
+    """Distil unless ``out`` already holds the students; returns the seconds it took (0 when
+    re-used)."""
+    if out.exists():
+        return 0.0
+    start = time.perf_counter()
+    distill(run, out=out, progress=False, **options)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--teacher", type=Path, required=True)
+    parser.add_argument("--work", type=Path, default=Path("runs/bench-fewstep"))
+    parser.add_argument("--n-per-class", type=int, default=100)
+    parser.add_argument("--train-steps", type=int, default=300, help="per halving")
+    parser.add_argument("--reflow-steps", type=int, default=1000)
+    parser.add_argument("--flow-minutes", type=float, default=2.7)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    labels = torch.arange(10).repeat_interleave(args.n_per_class)
+    judge = load_digits_classifier()
+    teacher = difflab.load(args.teacher, args.device)
+
+    def draw(run, **options) -> torch.Tensor:
+        return run.sample(len(labels), label=labels, seed=0, **options).x.clamp(-1, 1).cpu()
+
+    reference = draw(teacher, sampler="ddim", steps=50)
+    ref_features = judge.features(reference)
+
+    def row(x: torch.Tensor) -> str:
+        features = frechet_distance_from_samples(judge.features(x), ref_features)
+        pixels = frechet_distance_from_samples(x.flatten(1), reference.flatten(1))
+        accuracy = float((judge.predict(x).cpu() == labels).double().mean())
+        return f"{features:.2f} / {pixels:.2f} / {100 * accuracy:.0f}%"
+
+    lines = [
+        f"Teacher {args.teacher}: DDIM 50 steps is the reference; judge accuracy "
+        f"{row(reference).split(' / ')[-1]} on it. Cells: FD features / FD pixels / accuracy.",
+        "",
+        "| method | 1 call | 2 calls | 4 calls | 8 calls | training time |",
+        "|---|---|---|---|---|---|",
+    ]
+    cells = [row(draw(teacher, sampler="dpmpp_2m", steps=k)) for k in CALLS]
+    lines.append(f"| DPM-Solver++(2M) on the teacher | {' | '.join(cells)} | 0 |")
+
+    work = args.work
+    pd = work / "progressive"
+    seconds = _timed_distill(args.teacher, pd, method="progressive", to_steps=1,
+                             from_steps=16, train_steps=args.train_steps)  # fmt: skip
+    cells = [row(draw(difflab.load(pd / f"steps-{k}", args.device))) for k in CALLS]
+    lines.append(f"| progressive distillation (16 -> 1) | {' | '.join(cells)} | {seconds:.0f} s |")
+
+    flow = work / "flow"
+    start = time.perf_counter()
+    if not is_run(flow):
+        difflab.train("digits", [f"train.out={flow}", f"train.max_minutes={args.flow_minutes}"],
+                      recipe="flow", progress=False)  # fmt: skip
+    flow_seconds = time.perf_counter() - start
+    flow_run = difflab.load(flow, args.device)
+    cells = [row(draw(flow_run, sampler="euler", steps=k)) for k in CALLS]
+    lines.append(f"| rectified flow, Euler | {' | '.join(cells)} | {flow_seconds:.0f} s |")
+    reflow_dir = work / "reflow"
+    seconds = _timed_distill(flow, reflow_dir, method="reflow", train_steps=args.reflow_steps)
+    reflowed = difflab.load(reflow_dir / "reflow-1", args.device)
+    cells = [row(draw(reflowed, sampler="euler", steps=k)) for k in CALLS]
+    lines.append(f"| + reflow, Euler | {' | '.join(cells)} | {seconds:.0f} s |")
+    rpd = work / "reflow-progressive"
+    seconds = _timed_distill(reflow_dir / "reflow-1", rpd, method="progressive", to_steps=1,
+                             from_steps=16, train_steps=args.train_steps)  # fmt: skip
+    cells = [row(draw(difflab.load(rpd / f"steps-{k}", args.device))) for k in CALLS]
+    lines.append(
+        f"| + progressive distillation (16 -> 1) | {' | '.join(cells)} | {seconds:.0f} s |"
+    )
+    print("\n".join(lines))
+    print(f"\n{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+
+
+if __name__ == "__main__":
+    main()

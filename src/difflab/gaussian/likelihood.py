@@ -11,9 +11,13 @@ docs/design.md) the probability-flow ODE of every schedule is the same (Karras e
 and the density along a solution obeys ``d log p_lambda(x~(lambda)) / d lambda = -div v``.
 Only the end points depend on the schedule: the data is placed at ``sigma_min``
 (``t_0 = t(sigma_min)``, ``x_{t_0} = x``), and the prior is ``p(x_1) = N(0, prior_std^2 I)`` at
-``t = 1``. With ``x~_0 = x / alpha(t_0)`` integrated to ``x~_1`` at ``lambda_1 = lambda(t = 1)``:
+the schedule's first sampling time ``t_1`` (``Schedule.timesteps``: ``t = 1`` for every schedule
+but the linear path of rectified flow, whose ``lambda(1) = -inf``; there ``t_1 = 0.999``, where
+its ``alpha^2 + sigma^2 = 0.998`` is the prior's variance to 0.2%, the same approximation that
+a VP schedule's ``alpha(1) > 0`` makes). With ``x~_0 = x / alpha(t_0)`` integrated to ``x~_1`` at
+``lambda_1 = lambda(t_1)``:
 
-    log p_{t_0}(x) = log N(alpha(1) x~_1; 0, prior_std^2 I) + D log(alpha(1) / alpha(t_0))
+    log p_{t_0}(x) = log N(alpha(t_1) x~_1; 0, prior_std^2 I) + D log(alpha(t_1) / alpha(t_0))
                      + int_{lambda_0}^{lambda_1} div v(x~(lambda), lambda) d lambda,
 
 (the middle term is the change of variables between ``x_t`` and ``x~``). This is the density of
@@ -100,7 +104,7 @@ def ode_log_likelihood(
     schedule = denoiser.schedule
     t0 = float(check_noise_levels(schedule, torch.tensor([sigma_min]))[0])
     lam0 = -2.0 * math.log(sigma_min)
-    lam1 = float(schedule.log_snr(torch.ones((), dtype=torch.float64)))
+    lam1 = float(schedule.log_snr(schedule.timesteps(1)[0]))  # lambda(t_1): the prior's time
     if not lam1 < lam0:
         raise ValueError(f"sigma_min={sigma_min} is not below the schedule's sigma_ve(1)")
     h = (lam1 - lam0) / n_steps

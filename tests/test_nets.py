@@ -201,6 +201,42 @@ def test_dit_shapes_and_zero_output_at_init(kw, shape):
     assert torch.equal(out, torch.zeros_like(out))
 
 
+@pytest.mark.parametrize("patch_size", [1, 2, 4])
+def test_every_fresh_dit_block_is_the_identity_on_its_residual_stream(patch_size):
+    # adaLN-Zero: the gates g1, g2 come out of zero-initialised layers and the cross-attention's
+    # output projection starts at zero, so h -> h exactly, whatever h, e and the context are.
+    torch.manual_seed(0)
+    net = tiny_dit(patch_size=patch_size, num_classes=3, context_dim=5)
+    h = torch.randn(2, (8 // patch_size) ** 2, 32)
+    emb_act = torch.randn(2, 32)
+    ctx, mask = torch.randn(2, 4, 5), torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]]).bool()
+    for block in net.blocks:
+        assert torch.equal(block(h, emb_act, ctx, mask), h)
+    # ... and the network's output is exactly zero. The first step only opens the zero final
+    # layer (no gradient reaches the blocks through it); from the second the blocks move.
+    x, c = torch.randn(2, 1, 8, 8), torch.tensor([3.0, 700.0])
+    labels = torch.tensor([0, 2])
+    assert torch.equal(net(x, c, labels, ctx, mask), torch.zeros_like(x))
+    adam_steps(net, lambda: (net(x, c, labels, ctx, mask) - x).pow(2).mean(), steps=1)
+    assert net(x, c, labels, ctx, mask).abs().min() > 0
+    assert torch.equal(net.blocks[0](h, emb_act, ctx, mask), h)
+    adam_steps(net, lambda: (net(x, c, labels, ctx, mask) - x).pow(2).mean(), steps=1)
+    assert not torch.equal(net.blocks[0](h, emb_act, ctx, mask), h)
+
+
+@pytest.mark.parametrize("patch_size", [1, 2, 4])
+def test_unpatchify_inverts_the_cut_into_patches(patch_size):
+    # torch's unfold cuts (B, C, H, W) into row-major p x p patches flattened channel first;
+    # reorder each to (row, column, channel) and unpatchify must give the image back exactly.
+    from difflab.nets.dit import unpatchify
+
+    p = patch_size
+    x = torch.randn(2, 3, 8, 12)
+    cut = torch.nn.functional.unfold(x, p, stride=p).transpose(1, 2)  # (B, L, C p p)
+    tokens = cut.reshape(2, -1, 3, p, p).permute(0, 1, 3, 4, 2).reshape(2, -1, p * p * 3)
+    assert torch.equal(unpatchify(tokens, p, 8, 12), x)
+
+
 def test_mlp_shape_and_zero_output_at_init():
     net = MLPDenoiserNet(3, hidden=32, depth=2)
     out = net(torch.randn(5, 3), torch.rand(5) * 1000)
@@ -295,9 +331,10 @@ def test_low_res_conditioning_is_upsampled_and_used():
         tiny_unet()(x, c, low_res=low)
 
 
-def test_unet_cross_attention_uses_context_and_ignores_padding():
+@pytest.mark.parametrize("make", [tiny_unet, tiny_dit], ids=["unet", "dit"])
+def test_cross_attention_uses_context_and_ignores_padding(make):
     torch.manual_seed(0)
-    net = perturb_(tiny_unet(context_dim=6))
+    net = perturb_(make(context_dim=6))
     x, c = torch.randn(2, 1, 8, 8), torch.tensor([10.0, 20.0])
     ctx = torch.randn(2, 5, 6)
     mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 0]]).bool()
@@ -312,7 +349,7 @@ def test_unet_cross_attention_uses_context_and_ignores_padding():
     with pytest.raises(ValueError, match="context"):
         net(x, c)
     with pytest.raises(ValueError, match="context"):
-        tiny_unet()(x, c, context=ctx)
+        make()(x, c, context=ctx)
 
 
 def test_input_errors_are_clear():
@@ -391,7 +428,12 @@ def test_every_parameter_receives_gradient(kind):
             context_mask=torch.tensor([[1, 1, 0]] * 4).bool(),
         )
     elif kind == "dit":
-        net, x, cond = tiny_dit(num_classes=2), torch.randn(4, 1, 8, 8), dict(class_labels=labels)
+        net, x = tiny_dit(num_classes=2, context_dim=4), torch.randn(4, 1, 8, 8)
+        cond = dict(
+            class_labels=labels,
+            context=torch.randn(4, 3, 4),
+            context_mask=torch.tensor([[1, 1, 0]] * 4).bool(),
+        )
     else:
         net, x = MLPDenoiserNet(2, hidden=16, depth=2, num_classes=2), torch.randn(4, 2)
         cond = dict(class_labels=labels)

@@ -302,14 +302,17 @@ def build_unet(
     )  # fmt: skip
 
 
-def _dit(cfg: DiTConfig, shape: tuple[int, ...], num_classes: int | None) -> nn.Module:
+def build_dit(
+    cfg: DiTConfig, shape: tuple[int, ...], num_classes: int | None, **extra: Any
+) -> nn.Module:
+    """The DiT of ``cfg`` for images of ``shape`` (``extra``: ``context_dim``)."""
     from difflab.nets.dit import DiT
 
     if len(shape) != 3 or shape[1] != shape[2]:
         raise UserError(f"model.kind=dit needs square images (C, H, H), got {shape}")
     return DiT(in_channels=shape[0], image_size=shape[1], patch_size=cfg.patch_size,
                width=cfg.width, depth=cfg.depth, num_heads=cfg.num_heads,
-               num_classes=num_classes)  # fmt: skip
+               num_classes=num_classes, **extra)  # fmt: skip
 
 
 def _mlp(cfg: MLPConfig, shape: tuple[int, ...], num_classes: int | None) -> nn.Module:
@@ -321,14 +324,16 @@ def _mlp(cfg: MLPConfig, shape: tuple[int, ...], num_classes: int | None) -> nn.
 
 
 #: Every ``model.kind``: its config section and its builder ``(section, shape, classes)``.
-NETS = {"unet": (UNetConfig, build_unet), "dit": (DiTConfig, _dit), "mlp": (MLPConfig, _mlp)}
+NETS = {"unet": (UNetConfig, build_unet), "dit": (DiTConfig, build_dit), "mlp": (MLPConfig, _mlp)}
 
 
-def build_net(model: ModelConfig, shape: tuple[int, ...], num_classes: int | None) -> nn.Module:
-    """The network ``model`` describes for examples of ``shape``; an argument the network
-    refuses is a :class:`UserError`."""
+def build_net(
+    model: ModelConfig, shape: tuple[int, ...], num_classes: int | None, **extra: Any
+) -> nn.Module:
+    """The network ``model`` describes for examples of ``shape`` (``extra``: conditioning inputs
+    such as ``context_dim``); an argument the network refuses is a :class:`UserError`."""
     try:
-        return NETS[model.kind][1](model.net, tuple(shape), num_classes)
+        return NETS[model.kind][1](model.net, tuple(shape), num_classes, **extra)
     except ValueError as e:
         raise UserError(f"model.{model.kind}: {e}") from None
 

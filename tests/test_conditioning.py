@@ -16,6 +16,7 @@ from difflab.gaussian.guidance import ClassifierFreeGuidance
 from difflab.gaussian.parameterization import Denoiser
 from difflab.gaussian.schedules import linear_beta
 from difflab.nets.super_resolution import SuperResolutionNet
+from difflab.nets.text_encoder import TextConditionedNet
 from difflab.nets.unet import UNet
 from difflab.recipes import Run, load, load_config
 from difflab.recipes import cascade as cas
@@ -122,7 +123,7 @@ def test_prompt_adherence_counts_what_the_prompt_names():
 # --- text encoder, caption dropout, guidance with the empty caption ------------------------------
 
 
-def tiny_text_net() -> t2d.TextToDigitNet:
+def tiny_text_net() -> TextConditionedNet:
     torch.manual_seed(0)
     _, cfg = load_config(
         "digits-tiny",
@@ -136,7 +137,7 @@ def tiny_text_net() -> t2d.TextToDigitNet:
         recipe="text-to-digit",
     )
     net = t2d.build_net(cfg, (1, 8, 8))
-    perturb_(net.unet)  # the output layers start at zero
+    perturb_(net.net)  # the output layers start at zero
     return net.eval()
 
 

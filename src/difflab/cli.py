@@ -235,7 +235,7 @@ def _list_samplers() -> None:
 )
 def evaluate(
     run: Annotated[Path, typer.Argument(help="Run folder or checkpoint file.")],
-    n: Annotated[int | None, typer.Option("--n", help="Held-out examples (default 256).")] = None,
+    n: Annotated[int | None, typer.Option("--n", help="Examples (held-out or sampled).")] = None,
     method: Annotated[
         str | None,
         typer.Option(
@@ -248,6 +248,11 @@ def evaluate(
     ] = None,
     ode_steps: Annotated[int | None, typer.Option(help="ode: RK4 steps in log-SNR.")] = None,
     probes: Annotated[int | None, typer.Option(help="ode: Hutchinson probes per example.")] = None,
+    guidance: Annotated[
+        float | None, typer.Option(help="Evaluations that sample: classifier-free scale w.")
+    ] = None,
+    sampler: Annotated[str | None, typer.Option(help="Evaluations that sample: sampler.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Evaluations that sample: steps.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
@@ -256,7 +261,8 @@ def evaluate(
 
     loaded = difflab.load(run, device)
     options = _given(n=n, method=method, t_samples=t_samples, ode_steps=ode_steps,
-                     probes=probes, seed=seed)  # fmt: skip
+                     probes=probes, guidance=guidance, sampler=sampler, steps=steps,
+                     seed=seed)  # fmt: skip
     typer.echo(loaded.evaluate(progress=not quiet, **options).summary)
 
 

@@ -1,10 +1,10 @@
 """The judge for generated glyphs: a small CNN trained on the rendered glyphs of
 :mod:`difflab.data.glyphs` (issue 12).
 
-``predict`` reads four attributes of a glyph, its character (the 62 Latin classes of the training
-split), font family, glyph colour and background colour, which the glyphs benchmarks score
-against the prompts; ``features`` gives the 128-dimensional penultimate activations in which
-Frechet distances are measured.
+``predict`` reads six attributes of a glyph, its character (the 62 Latin classes of the training
+split), font family, weight, slant, glyph colour and background colour, which the glyphs
+benchmarks score against the prompts; ``features`` gives the 128-dimensional penultimate
+activations in which Frechet distances are measured.
 
 Data convention: ``(N, 3, 32, 32)`` in ``[-1, 1]``; :func:`glyphs_to_tensor` maps the uint8
 ``(N, 32, 32, 3)`` images of a :class:`~difflab.data.glyphs.Glyphs` there. Samples stored in
@@ -32,7 +32,7 @@ from difflab.nets.judge import GLYPHS_HEADS, GlyphsJudge
 
 # Bump when the architecture, the data or the training recipe changes: it names the cache file,
 # so a stale judge is never loaded.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 EPOCHS = 5
 BATCH_SIZE = 128
 LEARNING_RATE = 3e-3
@@ -50,6 +50,8 @@ def glyphs_targets(glyphs: Glyphs) -> dict[str, Tensor]:
     values = {
         "character": glyphs.labels,
         "family": glyphs.attributes["family"],
+        "weight": glyphs.attributes["weight"],
+        "slant": glyphs.attributes["slant"],
         "colour": glyphs.attributes["colour"],
         "background": glyphs.attributes["background"],
     }
@@ -81,7 +83,7 @@ def _initial_model(seed: int) -> GlyphsJudge:
 def train_glyphs_judge(
     glyphs: Glyphs, *, seed: int = 0, epochs: int = EPOCHS, max_steps: int | None = None
 ) -> GlyphsJudge:
-    """Train a :class:`GlyphsJudge` on ``glyphs`` (the sum of the four heads' cross-entropies),
+    """Train a :class:`GlyphsJudge` on ``glyphs`` (the sum of the heads' cross-entropies),
     deterministically.
 
     AdamW (learning rate 3e-3 with a one-cycle schedule, weight decay 1e-2), batches of 128,

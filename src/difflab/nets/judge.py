@@ -59,16 +59,17 @@ class DigitsClassifier(nn.Module):
 
 GLYPHS_FEATURE_DIM = 128
 GLYPHS_IMAGE_SHAPE = (3, 32, 32)
-#: The four heads of :class:`GlyphsJudge`, in order.
-GLYPHS_HEADS = ("character", "family", "colour", "background")
+#: The heads of :class:`GlyphsJudge`, in order.
+GLYPHS_HEADS = ("character", "family", "weight", "slant", "colour", "background")
 
 
 class GlyphsJudge(nn.Module):
     """CNN for ``(N, 3, 32, 32)`` glyphs in ``[-1, 1]`` (``evaluate/glyphs_judge.py`` trains and
     caches it): a shared body of four 3x3 convolutions (the first with stride 2) and two 2x2
-    poolings down to 4x4, a 128-unit feature layer, and four linear heads reading the character
-    (the 62 Latin classes of the training split), the font family, the glyph colour and the
-    background colour. No dropout, no batch norm: training and evaluation modes agree."""
+    poolings down to 4x4, a 128-unit feature layer, and six linear heads reading the character
+    (the 62 Latin classes of the training split), the font family, the weight (regular, bold),
+    the slant (upright, italic), the glyph colour and the background colour. No dropout, no
+    batch norm: training and evaluation modes agree."""
 
     def __init__(self, width: int = 32) -> None:
         from difflab.data.glyphs import FAMILIES, LATIN, PALETTE
@@ -92,6 +93,8 @@ class GlyphsJudge(nn.Module):
         sizes = {
             "character": len(LATIN),
             "family": len(FAMILIES),
+            "weight": 2,
+            "slant": 2,
             "colour": len(PALETTE),
             "background": len(PALETTE),
         }
@@ -100,8 +103,8 @@ class GlyphsJudge(nn.Module):
         )
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
-        """Logits of each head, ``{"character": (N, 62), "family": (N, 7), "colour": (N, 10),
-        "background": (N, 10)}``."""
+        """Logits of each head, ``{"character": (N, 62), "family": (N, 7), "weight": (N, 2),
+        "slant": (N, 2), "colour": (N, 10), "background": (N, 10)}``."""
         h = self.body(x)
         return {name: head(h) for name, head in self.heads.items()}
 

@@ -1,12 +1,11 @@
-"""Text conditioning for images: a small caption encoder and the U-Net that cross-attends to it
-(seed 004: "more complex conditioning ... pass through cross attention blocks")."""
+"""Text conditioning for images: a small caption encoder and the denoising network (U-Net or DiT)
+that cross-attends to its states (seed 004: "more complex conditioning ... pass through cross
+attention blocks")."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-
-from difflab.nets.unet import UNet
 
 
 class TextEncoder(nn.Module):
@@ -56,14 +55,23 @@ class TextEncoder(nn.Module):
         return self.norm(h), mask
 
 
-class TextToDigitNet(nn.Module):
-    """The denoising network ``(x_t, c_noise, tokens) -> prediction``: a U-Net cross-attending
-    to the :class:`TextEncoder` states of ``tokens``."""
+class TextConditionedNet(nn.Module):
+    """The denoising network ``(x_t, c_noise, tokens) -> prediction``: ``net`` (a U-Net or a DiT
+    built with a ``context_dim``) cross-attending to the :class:`TextEncoder` states of
+    ``tokens``, trained jointly with it."""
 
-    def __init__(self, encoder: TextEncoder, unet: UNet):
+    def __init__(self, encoder: TextEncoder, net: nn.Module):
         super().__init__()
-        self.encoder, self.unet = encoder, unet
+        self.encoder, self.net = encoder, net
+        self.register_load_state_dict_pre_hook(_rename_unet)
 
     def forward(self, x: Tensor, c_noise: Tensor, tokens: Tensor) -> Tensor:
         context, mask = self.encoder(tokens)
-        return self.unet(x, c_noise, context=context, context_mask=mask)
+        return self.net(x, c_noise, context=context, context_mask=mask)
+
+
+def _rename_unet(module: nn.Module, state_dict: dict[str, Tensor], prefix: str, *_: object) -> None:
+    """difflab 0.2 named the network ``unet`` (text-to-digit only had U-Nets): read those keys
+    as ``net``."""
+    for key in [k for k in state_dict if k.startswith(prefix + "unet.")]:
+        state_dict[prefix + "net." + key[len(prefix) + 5 :]] = state_dict.pop(key)

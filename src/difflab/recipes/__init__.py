@@ -51,6 +51,7 @@ RECIPES = {
     "classifier": "difflab.recipes.classifier",
     "cascade": "difflab.recipes.cascade",
     "text-to-digit": "difflab.recipes.text_to_digit",
+    "text-to-image": "difflab.recipes.text_to_image",
     "text": "difflab.recipes.text",
     "flow": "difflab.recipes.flow",
 }

@@ -42,7 +42,7 @@ from difflab.data.images import ArrayData
 from difflab.errors import UserError
 from difflab.gaussian.objectives import make_objective
 from difflab.gaussian.parameterization import Denoiser
-from difflab.nets.text_encoder import TextEncoder, TextToDigitNet
+from difflab.nets.text_encoder import TextConditionedNet, TextEncoder
 from difflab.recipes import Evaluation, Recipe, Samples, load_network, reading_metadata, seed_value
 from difflab.recipes.image import (
     ImageConfig,
@@ -277,7 +277,7 @@ class TextToDigitConfig(ImageConfig):
         return self
 
 
-def build_net(cfg: TextToDigitConfig, shape: tuple[int, ...]) -> TextToDigitNet:
+def build_net(cfg: TextToDigitConfig, shape: tuple[int, ...]) -> TextConditionedNet:
     """The U-Net of ``model.unet`` cross-attending to a text encoder of ``text_encoder``."""
     t = cfg.text_encoder
     try:
@@ -285,7 +285,7 @@ def build_net(cfg: TextToDigitConfig, shape: tuple[int, ...]) -> TextToDigitNet:
     except ValueError as e:
         raise UserError(f"model.unet: {e}") from None
     encoder = TextEncoder(len(VOCAB), MAX_TOKENS, t.dim, t.depth, t.num_heads, pad=PAD)
-    return TextToDigitNet(encoder, unet)
+    return TextConditionedNet(encoder, unet)
 
 
 # ================================================================================================
@@ -348,7 +348,7 @@ class TextToDigitRecipe(Recipe):
             meta = {**meta, "config": {**meta["config"], "text_encoder": meta["text"]}}
         return config_from_run(self.config_type, meta)
 
-    def build(self, cfg: TextToDigitConfig, meta: dict[str, Any]) -> TextToDigitNet:
+    def build(self, cfg: TextToDigitConfig, meta: dict[str, Any]) -> TextConditionedNet:
         if tuple(meta.get("vocab", VOCAB)) != VOCAB:
             raise UserError("this run was trained with another caption vocabulary")
         return build_net(cfg, tuple(meta["shape"]))

@@ -335,7 +335,8 @@ class Trainer:
     def ema_state(self) -> dict[str, Tensor]:
         names = [n for n, _ in self.model.named_parameters()]
         state = dict(zip(names, self.ema, strict=True))
-        state.update(dict(self.model.named_buffers()))
+        saved = self.model.state_dict()  # the persistent buffers (not DiT's position table)
+        state.update({n: b for n, b in self.model.named_buffers() if n in saved})
         return state
 
     def _rng_state(self) -> dict[str, Tensor]:

@@ -211,3 +211,22 @@ def test_the_demo_prompts_are_known_captions():
     t2i.tokenize(list(t2i.DEMO_PROMPTS))
     assert caption(0, {"size": 0, "colour": 2, "weight": 1, "slant": 0, "family": 2,
                        "background": 8}).startswith("a small red bold serif digit 0")  # fmt: skip
+
+
+def test_the_glyphs_demo_writes_a_grid_of_prompts_by_seeds(tmp_path, capsys, monkeypatch):
+    prompts = ("a red capital G on a black background", "a blue digit 4")
+    monkeypatch.setattr(t2i, "DEMO_PROMPTS", prompts)
+    out = tmp_path / "demo"
+    assert main(["demo", "--glyphs", "--steps", "2", "--quiet", "--out", str(out)]) == 0
+    report = capsys.readouterr().out
+    assert "row 1: a red capital G on a black background" in report
+    from PIL import Image
+
+    from difflab.viz.images import grid_array
+
+    rows = grid_array(torch.zeros(16, 3, 32, 32), 8, 4).shape  # 2 rows of 8 seeds
+    with Image.open(out / "prompts.png") as grid:
+        assert grid.size == (rows[1], rows[0]) and rows[1] > 3 * rows[0]
+    assert (out / "loss_curve.png").exists() and (out / "checkpoint.safetensors").exists()
+    assert main(["demo", "--glyphs", "--text"]) == 2
+    assert "choose one" in capsys.readouterr().err

@@ -330,20 +330,31 @@ def distill(
     "cores), then write a grid of samples (one row per class), an animation of the reverse "
     "process and the loss curve. With --text: a masked diffusion language model and an "
     "autoregressive one of the same size, trained for the same time on Shakespeare, with "
-    "passages and bits per character from both. Never deletes files difflab did not write."
+    "passages and bits per character from both. With --glyphs: a text-to-image model of the "
+    "built-in glyphs (at most 8 minutes of training), with a grid of prompts by seeds. Never "
+    "deletes files difflab did not write."
 )
 def demo(
     out: Annotated[
-        Path | None, typer.Option(help="Folder (default runs/demo, runs/demo-text).")
+        Path | None,
+        typer.Option(help="Folder (default runs/demo, runs/demo-text, runs/demo-glyphs)."),
     ] = None,
-    steps: Annotated[int | None, typer.Option(help="Training steps (digits demo).")] = None,
+    steps: Annotated[
+        int | None, typer.Option(help="Training steps (digits and glyphs demos).")
+    ] = None,
     text_: Annotated[bool, typer.Option("--text", help="The text demo.")] = False,
+    glyphs: Annotated[bool, typer.Option("--glyphs", help="The text-to-image demo.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
 ) -> None:
     from difflab.recipes import get, run_demo
 
-    recipe = get("text" if text_ else "image")
-    folder = out or Path("runs/demo-text" if text_ else "runs/demo")
+    if text_ and glyphs:
+        raise UserError("--text and --glyphs name two demos: choose one")
+    name, default = ("text", "runs/demo-text") if text_ else ("image", "runs/demo")
+    if glyphs:
+        name, default = "text-to-image", "runs/demo-glyphs"
+    recipe = get(name)
+    folder = out or Path(default)
     typer.echo(run_demo(recipe, folder, quiet=quiet, **_given(steps=steps)))
 
 

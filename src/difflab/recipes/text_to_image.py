@@ -56,6 +56,7 @@ from difflab.gaussian.parameterization import Denoiser
 from difflab.nets.judge import GLYPHS_HEADS
 from difflab.nets.text_encoder import TextConditionedNet, TextEncoder
 from difflab.recipes import (
+    RUN_FILES,
     Evaluation,
     Recipe,
     Samples,
@@ -77,7 +78,7 @@ from difflab.recipes.image import (
     threshold_settings,
 )
 from difflab.recipes.text_to_digit import TextEncoderConfig
-from difflab.train.trainer import Trainer, TrainResult
+from difflab.train.trainer import LOCK_NAME, Trainer, TrainResult
 from difflab.viz.images import save_grid, save_loss_curve
 
 # ================================================================================================
@@ -261,7 +262,7 @@ class TextToImageRecipe(Recipe):
     config_type = TextToImageConfig
     preset = "glyphs-text"
     data = "images"
-    demo_files = ("prompts.png", "loss_curve.png")
+    demo_files = (*RUN_FILES, LOCK_NAME, "prompts.png")
 
     def config_from_run(self, meta: dict[str, Any]) -> TextToImageConfig:
         return config_from_run(self.config_type, meta)

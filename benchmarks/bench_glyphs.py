@@ -26,16 +26,17 @@ import time
 from pathlib import Path
 
 import torch
+from difflab.evaluate.judged import judged_quality
 from torch.utils.flop_counter import FlopCounterMode
 
 import difflab
-from difflab.evaluate.judged import judged_quality
 from difflab.recipes import load_config
 
 #: name: (recipe, overrides). The DiTs: two widths (S, B) and two patch sizes on 8x8 latents.
 MODELS = {
     "pixel U-Net": ("image", []),
-    "latent U-Net": ("latent", ["model.unet.channel_mults=[1,2]", "model.unet.attn_resolutions=[4]"]),
+    "latent U-Net": ("latent", ["model.unet.channel_mults=[1,2]",
+                                "model.unet.attn_resolutions=[4]"]),
     **{
         f"latent DiT-{size} p{p}": (
             "latent",
@@ -102,8 +103,10 @@ def main() -> None:
     print("\n| model | GFLOP/image (train) | steps | images/s | FD | FD / floor | character |")
     print("|---|---|---|---|---|---|---|")
     for name, gflop, steps, ips, _, q in rows:
-        print(f"| {name} | {gflop:.2f} | {steps} | {ips:.0f} | {q['fd']:.2f} | "
-              f"{q['fd_ratio']:.2f} | {q['accuracy']:.1%} |")
+        print(
+            f"| {name} | {gflop:.2f} | {steps} | {ips:.0f} | {q['fd']:.2f} | "
+            f"{q['fd_ratio']:.2f} | {q['accuracy']:.1%} |"
+        )
     if args.text:
         print("\n" + difflab.load(args.text, "cpu").evaluate(n=args.n, progress=False).summary)
 

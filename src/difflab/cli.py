@@ -86,11 +86,14 @@ def train(
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
 ) -> None:
     from difflab.recipes import train as train_run
+    from difflab.train.distributed import is_main
 
     rest = list(overrides or [])
     if source is not None and "=" in source:
         source, rest = None, [source, *rest]
     result = train_run(source, rest, recipe=recipe, resume=resume, progress=not quiet)
+    if not is_main():  # under torchrun, rank 0 reports for the job
+        return
     typer.echo(
         f"trained {result.steps} steps in {result.seconds:.1f} s "
         f"({result.images_per_second:.0f} examples/s)\ncheckpoint: {result.checkpoint}\n"
@@ -167,6 +170,7 @@ def sample(
 ) -> None:
     import difflab
 
+    _one_process("sample")
     if list_:
         _list_samplers()
         return
@@ -259,6 +263,7 @@ def evaluate(
 ) -> None:
     import difflab
 
+    _one_process("eval")
     loaded = difflab.load(run, device)
     options = _given(n=n, method=method, t_samples=t_samples, ode_steps=ode_steps,
                      probes=probes, guidance=guidance, sampler=sampler, steps=steps,
@@ -348,6 +353,7 @@ def demo(
 ) -> None:
     from difflab.recipes import get, run_demo
 
+    _one_process("demo")
     if text_ and glyphs:
         raise UserError("--text and --glyphs name two demos: choose one")
     name, default = ("text", "runs/demo-text") if text_ else ("image", "runs/demo")
@@ -382,11 +388,23 @@ def explore(
     serve([str(r) for r in runs or []], host, port)
 
 
+def _one_process(command: str) -> None:
+    """Refuse ``command`` in a job of many processes: only training is shared out."""
+    from difflab.train.distributed import world
+
+    if world().size > 1:
+        raise UserError(f"difflab {command} runs in one process: start it without torchrun "
+                        "(only difflab train uses many)")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: every usage error, :class:`UserError`, failed allocation and file-system
     error becomes one line and exit 2; Ctrl-C or SIGTERM during training saves a checkpoint and
-    exits with 130."""
+    exits with 130. Under ``torchrun``, rank 0 reports for the job; the first process that
+    fails says why (its line names its rank) and the others, stopped by its absence, stay
+    quiet (exit 1)."""
     from difflab.files import file_error
+    from difflab.train import distributed
     from difflab.train.trainer import Interrupted
 
     try:
@@ -399,13 +417,18 @@ def main(argv: list[str] | None = None) -> None:
     except click_errors.ClickException as e:
         _fail(e.format_message())
     except Interrupted as e:
-        typer.echo(f"difflab: {e}", err=True)
+        if _is_main():
+            typer.echo(f"difflab: {e}", err=True)
         sys.exit(130)
     except (KeyboardInterrupt, typer.Abort):
-        typer.echo("difflab: interrupted", err=True)
+        if _is_main():
+            typer.echo("difflab: interrupted", err=True)
         sys.exit(130)
     except (MemoryError, RuntimeError) as e:
+        if distributed.failed_elsewhere():  # a collective broke because that process left
+            sys.exit(1)
         if not _out_of_memory(e):
+            distributed.claim_failure()
             raise
         _fail("out of memory: ask for fewer samples (--n), a smaller train.batch_size or a "
               "smaller model")  # fmt: skip
@@ -424,8 +447,31 @@ def _out_of_memory(error: BaseException) -> bool:
 
 
 def _fail(message: str) -> None:
-    typer.echo("difflab: error: " + " ".join(message.split()), err=True)
+    """Say ``message`` in one line (under torchrun: if this is the job's first failure, with
+    the rank) and exit 2."""
+    from difflab.train import distributed
+
+    if distributed.claim_failure():
+        world = _world()
+        rank = f"rank {world.rank} of {world.size}: " if world and world.size > 1 else ""
+        typer.echo("difflab: error: " + rank + " ".join(message.split()), err=True)
     sys.exit(2)
+
+
+def _world() -> Any:
+    """This process's :class:`~difflab.train.distributed.World`, ``None`` when torchrun's
+    variables are broken (that error is being reported)."""
+    from difflab.train.distributed import world
+
+    try:
+        return world()
+    except UserError:
+        return None
+
+
+def _is_main() -> bool:
+    world = _world()
+    return world is None or world.rank == 0
 
 
 if __name__ == "__main__":

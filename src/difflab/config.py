@@ -32,6 +32,8 @@ DEFAULT_RECIPE = "image"
 #: The largest random seed (``torch.manual_seed`` takes up to ``2**64 - 1``; this leaves room
 #: for the ``seed + 1`` of a second stage).
 MAX_SEED = 2**63 - 1
+#: ``train.precision``: ``auto`` is bf16 on a GPU that computes in bfloat16, fp32 elsewhere.
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 @dataclass
@@ -39,7 +41,13 @@ class TrainConfig:
     """Optimisation, shared by every recipe: AdamW with linear warm-up then ``lr_schedule``
     (constant | cosine), gradient clipping (0: off), EMA decay of the sampled weights; logging
     and checkpoints every ``log_every``/``ckpt_every`` steps; ``max_minutes`` stops early (0: no
-    limit); ``out`` is the run folder."""
+    limit); ``out`` is the run folder.
+
+    How a step runs: ``batch_size`` is the global batch of one optimiser step, split over the
+    processes of a ``torchrun`` job and into ``accumulate`` micro-batches per process (gradients
+    summed, synchronised once per step); ``precision`` is the network's arithmetic (``bf16``:
+    autocast to bfloat16 with float32 weights and loss; ``auto``: bf16 on a GPU that has it,
+    else fp32); ``compile`` runs the network through ``torch.compile``."""
 
     steps: int = 1000
     batch_size: int = 128
@@ -54,6 +62,9 @@ class TrainConfig:
     ckpt_every: int = 500
     max_minutes: float = 0.0
     device: str = "auto"
+    accumulate: int = 1
+    precision: str = "auto"
+    compile: bool = False
     out: str = "runs/digits"
 
     def validate(self) -> None:
@@ -70,6 +81,11 @@ class TrainConfig:
         check(self.ckpt_every >= 1, "train.ckpt_every must be at least 1")
         check(self.max_minutes >= 0, "train.max_minutes must be non-negative (0: no limit)")
         choose("train.device", self.device, ("auto", "cpu", "cuda"))
+        check(self.accumulate >= 1, "train.accumulate must be at least 1")
+        check(self.batch_size % self.accumulate == 0,
+              f"train.batch_size={self.batch_size} must be a multiple of train.accumulate="
+              f"{self.accumulate} (the micro-batches are equal)")  # fmt: skip
+        choose("train.precision", self.precision, PRECISIONS)
         check(bool(self.out), "train.out must name a folder")
 
 

@@ -41,8 +41,9 @@ from difflab.config import (
 )
 from difflab.errors import UserError
 from difflab.files import file_error, make_folder, write_atomically, write_bytes, write_text
+from difflab.train import distributed
 from difflab.train.checkpoint import CONFIG_FILENAME, FILENAME, load_checkpoint, read_run_config
-from difflab.train.trainer import LOG_NAME, TrainResult, load_ema
+from difflab.train.trainer import LOG_NAME, TrainResult, load_ema, sampling_precision
 from difflab.viz.images import save_grid, save_images, save_loss_curve
 
 #: Every recipe: its name (recorded in checkpoints) and the module defining ``RECIPE``.
@@ -334,7 +335,8 @@ class Run:
             raise UserError(f"the number of samples must be a whole number >= 1, got {n!r}")
         if n > MAX_SAMPLES:
             raise UserError(f"{n} samples will not fit in memory; draw at most {MAX_SAMPLES:,}")
-        samples = self.recipe.sample(self.model, n, **options)
+        with sampling_precision(self.config.train):
+            samples = self.recipe.sample(self.model, n, **options)
         if samples.x is not None and not bool(samples.x.isfinite().all()):
             raise UserError(
                 "sampling diverged: the samples hold NaN or infinite values (lower the guidance "
@@ -368,6 +370,7 @@ def train(
     if isinstance(overrides, dict):
         overrides = [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
     items = [*overrides, *(f"train.{key}={json.dumps(v)}" for key, v in train_keys.items())]
+    distributed.setup()  # under torchrun: join the job first, so a refusal is said once
     chosen, cfg = load_config(source, items, recipe)
     out = Path(cfg.train.out)
     if is_run(out) and (found := recipe_of_run(out)) is not chosen:
@@ -379,7 +382,8 @@ def train(
             "continuing its training needs difflab 0.1"
         )
     result = chosen.train(cfg, resume=resume, progress=progress)
-    save_loss_curve(result.log, result.log.with_name(LOSS_CURVE))
+    if distributed.is_main():
+        save_loss_curve(result.log, result.log.with_name(LOSS_CURVE))
     return result
 
 

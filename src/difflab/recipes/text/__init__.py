@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from difflab.config import from_dict
-from difflab.data.text import load_tokenizer
+from difflab.data.text import Tokenizer, load_tokenizer
 from difflab.errors import UserError
 from difflab.recipes import Evaluation, Recipe, Samples, load_network, reading_metadata
 from difflab.recipes.image import num_classes_of
@@ -55,6 +55,7 @@ from difflab.recipes.text.train import (
     run_metadata,
     save_tokenizer,
 )
+from difflab.train import distributed
 from difflab.train.checkpoint import FILENAME, resolve_checkpoint
 from difflab.train.trainer import Trainer, TrainResult
 
@@ -85,16 +86,19 @@ class TextRecipe(Recipe):
         and the tokenizer learned on the training split, ``tokenizer.json``. ``resume``
         continues from the checkpoint with the saved tokenizer."""
         out = Path(cfg.train.out)
-        if not resume and (out / FILENAME).exists():
-            raise UserError(f"{out} already holds a run: pass --resume to continue it or choose "
-                            "another train.out")  # fmt: skip
-        if resume and not (out / TOKENIZER_FILE).is_file():
-            raise UserError(f"no run to resume in {out} (no {TOKENIZER_FILE} there)")
         train_split, _, class_names = load_splits(cfg.data)
-        if resume:
-            tokenizer = load_tokenizer(out / TOKENIZER_FILE)
-        else:
-            tokenizer = build_tokenizer(cfg.data, train_split.documents)
+
+        def tokenizer_of_run() -> Tokenizer:  # on rank 0, which owns the run folder
+            if not resume and (out / FILENAME).exists():
+                raise UserError(f"{out} already holds a run: pass --resume to continue it or "
+                                "choose another train.out")  # fmt: skip
+            if resume and not (out / TOKENIZER_FILE).is_file():
+                raise UserError(f"no run to resume in {out} (no {TOKENIZER_FILE} there)")
+            if resume:
+                return load_tokenizer(out / TOKENIZER_FILE)
+            return build_tokenizer(cfg.data, train_split.documents)
+
+        tokenizer = distributed.from_main(tokenizer_of_run)
         tokens, loss_mask, labels = pack_split(train_split, tokenizer, cfg.data.length)
         if len(tokens) == 1 and not bool(loss_mask.all()):
             raise UserError(f"data.length={cfg.data.length:,} is longer than the training text "
@@ -106,7 +110,7 @@ class TextRecipe(Recipe):
         tensors = (tokens, loss_mask) if labels is None else (tokens, loss_mask, labels)
         loss = make_loss(cfg, process, num_classes_of(meta))
         trainer = Trainer(net, loss, tensors, cfg.train, meta, out)
-        if not resume:
+        if not resume and distributed.is_main():
             save_tokenizer(tokenizer, out / TOKENIZER_FILE)
         return trainer.fit(resume=resume, progress=progress)
 

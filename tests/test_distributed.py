@@ -36,12 +36,13 @@ TEXT = ["text-tiny", "train.batch_size=8", "train.log_every=1"]
 RUN_FILES = {"checkpoint.safetensors", "config.json", "loss.csv", "loss_curve.png", ".lock"}
 
 
-def _torchrun(records: Path, commands: list[list[str]], *extra: str, timeout: float):
+def _torchrun(records: Path, commands: list[dict], timeout: float):
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(JOB), str(records), json.dumps(commands), *extra],
+         str(JOB), str(records), json.dumps(commands)],
         capture_output=True, text=True, timeout=timeout, env=env,
+        start_new_session=True,  # a signal torchrun's processes send their group stays there
     )  # fmt: skip
 
 
@@ -65,11 +66,16 @@ def job(tmp_path_factory):
         "part": [*IMAGE, "train.steps=3"],
         "part-resumed": [*IMAGE, "train.steps=6", "--resume"],
         "half": [*IMAGE, "train.steps=3"],
+        "classifier": [*IMAGE, "train.steps=2", "classifier.channels=8", "--recipe", "classifier"],
+        "cascade": [*IMAGE, "train.steps=2", "--recipe", "cascade", "cascade.low_res=4"],
+        "text-to-digit": [*IMAGE, "train.steps=2", "--recipe", "text-to-digit"],
+        "interrupted": [*IMAGE, "train.steps=20", "train.ckpt_every=100"],
     }
     commands = []
     for name, args in runs.items():
         out = root / name.removesuffix("-resumed")
-        commands.append(["train", *args, f"train.out={out}", "--quiet"])
+        commands.append({"argv": ["train", *args, f"train.out={out}", "--quiet"]})
+    commands[-1]["interrupt_at"] = 2  # rank 1 alone gets SIGINT while computing step 3
     done = _torchrun(root / "records", commands, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     records = {
@@ -123,6 +129,26 @@ def test_ema_is_equal_on_both_processes_and_only_rank_0_writes(job):
         assert {p.name for p in (root / name).iterdir()} == RUN_FILES
     assert {p.name for p in (root / "text").iterdir()} == RUN_FILES | {"tokenizer.json"}
     assert done.stdout.count("trained 3 steps") == 6  # rank 0 reports, rank 1 is quiet
+    assert done.stdout.count("trained 2 steps") == 3
+
+
+def test_every_recipe_trains_under_torchrun(job):
+    root, records, _ = job
+    for name in ("classifier", "text-to-digit"):
+        assert load_checkpoint(root / name).step == 2
+        assert {p.name for p in (root / name).iterdir()} == RUN_FILES
+    for stage in ("base", "sr"):
+        assert load_checkpoint(root / "cascade" / stage).step == 2
+    assert [r["checkpoints_written"] for r in records["cascade"]] == [2, 0]  # one per stage
+
+
+def test_a_stop_request_to_one_process_stops_both_at_the_same_step(job):
+    root, records, done = job
+    rank0, rank1 = records["interrupted"]
+    assert rank0["code"] == rank1["code"] == 130
+    assert rank0["step"] == rank1["step"] == 4  # requested in step 3, agreed at step 4
+    assert load_checkpoint(root / "interrupted").step == 4
+    assert done.stderr.count("difflab: interrupted at step 4") == 1  # said by rank 0 only
 
 
 def test_a_resumed_two_process_run_equals_the_uninterrupted_one(job):
@@ -151,8 +177,8 @@ def test_a_two_process_run_resumed_by_one_process_keeps_the_global_batch(job, tm
 
 def test_a_process_that_fails_ends_the_job_with_one_line(tmp_path):
     (tmp_path / "records").mkdir()
-    command = ["train", *IMAGE, "train.steps=6", f"train.out={tmp_path / 'run'}", "--quiet"]
-    done = _torchrun(tmp_path / "records", [command], "2", timeout=300)
+    argv = ["train", *IMAGE, "train.steps=6", f"train.out={tmp_path / 'run'}", "--quiet"]
+    done = _torchrun(tmp_path / "records", [{"argv": argv, "fail_at": 2}], timeout=300)
     assert done.returncode != 0
     lines = [ln for ln in (done.stdout + done.stderr).splitlines() if "difflab" in ln.lower()]
     ours = [ln for ln in lines if ln.startswith("difflab:")]

@@ -117,6 +117,20 @@ def all_sum(tensor: Tensor) -> Tensor:
     return tensor
 
 
+def start_sum(tensor: Tensor) -> Callable[[], Tensor]:
+    """Begin summing ``tensor`` over the processes in the background (in place); returns the
+    function that waits for the sum and gives it."""
+    if not dist.is_initialized():
+        return lambda: tensor
+    work = dist.all_reduce(tensor, async_op=True)
+
+    def result() -> Tensor:
+        work.wait()
+        return tensor
+
+    return result
+
+
 def all_gather(tensor: Tensor) -> list[Tensor]:
     """Every process's ``tensor`` (same shape everywhere), in rank order."""
     if not dist.is_initialized():

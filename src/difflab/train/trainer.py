@@ -35,8 +35,8 @@ draws exactly (bit for bit in one process); with another (a different ``torchrun
 learning rate continue, the streams the checkpoint holds continue theirs, and a new stream
 starts from a seed derived from the run seed, its number and the step, so the data order is
 not the one the uninterrupted run would have seen. Under many processes, a stop request (Ctrl-C,
-SIGTERM, ``train.max_minutes``) is agreed at the next log row (every ``log_every`` steps), the
-one point where the processes compare notes; alone, the trainer stops after the current step.
+SIGTERM, ``train.max_minutes``) of any process is acted on by all one step later (the requests
+are summed in the background); alone, the trainer stops after the current step.
 
 Arithmetic: ``train.precision=bf16`` runs the network's forward pass under ``torch.autocast``
 to bfloat16 and hands its outputs to the loss in float32 (the weights, optimiser and EMA stay
@@ -270,6 +270,7 @@ class Trainer:
         # it) and their count: part of the resumable state.
         self._running = torch.zeros((), device=self.device)
         self._n_running = 0
+        self._votes: Callable[[], Tensor] | None = None  # the stop requests being summed
 
     def _network(self, dtype: torch.dtype | None) -> nn.Module:
         """``model`` as the step calls it: autocast (``dtype``), then DDP over the processes,
@@ -307,7 +308,7 @@ class Trainer:
                 self.model.train()
                 while self.step < cfg.steps:
                     try:
-                        lr = self._optimisation_step()
+                        lr = self.optimisation_step()
                     except torch._dynamo.exc.BackendCompilerFailed as e:
                         raise UserError(
                             f"train.compile=true: torch.compile could not compile the network "
@@ -317,12 +318,9 @@ class Trainer:
                     late = bool(cfg.max_minutes) and (time.perf_counter() - start) / 60 > (
                         cfg.max_minutes
                     )
-                    stopping = bool(stop)
+                    stopping, late = self._agree(bool(stop), late)
                     if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                        stopping, late = self._log_row(log, bar, lr, time.perf_counter() - start,
-                                                       stopping, late)  # fmt: skip
-                    elif self.world.size > 1:
-                        stopping = late = False  # the processes agree at the next log row
+                        self._log_row(log, bar, lr, time.perf_counter() - start)
                     bar.update(1)
                     if self.step % cfg.ckpt_every == 0 and self.step < cfg.steps:
                         self.save()
@@ -374,7 +372,7 @@ class Trainer:
         if self.main:
             write_config_file(self.out, self.run_config)
 
-    def _optimisation_step(self) -> float:
+    def optimisation_step(self) -> float:
         """One AdamW step on the global batch (this process's ``accumulate`` micro-batches,
         gradients averaged over the processes on the last), then the EMA update; returns the
         learning rate."""
@@ -406,17 +404,24 @@ class Trainer:
         net = getattr(self.network, "_orig_mod", self.network)  # under torch.compile
         return net.no_sync() if isinstance(net, DistributedDataParallel) else nullcontext()
 
-    def _log_row(
-        self, log: TextIO | None, bar: tqdm, lr: float, elapsed: float, stop: bool, late: bool
-    ) -> tuple[bool, bool]:
-        """Append the mean loss since the last row to ``loss.csv``; a non-finite mean stops
-        the run (its last checkpoint is kept). The processes sum their losses and their stop
-        requests in one collective; returns whether any asked to stop and whether any reached
-        ``train.max_minutes``."""
-        notes = torch.stack([self._running, *(self._running.new_tensor(float(f))
-                                              for f in (stop, late))])  # fmt: skip
-        total, stop_votes, late_votes = distributed.all_sum(notes).tolist()
-        mean = total / self._n_running
+    def _agree(self, stop: bool, late: bool) -> tuple[bool, bool]:
+        """Whether to stop (Ctrl-C or SIGTERM) and whether ``train.max_minutes`` has passed,
+        agreed by every process: alone, at once; under many, each step's requests are summed
+        in the background (gloo, CPU memory: no wait for the GPU) and acted on by all at the
+        next step, when they read the sum."""
+        if self.world.size == 1:
+            return stop, late
+        votes = torch.tensor([stop, late], dtype=torch.int32)
+        previous, self._votes = self._votes, distributed.start_sum(votes)
+        if previous is None:
+            return False, False
+        stop_votes, late_votes = previous().tolist()
+        return stop_votes > 0, late_votes > 0
+
+    def _log_row(self, log: TextIO | None, bar: tqdm, lr: float, elapsed: float) -> None:
+        """Append the mean loss since the last row (over every process's micro-batches) to
+        ``loss.csv``; a non-finite mean stops the run (its last checkpoint is kept)."""
+        mean = float(distributed.all_sum(self._running.clone())) / self._n_running
         if not math.isfinite(mean):
             raise self._diverged(f"the loss became {mean}")
         if log is not None:
@@ -428,7 +433,6 @@ class Trainer:
         bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}")
         self._running.zero_()
         self._n_running = 0
-        return stop_votes > 0, late_votes > 0
 
     def save(self) -> Path:
         """Checkpoint the current step (written by rank 0), unless the weights are no longer

@@ -457,3 +457,26 @@ def test_tiny_network_overfits_a_fixed_batch(kind):
     xt = 0.6 * x0 + 0.8 * torch.randn_like(x0)
     losses = adam_steps(net, lambda: (net(xt, c) - x0).pow(2).mean(), steps=60, lr=3e-3)
     assert losses[-1] < losses[0] / 10, losses[::10]
+
+
+def test_pooled_context_adds_the_mean_of_the_real_tokens():
+    # e = MLP(PE(c)) + W mean_{real tokens}(context) + b; a context without real tokens adds b.
+    torch.manual_seed(0)
+    embed = ConditionEmbedding(8, context_dim=4)
+    c = torch.tensor([3.0, 30.0, 300.0])
+    ctx = torch.randn(3, 5, 4)
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]]).bool()
+    got = embed(c, None, 3, ctx, mask)
+    pooled = torch.stack([ctx[0, :2].mean(0), ctx[1].mean(0), torch.zeros(4)])
+    want = embed.time(c) + pooled @ embed.context.weight.T + embed.context.bias
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(embed(c, None, 3, ctx), embed.time(c) + embed.context(ctx.mean(1)))
+    # Networks built with pooled_context read it: real tokens move the output; a context
+    # without any leaves it alone.
+    for make in (tiny_unet, tiny_dit):
+        net = perturb_(make(context_dim=4, pooled_context=True))
+        x, t = torch.randn(3, 1, 8, 8), c
+        assert (net(x, t, context=ctx, context_mask=mask)
+                - net(x, t, context=ctx + 1, context_mask=mask))[:2].abs().max() > 1e-4  # fmt: skip
+        torch.testing.assert_close(net(x, t, context=ctx, context_mask=mask)[2],
+                                   net(x, t, context=ctx + 1, context_mask=mask)[2])  # fmt: skip

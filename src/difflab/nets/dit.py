@@ -109,6 +109,8 @@ class DiT(nn.Module):
         out_channels: channels of the prediction (default ``in_channels``).
         mlp_ratio: hidden width of each block's MLP relative to ``width``.
         context_dim: width of the cross-attention ``context`` tokens (text conditioning).
+        pooled_context: also add the mean of the context tokens to the conditioning vector
+            (:class:`~difflab.nets.embeddings.ConditionEmbedding`).
     """
 
     def __init__(
@@ -123,6 +125,7 @@ class DiT(nn.Module):
         out_channels: int | None = None,
         mlp_ratio: float = 4.0,
         context_dim: int | None = None,
+        pooled_context: bool = False,
     ):
         super().__init__()
         check_sizes(
@@ -145,7 +148,9 @@ class DiT(nn.Module):
         self.out_channels = out_channels or in_channels
         self.patch_size = patch_size
         self.context_dim = context_dim
-        self.embed = ConditionEmbedding(width, num_classes)
+        self.embed = ConditionEmbedding(
+            width, num_classes, context_dim=context_dim if pooled_context else None
+        )
         self.patch_embed = nn.Conv2d(in_channels, width, patch_size, stride=patch_size)
         self.grid = image_size // patch_size
         self.register_buffer(
@@ -186,7 +191,7 @@ class DiT(nn.Module):
         if (rows, cols) != (self.grid, self.grid):
             pos = sincos_position_embedding(rows, cols, tokens.shape[-1]).to(tokens.device)
         h = tokens + pos.to(tokens.dtype)
-        emb_act = F.silu(self.embed(c_noise, class_labels, batch))
+        emb_act = F.silu(self.embed(c_noise, class_labels, batch, context, context_mask))
         for block in self.blocks:
             h = block(h, emb_act, context, context_mask)
         shift, scale = self.ada_ln_out(emb_act).chunk(2, dim=1)

@@ -94,24 +94,47 @@ class ClassEmbedding(nn.Module):
 
 class ConditionEmbedding(nn.Module):
     """The vector every block of a network is conditioned on:
-    ``e = MLP(PE(c_noise)) + E[y]`` with ``E[null_class]`` when no label is given.
+    ``e = MLP(PE(c_noise)) + E[y]`` with ``E[null_class]`` when no label is given, plus, with a
+    ``context_dim``, ``W mean(context)``: the mean of the real context tokens (zero for a context
+    with none), so that a caption also reaches every block directly, as Imagen adds its pooled
+    text embedding to the timestep embedding (Saharia et al. 2022).
 
     A scalar ``c_noise`` is broadcast to the batch. ``class_labels`` is a ``(B,)`` integer tensor
     with entries in ``0..num_classes`` (``num_classes`` is the NULL class).
     """
 
-    def __init__(self, dim: int, num_classes: int | None = None, freq_dim: int = 256):
+    def __init__(
+        self,
+        dim: int,
+        num_classes: int | None = None,
+        freq_dim: int = 256,
+        context_dim: int | None = None,
+    ):
         super().__init__()
         self.time = TimestepEmbedding(dim, freq_dim)
         self.label = ClassEmbedding(num_classes, dim) if num_classes is not None else None
+        self.context = nn.Linear(context_dim, dim) if context_dim is not None else None
 
     @property
     def null_class(self) -> int | None:
         """NULL label index (``num_classes``), or ``None`` for an unconditional network."""
         return None if self.label is None else self.label.null_class
 
-    def forward(self, c_noise: Tensor, class_labels: Tensor | None, batch_size: int) -> Tensor:
+    def forward(
+        self,
+        c_noise: Tensor,
+        class_labels: Tensor | None,
+        batch_size: int,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+    ) -> Tensor:
         emb = self.time(c_noise.reshape(-1).expand(batch_size))
+        if self.context is not None and context is not None:
+            real = torch.ones(context.shape[:2], device=context.device, dtype=context.dtype)
+            if context_mask is not None:
+                real = context_mask.to(context.dtype)
+            pooled = (context * real[..., None]).sum(1) / real.sum(1, keepdim=True).clamp(min=1)
+            emb = emb + self.context(pooled)
         if self.label is not None:
             emb = emb + self.label(class_labels, batch_size)
         elif class_labels is not None:

@@ -204,6 +204,8 @@ class UNet(nn.Module):
         num_heads: attention heads (must divide every level's width).
         cond_channels: channels of the low-resolution conditioning image ``low_res``.
         context_dim: width of the cross-attention ``context`` tokens.
+        pooled_context: also add the mean of the context tokens to the conditioning vector
+            (:class:`~difflab.nets.embeddings.ConditionEmbedding`).
     """
 
     def __init__(
@@ -220,6 +222,7 @@ class UNet(nn.Module):
         num_heads: int = 4,
         cond_channels: int = 0,
         context_dim: int | None = None,
+        pooled_context: bool = False,
     ):
         super().__init__()
         check_sizes(
@@ -238,7 +241,8 @@ class UNet(nn.Module):
         self.context_dim = context_dim
         self.factor = factor
         emb_dim = 4 * channels
-        self.embed = ConditionEmbedding(emb_dim, num_classes, freq_dim=channels + channels % 2)
+        pooled = context_dim if pooled_context else None
+        self.embed = ConditionEmbedding(emb_dim, num_classes, channels + channels % 2, pooled)
 
         def res(cin: int, cout: int) -> ResBlock:
             return ResBlock(cin, cout, emb_dim, dropout)
@@ -309,7 +313,7 @@ class UNet(nn.Module):
                     low_res, size=x.shape[-2:], mode="bilinear", align_corners=False
                 )
             x = torch.cat([x, low_res.to(x.dtype)], dim=1)
-        emb_act = F.silu(self.embed(c_noise, class_labels, x.shape[0]))
+        emb_act = F.silu(self.embed(c_noise, class_labels, x.shape[0], context, context_mask))
         h = self.conv_in(x)
         skips = [h]
         for stage in self.down:

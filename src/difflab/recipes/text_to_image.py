@@ -6,7 +6,10 @@ capital G on a pale blue background". The captions are read word by word into a 
 Greek letters are not in it), encoded by a small transformer (:class:`~difflab.nets.text_encoder.
 TextEncoder`) trained jointly with the denoiser, and read by the denoiser through
 cross-attention: a U-Net (``model.kind=unet``) or a DiT (``model.kind=dit``) built with a
-``context_dim`` (seed 004: "more complex conditioning ... pass through cross attention blocks").
+``context_dim`` (seed 004: "more complex conditioning ... pass through cross attention blocks"),
+and through the mean of the caption's states added to the noise-level embedding that every block
+reads (as Imagen does with its pooled text embedding): the global attributes, the colours, are
+learnt much sooner that way than through the cross-attention alone.
 
 Every caption word belongs to one attribute :data:`GROUPS` (size, colour, weight, slant, family,
 the "on a ... background" phrase; the article, the kind and the character always stay). Training
@@ -208,7 +211,7 @@ class TextToImageConfig(ImageConfig):
 def build_text_net(cfg: TextToImageConfig, shape: tuple[int, ...]) -> TextConditionedNet:
     """The U-Net or DiT of ``model`` cross-attending to a text encoder of ``text_encoder``."""
     t = cfg.text_encoder
-    net = build_net(cfg.model, shape, None, context_dim=t.dim)
+    net = build_net(cfg.model, shape, None, context_dim=t.dim, pooled_context=True)
     return TextConditionedNet(TextEncoder(len(VOCAB), MAX_TOKENS, t.dim, t.depth, t.num_heads), net)
 
 

@@ -3,9 +3,9 @@
 Runs ``difflab demo`` in a child process (wall-clock and peak memory of the whole job), then
 judges the demo's checkpoint:
 
-- Frechet distance in pixel space and in the features of the digits classifier
-  (``difflab.evaluate.digits_classifier``), samples vs held-out digits, next to the floor: the
-  same distance from the real training split to the held-out digits;
+- Frechet distance in pixel space (samples vs held-out digits, next to the floor: the real
+  training split to the held-out digits) and in the features of the digits classifier
+  (``difflab.evaluate.judged.judged_quality``: its floor uses as many training digits as samples);
 - that classifier's accuracy on class-conditional samples (labels as asked);
 - sampling time per image for the demo sampler (DDIM, 50 steps, x_0 clipped to [-1, 1]).
 
@@ -28,36 +28,29 @@ import torch
 
 import difflab
 from difflab.data.images import digits_split
-from difflab.evaluate.digits_classifier import load_digits_classifier
 from difflab.evaluate.frechet import frechet_distance_from_samples
+from difflab.evaluate.judged import judged_quality
 
 
 def quality(run: Path, sampler: str, steps: int, n_per_class: int, seed: int = 0) -> dict:
-    """FD (pixels, classifier features) and classifier accuracy of class-conditional samples."""
+    """FD (pixels; judge features, :func:`difflab.evaluate.judged.judged_quality`) and the
+    judge's accuracy of class-conditional samples."""
     loaded = difflab.load(run, "cpu")
     train, held_out = digits_split()
-    judge = load_digits_classifier()
     labels = torch.arange(10).repeat_interleave(n_per_class)
     start = time.perf_counter()
     x = loaded.sample(len(labels), sampler=sampler, steps=steps, label=labels, seed=seed).x
     seconds = time.perf_counter() - start
     x = x.clamp(-1, 1)
-
-    def fd_pair(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
-        pixels = frechet_distance_from_samples(a.flatten(1), b.flatten(1))
-        feats = frechet_distance_from_samples(judge.features(a), judge.features(b))
-        return pixels, feats
-
-    floor_pix, floor_feat = fd_pair(train.x, held_out.x)
-    pix, feat = fd_pair(x, held_out.x)
+    judged = judged_quality(x, "digits", labels)
     return {
         "sampler": f"{sampler} {steps}",
         "n": len(labels),
-        "fd_pixels": pix,
-        "fd_pixels_floor": floor_pix,
-        "fd_features": feat,
-        "fd_features_floor": floor_feat,
-        "accuracy": judge.accuracy(x, labels),
+        "fd_pixels": frechet_distance_from_samples(x.flatten(1), held_out.x.flatten(1)),
+        "fd_pixels_floor": frechet_distance_from_samples(train.x.flatten(1), held_out.x.flatten(1)),
+        "fd_features": judged["fd"],
+        "fd_features_floor": judged["fd_floor"],
+        "accuracy": judged["accuracy"],
         "seconds_per_image": seconds / len(labels),
     }
 

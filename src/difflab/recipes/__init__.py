@@ -55,6 +55,8 @@ RECIPES = {
     "text-to-image": "difflab.recipes.text_to_image",
     "text": "difflab.recipes.text",
     "flow": "difflab.recipes.flow",
+    "autoencoder": "difflab.recipes.autoencoder",
+    "latent": "difflab.recipes.latent",
 }
 #: The names checkpoints of difflab 0.1 recorded for recipes that have since been renamed.
 FORMER_NAMES = {

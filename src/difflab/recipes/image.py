@@ -608,11 +608,18 @@ class ImageRecipe(Recipe):
     def build(self, cfg: ImageConfig, meta: dict[str, Any]) -> nn.Module:
         return build_net(cfg.model, tuple(meta["shape"]), num_classes_of(meta))
 
+    def training_data(self, cfg: ImageConfig) -> tuple[ArrayData, dict[str, Any]]:
+        """The examples the diffusion model learns (the training split of ``data``) and what
+        the run's metadata records beside :func:`run_metadata` (nothing here; a subclass that
+        trains on a transform of the data, such as the latent recipe, says what it used)."""
+        train_data, _ = data_splits(cfg.data)
+        return train_data, {}
+
     def train(
         self, cfg: ImageConfig, *, resume: bool = False, progress: bool = True
     ) -> TrainResult:
-        train_data, _ = data_splits(cfg.data)
-        meta = run_metadata(self.name, cfg, train_data)
+        train_data, extra = self.training_data(cfg)
+        meta = run_metadata(self.name, cfg, train_data, **extra)
         num_classes = num_classes_of(meta)
         torch.manual_seed(cfg.train.seed)  # network initialisation
         net = self.build(cfg, meta)

@@ -55,7 +55,13 @@ from difflab.recipes.autoencoder import (
     encode_means,
     require_scale,
 )
-from difflab.recipes.image import ImageConfig, ImageRecipe, LoadedModel, data_splits
+from difflab.recipes.image import (
+    ImageConfig,
+    ImageRecipe,
+    LoadedModel,
+    check_output_memory,
+    data_splits,
+)
 from difflab.train.checkpoint import read_run_config
 
 
@@ -181,6 +187,7 @@ class LatentRecipe(ImageRecipe):
     ) -> Samples:
         """``n`` decoded samples; the options are the image recipe's (``callback`` sees decoded
         images, see the module docstring)."""
+        check_output_memory(n, model.autoencoder.shape)  # the decoded images, not the latents
         report = None
         if callback is not None:
             schedule = model.denoiser.schedule

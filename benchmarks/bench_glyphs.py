@@ -26,10 +26,10 @@ import time
 from pathlib import Path
 
 import torch
-from difflab.evaluate.judged import judged_quality
 from torch.utils.flop_counter import FlopCounterMode
 
 import difflab
+from difflab.evaluate.judged import judged_quality
 from difflab.recipes import load_config
 
 #: name: (recipe, overrides). The DiTs: two widths (S, B) and two patch sizes on 8x8 latents.

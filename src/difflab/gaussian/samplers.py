@@ -655,6 +655,67 @@ def dpm_solver_pp(
     raise AssertionError("unreachable")
 
 
+# Adams-Bashforth coefficients of a uniform step, newest slope first (order 1 to 4).
+_ADAMS_BASHFORTH: dict[int, tuple[float, ...]] = {
+    1: (1.0,),
+    2: (3 / 2, -1 / 2),
+    3: (23 / 12, -16 / 12, 5 / 12),
+    4: (55 / 24, -59 / 24, 37 / 24, -9 / 24),
+}
+
+
+def _ipndm_step(g: Grid, i: int, order: int) -> _MultistepStep:
+    """iPNDM's step ``t_i -> t_{i+1}`` over the last ``k = min(order, i + 1)`` noise estimates:
+    ``y_{i+1} = y_i + (s_{i+1} - s_i) sum_j b_j eps_{i-j}`` in ``y = x / alpha`` and
+    ``s = sigma_ve``, i.e. ``x_{i+1} = (alpha_{i+1} / alpha_i) x_i + alpha_{i+1} (s_{i+1} - s_i)
+    sum_j b_j eps_{i-j}``."""
+    s, s_next = g.sigma[i] / g.alpha[i], g.sigma[i + 1] / g.alpha[i + 1]
+    scale = g.alpha[i + 1] * (s_next - s)
+    b = _ADAMS_BASHFORTH[min(order, i + 1)]
+    return _MultistepStep(g.alpha[i + 1] / g.alpha[i], [scale * w for w in b])
+
+
+@torch.inference_mode()
+def ipndm(
+    denoiser: DenoiserFn,
+    x: Tensor,
+    ts: Tensor | Sequence[float],
+    *,
+    cond: dict[str, Any] | None = None,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    order: int = 4,
+) -> Tensor:
+    """Improved pseudo-numerical sampler iPNDM (Zhang & Chen 2023, Appendix; the linear
+    multistep half of Liu et al.'s PNDM 2022): Adams-Bashforth on the probability-flow ODE
+    ``dy / d sigma_ve = eps_hat`` (``y = x / alpha``), one NFE per step.
+
+    Step ``i`` uses the last ``k = min(order, i + 1)`` noise estimates with the coefficients of
+    a uniform step, ``b = (1)``, ``(3, -1) / 2``, ``(23, -16, 5) / 12``,
+    ``(55, -59, 37, -9) / 24``, whatever the grid (so the start warms up from Euler, i.e. DDIM,
+    without extra evaluations). On a grid uniform in ``sigma_ve`` the steps after the warm-up
+    are of order ``k``; on any smooth non-uniform grid the fixed coefficients leave an
+    ``O(h^3)`` local error, so the method converges at order 2. Its strength is the few-step
+    regime: extrapolating the slope with uniform-step weights over the very unequal steps of a
+    Karras grid damps the large early steps (docs/BENCHMARKS.md, "every budget").
+    The step into ``t = 0`` returns the current data estimate.
+    """
+    _check_choice("order", order, (1, 2, 3, 4))
+    g = Grid(denoiser.schedule, ts)
+    steps = [_ipndm_step(g, i, order) for i in range(g.n - 1)]
+    times = _evaluation_points(g.t[:-1], g.alpha[:-1], g.sigma[:-1], x)
+    history: list[Tensor] = []  # eps_i, eps_{i-1}, ... (most recent first)
+    for i in range(g.n):
+        pred = _denoise(denoiser, x, times[i], cond)
+        if callback is not None:
+            callback(i, g.t[i], x, pred.x0)
+        if i == g.n - 1:
+            return pred.x0
+        history = [pred.eps, *history[: order - 1]]
+        x = steps[i](x, history)
+    raise AssertionError("unreachable")
+
+
 class _UniPCStep(NamedTuple):
     """UniPC's step ``t_i -> t_{i+1}``: the predictor UniP-p over the last
     ``p = min(order, i + 1)`` data estimates, and the corrector UniC-p that redoes it once the
@@ -745,6 +806,7 @@ _register("dpmpp_3m", "DPM-Solver++(3M), multistep 3rd order; 1 NFE/step", dpm_s
 _register(
     "dpmpp_2m_sde", "DPM-Solver++(2M) SDE, stochastic; 1 NFE/step", dpm_solver_pp, order=2, sde=True
 )
+_register("ipndm", "iPNDM, Adams-Bashforth in sigma_ve; order=1..4; 1 NFE/step", ipndm)
 _register("unipc", "UniPC predictor-corrector; order=1|2|3 (accuracy order+1); 1 NFE/step", unipc)
 _register("reverse_sde", "reverse-time SDE, Euler-Maruyama (Song et al. 2021); 1 NFE/step",
           reverse_sde)  # fmt: skip

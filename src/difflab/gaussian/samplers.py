@@ -702,18 +702,88 @@ def ipndm(
     """
     _check_choice("order", order, (1, 2, 3, 4))
     g = Grid(denoiser.schedule, ts)
-    steps = [_ipndm_step(g, i, order) for i in range(g.n - 1)]
+    steps = [_ipndm_step(g, i, order) for i in range(g.n)]
     times = _evaluation_points(g.t[:-1], g.alpha[:-1], g.sigma[:-1], x)
     history: list[Tensor] = []  # eps_i, eps_{i-1}, ... (most recent first)
     for i in range(g.n):
         pred = _denoise(denoiser, x, times[i], cond)
         if callback is not None:
             callback(i, g.t[i], x, pred.x0)
-        if i == g.n - 1:
-            return pred.x0
         history = [pred.eps, *history[: order - 1]]
         x = steps[i](x, history)
-    raise AssertionError("unreachable")
+    return x
+
+
+def _adams_weights(nodes: list[float]) -> list[float]:
+    """Weights ``w_j`` with ``int_0^1 P(u) du = sum_j w_j m_j`` for the polynomial ``P`` through
+    ``(r_j, m_j)``: ``w = V^{-T} mu`` with ``V_jk = r_j^k`` and the moments ``mu_k = 1 / (k + 1)``
+    (the variable-step Adams quadrature; at the nodes ``0, -1, -2, ...`` the classical
+    Adams-Bashforth coefficients, at ``1, 0, -1, ...`` Adams-Moulton's)."""
+    moments = [1.0 / (k + 1) for k in range(len(nodes))]
+    vandermonde = np.vander(np.asarray(nodes, dtype=np.float64), increasing=True)
+    return np.linalg.solve(vandermonde.T, np.asarray(moments)).tolist()
+
+
+class _LMSStep(NamedTuple):
+    """The linear multistep solver's step ``t_i -> t_{i+1}``: the Adams-Bashforth predictor over
+    the last ``k = min(order, i + 1)`` noise estimates and the Adams-Moulton corrector that
+    redoes it once the estimate at ``t_{i+1}`` is known (``None`` on the step into ``t = 0``)."""
+
+    predictor: _MultistepStep
+    corrector: _MultistepStep | None
+
+
+def _lms_step(g: Grid, i: int, order: int) -> _LMSStep:
+    s = [g.sigma[j] / g.alpha[j] for j in range(max(0, i - order + 1), i + 2)][::-1]
+    h = s[0] - s[1]  # s_{i+1} - s_i; s = [s_{i+1}, s_i, s_{i-1}, ...]
+    past = [(v - s[1]) / h for v in s[1:]]  # r = 0, then the earlier nodes (positive: h < 0)
+    A, scale = g.alpha[i + 1] / g.alpha[i], g.alpha[i + 1] * h
+    predictor = _MultistepStep(A, [scale * w for w in _adams_weights(past)])
+    if i == g.n - 1:
+        return _LMSStep(predictor, None)
+    corrector = _MultistepStep(A, [scale * w for w in _adams_weights([1.0, *past])])
+    return _LMSStep(predictor, corrector)
+
+
+@torch.inference_mode()
+def lms(
+    denoiser: DenoiserFn,
+    x: Tensor,
+    ts: Tensor | Sequence[float],
+    *,
+    cond: dict[str, Any] | None = None,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    order: int = 4,
+    corrector: bool = True,
+) -> Tensor:
+    """Linear multistep on the probability-flow ODE ``dy / d sigma_ve = eps_hat``
+    (``y = x / alpha``), with the exact variable-step Adams coefficients; one NFE per step.
+
+    The predictor integrates the polynomial through the last ``k = min(order, i + 1)`` noise
+    estimates over the step (Adams-Bashforth; k-diffusion's ``sample_lms`` when
+    ``corrector=False``). With ``corrector=True`` the denoiser's estimate at the predicted
+    ``y~_{i+1}`` also redoes the step through the polynomial that includes it (Adams-Moulton,
+    one order higher), the corrected state continues and the estimate is reused as if taken
+    there: UniPC's predictor-corrector scheme (Zhao et al. 2023) for this ODE, where the
+    exponential factor is 1. Every step, the last into ``sigma_ve = 0`` too, is a multistep
+    step (the ODE in ``sigma_ve`` is regular there), so no step jumps to ``x0_hat``.
+    """
+    _check_choice("order", order, (1, 2, 3, 4))
+    g = Grid(denoiser.schedule, ts)
+    steps = [_lms_step(g, i, order) for i in range(g.n)]
+    times = _evaluation_points(g.t[:-1], g.alpha[:-1], g.sigma[:-1], x)
+    history: list[Tensor] = []  # eps_{i-1}, eps_{i-2}, ... (most recent first)
+    x_start = x  # x_{i-1}, where the step to x_i started
+    for i in range(g.n):
+        pred = _denoise(denoiser, x, times[i], cond)  # at the predicted x~_i
+        if callback is not None:
+            callback(i, g.t[i], x, pred.x0)
+        if corrector and i > 0:
+            x = steps[i - 1].corrector(x_start, [pred.eps, *history])
+        history = [pred.eps, *history[: order - 1]]
+        x_start, x = x, steps[i].predictor(x, history)
+    return x
 
 
 class _UniPCStep(NamedTuple):
@@ -807,6 +877,7 @@ _register(
     "dpmpp_2m_sde", "DPM-Solver++(2M) SDE, stochastic; 1 NFE/step", dpm_solver_pp, order=2, sde=True
 )
 _register("ipndm", "iPNDM, Adams-Bashforth in sigma_ve; order=1..4; 1 NFE/step", ipndm)
+_register("lms", "linear multistep in sigma_ve, order=1..4, corrector; 1 NFE/step", lms)
 _register("unipc", "UniPC predictor-corrector; order=1|2|3 (accuracy order+1); 1 NFE/step", unipc)
 _register("reverse_sde", "reverse-time SDE, Euler-Maruyama (Song et al. 2021); 1 NFE/step",
           reverse_sde)  # fmt: skip

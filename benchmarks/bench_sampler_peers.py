@@ -48,6 +48,8 @@ import peer_kdiffusion  # noqa: E402
 
 try:
     import diffusers
+
+    diffusers.utils.logging.set_verbosity_error()  # its notes on lower_order_final, per call
 except ImportError:
     diffusers = None
 
@@ -160,18 +162,19 @@ def difflab_method(name: str, grid: str, **options) -> Method:
 
 
 def difflab_methods(vp: bool) -> list[Method]:
-    grids = ["karras", "log-snr", *(["trailing"] if vp else [])]
+    grids = ["karras", "log-snr", *(["trailing", "linspace"] if vp else [])]
     out = []
     for grid in grids:
         out += [
             difflab_method("ddim", grid),
-            difflab_method("heun", grid),
-            difflab_method("dpm_solver", grid, order=2, prediction="data"),
-            difflab_method("dpm_solver", grid, order=3, prediction="data"),
             difflab_method("dpmpp_2m", grid),
             difflab_method("dpmpp_3m", grid),
             difflab_method("unipc", grid, order=2),
             difflab_method("unipc", grid, order=3),
+            difflab_method("ipndm", grid, order=3),
+            difflab_method("ipndm", grid, order=4),
+            difflab_method("lms", grid, order=3),
+            difflab_method("lms", grid, order=4),
         ]
     return out
 
@@ -186,6 +189,13 @@ def _k_sigmas(kd, p: Problem, grid: str, n: int) -> Tensor:
         return kd.get_sigmas_karras(n, p.sigma_min, p.sigma_max, rho=7.0).to(F64)
     if grid == "exponential":
         return kd.get_sigmas_exponential(n, p.sigma_min, p.sigma_max).to(F64)
+    if grid == "discrete":  # k-diffusion's DiscreteSchedule.get_sigmas: uniform in the index,
+        # log sigma interpolated between the T training levels
+        log_sigmas = p.schedule.sigma_ve(torch.arange(1, 1001, dtype=F64) / 1000).log()
+        index = torch.linspace(999, 0, n, dtype=F64)
+        lo = index.floor().long().clamp(max=998)
+        w = index - lo
+        return kd.append_zero(((1 - w) * log_sigmas[lo] + w * log_sigmas[lo + 1]).exp())
     ts = p.schedule.timesteps(n, "trailing")  # difflab's trailing grid, as sigma_ve
     return p.schedule.sigma_ve(ts).to(F64)
 
@@ -223,7 +233,7 @@ def kdiffusion_fast(kd) -> Method:
 
 
 def kdiffusion_methods(kd, vp: bool) -> list[Method]:
-    grids = ["karras", "exponential", *(["trailing"] if vp else [])]
+    grids = ["karras", "exponential", *(["discrete", "trailing"] if vp else [])]
     return [kdiffusion_method(kd, n, g) for g in grids for n in K_SAMPLERS] + [kdiffusion_fast(kd)]
 
 
@@ -242,16 +252,19 @@ def _vp_scheduler(cls_name: str, p: Problem, **config):
     return sched
 
 
-def diffusers_vp(label: str, cls_name: str, **config) -> Method:
-    """A VP scheduler: state x_t, model eps at the scheduler's own ``sigmas[i]`` (sigma_ve)."""
+def diffusers_vp(label: str, cls_name: str, extra_call: bool = False, **config) -> Method:
+    """A VP scheduler: state x_t, model eps at the scheduler's own ``sigmas[i]`` (sigma_ve), or
+    at its timestep's ``alpha_bar`` (t = (tau + 1) / T) for one without sigmas (PNDM, whose
+    PLMS run makes one call more than it has steps)."""
 
     def run(c: Counter, budget: int) -> Tensor | None:
         sched = _vp_scheduler(cls_name, c.p, **config)
-        sched.set_timesteps(budget)
-        sigmas = sched.sigmas.to(F64).tolist()
+        sched.set_timesteps(budget - 1 if extra_call else budget)
+        sigmas = sched.sigmas.to(F64).tolist() if hasattr(sched, "sigmas") else None
         x = c.p.x
         for i, tau in enumerate(sched.timesteps):
-            eps = c.at_sigma(x, sigmas[i])[0].eps
+            s = sigmas[i] if sigmas else c.p.sigma_ve((float(tau) + 1) / 1000)
+            eps = c.at_sigma(x, s)[0].eps
             x = sched.step(eps, tau, x).prev_sample.to(F64)
         return x
 
@@ -300,14 +313,20 @@ def diffusers_methods(vp: bool) -> list[Method]:
                                     "DPMSolverMultistepScheduler", solver_order=o, **g))  # fmt: skip
         if grid == "lu":
             continue
-        for bh in ("bh1", "bh2"):
+        for bh in ("bh2",):  # bh1 returns NaN from its step into sigma = 0 (diffusers 0.42.1)
             for o in (2, 3):
                 out.append(diffusers_vp(f"UniPCMultistep {bh} {o} [{grid}]", "UniPCMultistepScheduler",
                                         solver_order=o, solver_type=bh, **g))  # fmt: skip
         out.append(diffusers_vp(f"DEISMultistep 3 [{grid}]", "DEISMultistepScheduler",
                                 solver_order=3, **g))  # fmt: skip
-        out.append(diffusers_vp(f"DPMSolverSinglestep 3 [{grid}]", "DPMSolverSinglestepScheduler",
-                                solver_order=3, **g))  # fmt: skip
+    out.append(diffusers_vp("DPMSolverSinglestep 3 [default]", "DPMSolverSinglestepScheduler",
+                            solver_order=3))  # fmt: skip
+    out.append(diffusers_vp("DPMSolverSinglestep 3 [karras]", "DPMSolverSinglestepScheduler",
+                            solver_order=3, use_karras_sigmas=True))  # fmt: skip
+    for spacing in ("leading", "trailing"):
+        out.append(diffusers_vp(f"PNDM (PLMS) [{spacing}]", "PNDMScheduler", True,
+                                skip_prk_steps=True, set_alpha_to_one=True,
+                                timestep_spacing=spacing))  # fmt: skip
     return out
 
 

@@ -44,7 +44,7 @@ from difflab.gaussian.oracles import GaussianMixtureOracle
 from difflab.gaussian.schedules import EDMSchedule, Schedule, linear_beta
 
 sys.path.insert(0, str(Path(__file__).parent))
-import peer_kdiffusion  # noqa: E402
+import peer_kdiffusion
 
 try:
     import diffusers
@@ -97,8 +97,9 @@ def make_problem(name: str, n: int, dim: int = 16) -> Problem:
     one = torch.ones((), dtype=F64)
     lo = 1.0 / schedule.T if schedule.T is not None else None
     sigma_min = float(schedule.sigma_ve(one * lo)) if lo else 0.002
-    return Problem(name, schedule, oracle, x, reference, error, sigma_min,
-                   float(schedule.sigma_ve(one)))  # fmt: skip
+    return Problem(
+        name, schedule, oracle, x, reference, error, sigma_min, float(schedule.sigma_ve(one))
+    )
 
 
 class Counter:
@@ -116,7 +117,7 @@ class Counter:
         return call
 
     def at_sigma(self, x: Tensor, sigma: float) -> tuple[Tensor, float]:
-        """The oracle's prediction at difflab state ``x`` and noise level ``sigma_ve``, and alpha."""
+        """The prediction at difflab state ``x`` and noise level ``sigma_ve``, and alpha."""
         self.calls += 1
         t = torch.full((x.shape[0],), self.p.t_of_sigma(sigma), dtype=F64)
         alpha, sigma_t = self.p.schedule.alpha_sigma(t[0])
@@ -244,9 +245,13 @@ def kdiffusion_methods(kd, vp: bool) -> list[Method]:
 
 def _vp_scheduler(cls_name: str, p: Problem, **config):
     sched = getattr(diffusers, cls_name)(
-        num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
-        prediction_type="epsilon", **config,
-    )  # fmt: skip
+        num_train_timesteps=1000,
+        beta_schedule="linear",
+        beta_start=1e-4,
+        beta_end=0.02,
+        prediction_type="epsilon",
+        **config,
+    )
     sched.betas, sched.alphas = p.schedule.betas.clone(), p.schedule.alphas.clone()
     sched.alphas_cumprod = p.schedule.alpha_bar.clone()
     return sched
@@ -297,36 +302,74 @@ def diffusers_methods(vp: bool) -> list[Method]:
         out = []
         for sched in ("karras", "exponential"):
             out += [
-                diffusers_edm(f"EDMDPMSolverMultistep {o}M [{sched}]", "EDMDPMSolverMultistepScheduler",
-                              solver_order=o, sigma_schedule=sched)  # fmt: skip
+                diffusers_edm(
+                    f"EDMDPMSolverMultistep {o}M [{sched}]",
+                    "EDMDPMSolverMultistepScheduler",
+                    solver_order=o,
+                    sigma_schedule=sched,
+                )
                 for o in (2, 3)
             ]
-            out.append(diffusers_edm(f"EDMEuler [{sched}]", "EDMEulerScheduler", sigma_schedule=sched))
+            out.append(
+                diffusers_edm(f"EDMEuler [{sched}]", "EDMEulerScheduler", sigma_schedule=sched)
+            )
         return out
-    grids = {"trailing": {"timestep_spacing": "trailing"},
-             "karras": {"use_karras_sigmas": True},
-             "lu": {"use_lu_lambdas": True}}  # fmt: skip
+    grids = {
+        "trailing": {"timestep_spacing": "trailing"},
+        "karras": {"use_karras_sigmas": True},
+        "lu": {"use_lu_lambdas": True},
+    }
     out = []
     for grid, g in grids.items():
         for o in (2, 3):
-            out.append(diffusers_vp(f"DPMSolverMultistep {o}M [{grid}]",
-                                    "DPMSolverMultistepScheduler", solver_order=o, **g))  # fmt: skip
+            out.append(
+                diffusers_vp(
+                    f"DPMSolverMultistep {o}M [{grid}]",
+                    "DPMSolverMultistepScheduler",
+                    solver_order=o,
+                    **g,
+                )
+            )
         if grid == "lu":
             continue
         for bh in ("bh2",):  # bh1 returns NaN from its step into sigma = 0 (diffusers 0.42.1)
             for o in (2, 3):
-                out.append(diffusers_vp(f"UniPCMultistep {bh} {o} [{grid}]", "UniPCMultistepScheduler",
-                                        solver_order=o, solver_type=bh, **g))  # fmt: skip
-        out.append(diffusers_vp(f"DEISMultistep 3 [{grid}]", "DEISMultistepScheduler",
-                                solver_order=3, **g))  # fmt: skip
-    out.append(diffusers_vp("DPMSolverSinglestep 3 [default]", "DPMSolverSinglestepScheduler",
-                            solver_order=3))  # fmt: skip
-    out.append(diffusers_vp("DPMSolverSinglestep 3 [karras]", "DPMSolverSinglestepScheduler",
-                            solver_order=3, use_karras_sigmas=True))  # fmt: skip
+                out.append(
+                    diffusers_vp(
+                        f"UniPCMultistep {bh} {o} [{grid}]",
+                        "UniPCMultistepScheduler",
+                        solver_order=o,
+                        solver_type=bh,
+                        **g,
+                    )
+                )
+        out.append(
+            diffusers_vp(f"DEISMultistep 3 [{grid}]", "DEISMultistepScheduler", solver_order=3, **g)
+        )
+    out.append(
+        diffusers_vp(
+            "DPMSolverSinglestep 3 [default]", "DPMSolverSinglestepScheduler", solver_order=3
+        )
+    )
+    out.append(
+        diffusers_vp(
+            "DPMSolverSinglestep 3 [karras]",
+            "DPMSolverSinglestepScheduler",
+            solver_order=3,
+            use_karras_sigmas=True,
+        )
+    )
     for spacing in ("leading", "trailing"):
-        out.append(diffusers_vp(f"PNDM (PLMS) [{spacing}]", "PNDMScheduler", True,
-                                skip_prk_steps=True, set_alpha_to_one=True,
-                                timestep_spacing=spacing))  # fmt: skip
+        out.append(
+            diffusers_vp(
+                f"PNDM (PLMS) [{spacing}]",
+                "PNDMScheduler",
+                True,
+                skip_prk_steps=True,
+                set_alpha_to_one=True,
+                timestep_spacing=spacing,
+            )
+        )
     return out
 
 
@@ -362,8 +405,11 @@ def best_table(problem: Problem, results: dict, budgets) -> str:
     for b in budgets:
         cells, best = [], {}
         for lib in ("difflab", "k-diffusion", "diffusers"):
-            rows = [(e, label, calls) for (li, label, bb), (e, calls) in results.items()
-                    if li == lib and bb == b]  # fmt: skip
+            rows = [
+                (e, label, calls)
+                for (li, label, bb), (e, calls) in results.items()
+                if li == lib and bb == b
+            ]
             if not rows:
                 cells.append("- | -")
                 continue
@@ -421,15 +467,19 @@ def main() -> None:
         if "diffusers" in libraries:
             methods += diffusers_methods(vp)
         results = errors(problem, methods, budgets)
-        print(f"\n## {name}: sigma_ve {problem.sigma_min:.3g}..{problem.sigma_max:.3g}, "
-              f"{args.samples} samples, reference error {problem.reference_error:.1e}, "
-              f"{time.perf_counter() - start:.0f} s\n")  # fmt: skip
+        print(
+            f"\n## {name}: sigma_ve {problem.sigma_min:.3g}..{problem.sigma_max:.3g}, "
+            f"{args.samples} samples, reference error {problem.reference_error:.1e}, "
+            f"{time.perf_counter() - start:.0f} s\n"
+        )
         print(best_table(problem, results, budgets))
         if args.full:
             print()
             print(full_table(problem, results, budgets))
-    print(f"\ncommand: python benchmarks/bench_sampler_peers.py --samples {args.samples} "
-          f"--budgets {args.budgets} --problems {args.problems}" + (" --full" if args.full else ""))  # fmt: skip
+    print(
+        f"\ncommand: python benchmarks/bench_sampler_peers.py --samples {args.samples} "
+        f"--budgets {args.budgets} --problems {args.problems}" + (" --full" if args.full else "")
+    )
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from difflab.gaussian.oracles import GaussianMixtureOracle
 from difflab.gaussian.schedules import EDMSchedule, linear_beta
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-import peer_kdiffusion  # noqa: E402
+import peer_kdiffusion
 
 KD, WHY = peer_kdiffusion.load()
 pytestmark = pytest.mark.skipif(KD is None, reason=f"k-diffusion unavailable: {WHY}")

@@ -14,7 +14,8 @@ Every sampler has the signature (docs/design.md, "Sampler")::
 - ``ts`` is a strictly decreasing sequence of times in ``[0, 1]`` ending with exactly 0, e.g.
   :meth:`Schedule.timesteps`, :func:`karras_times` or :func:`log_snr_times`. ``n = len(ts) - 1``
   steps are taken; the step into ``t = 0`` returns the denoiser's data estimate ``x0`` at the
-  previous time, so the output carries no residual noise.
+  previous time, so the output carries no residual noise (:func:`ipndm` and :func:`lms`, which
+  integrate the ODE in ``sigma_ve``, regular at 0, take a multistep step there instead).
 - ``generator`` (on ``x``'s device) drives every random draw, so runs are reproducible.
 - ``callback(i, t, x_t, x0)`` is called once per step ``i = 0..n-1`` with the time ``t`` (a
   float) at which the denoiser was evaluated first in that step, the state ``x_t`` there and
@@ -697,8 +698,8 @@ def ipndm(
     are of order ``k``; on any smooth non-uniform grid the fixed coefficients leave an
     ``O(h^3)`` local error, so the method converges at order 2. Its strength is the few-step
     regime: extrapolating the slope with uniform-step weights over the very unequal steps of a
-    Karras grid damps the large early steps (docs/BENCHMARKS.md, "every budget").
-    The step into ``t = 0`` returns the current data estimate.
+    Karras grid damps the large early steps (docs/BENCHMARKS.md, "every budget"). The step
+    into ``sigma_ve = 0`` is a step like the others (at order 1 it is the jump to ``x0_hat``).
     """
     _check_choice("order", order, (1, 2, 3, 4))
     g = Grid(denoiser.schedule, ts)

@@ -167,7 +167,6 @@ def difflab_methods(vp: bool) -> list[Method]:
     out = []
     for grid in grids:
         out += [
-            difflab_method("ddim", grid),
             difflab_method("dpmpp_2m", grid),
             difflab_method("dpmpp_3m", grid),
             difflab_method("unipc", grid, order=2),
@@ -176,6 +175,7 @@ def difflab_methods(vp: bool) -> list[Method]:
             difflab_method("ipndm", grid, order=4),
             difflab_method("lms", grid, order=3),
             difflab_method("lms", grid, order=4),
+            difflab_method("lms", grid, order=4, corrector=False),
         ]
     return out
 

@@ -771,6 +771,7 @@ def lms(
     step (the ODE in ``sigma_ve`` is regular there), so no step jumps to ``x0_hat``.
     """
     _check_choice("order", order, (1, 2, 3, 4))
+    _check_choice("corrector", corrector, (True, False))
     g = Grid(denoiser.schedule, ts)
     steps = [_lms_step(g, i, order) for i in range(g.n)]
     times = _evaluation_points(g.t[:-1], g.alpha[:-1], g.sigma[:-1], x)

@@ -35,7 +35,7 @@ from difflab.gaussian.samplers import SAMPLERS, time_grid
 #: The samplers whose output is a function of the starting noise alone (no draws inside); the
 #: tab compares them path by path with the exact ODE solution (tests check this list).
 DETERMINISTIC = ("ddim", "euler", "heun", "dpm_solver", "dpmpp_2m", "dpmpp_3m", "unipc",
-                 "pf_ode_rk4")  # fmt: skip
+                 "ipndm", "lms", "pf_ode_rk4")  # fmt: skip
 #: Steps of the reference probability-flow ODE solve (Heun, 2 evaluations a step).
 REFERENCE_STEPS = 200
 #: Exact draws of the Monte Carlo estimate of ``E log p(x_0)``.

@@ -441,7 +441,7 @@ def test_samplers_hand_the_denoiser_the_schedule_values_at_t(dtype, kind):
     police = _SchedulePolice(net, LINEAR, kind)
     x = torch.randn(4, 2, generator=_gen(0), dtype=dtype)
     for name in ("ddpm", "ddim", "euler", "heun", "dpm_solver", "dpmpp_2m", "dpmpp_3m",
-                 "dpmpp_2m_sde", "unipc"):  # fmt: skip
+                 "dpmpp_2m_sde", "unipc", "ipndm", "lms"):  # fmt: skip
         S.SAMPLERS[name](police, x, S.karras_times(LINEAR, 6), generator=_gen(1))
     S.heun(police, x, S.karras_times(LINEAR, 6), s_churn=10.0, generator=_gen(1))
     S.dpm_solver(police, x, S.karras_times(LINEAR, 6), order=3)

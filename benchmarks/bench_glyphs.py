@@ -31,6 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import difflab
 from difflab.evaluate.judged import judged_quality
 from difflab.recipes import load_config
+from difflab.recipes.image import make_loss, num_classes_of, run_metadata
 
 #: name: (recipe, overrides). The DiTs: two widths (S, B) and two patch sizes on 8x8 latents.
 MODELS = {
@@ -52,9 +53,8 @@ MODELS = {
 def flops_per_image(recipe_name: str, overrides: list[str]) -> float:
     """Training FLOPs (forward and backward) per image of one batch of the config."""
     recipe, cfg = load_config("glyphs", overrides, recipe=recipe_name)
-    train_data, meta = recipe.training_data(cfg)
-    from difflab.recipes.image import make_loss, num_classes_of
-
+    train_data, extra = recipe.training_data(cfg)
+    meta = run_metadata(recipe.name, cfg, train_data, **extra)
     net = recipe.build(cfg, meta)
     batch = min(cfg.train.batch_size, len(train_data))
     labels = train_data.labels[:batch]

@@ -20,6 +20,12 @@ JOBS = [
     ["bench_guidance.py", "--checkpoint", RUN, "--out", "runs/bench-guidance"],
     ["bench_text.py", "--minutes", "2", "--demo"],
     ["bench_toys.py", "--runs", "runs/bench-toys", "--plot", "runs/bench-toys/moons_defaults.png"],
+    ["bench_sampler_peers.py", "--samples", "300", "--full"],
+    ["bench_fewstep.py", "--teacher", RUN, "--work", "runs/bench-fewstep"],
+    ["bench_gpu.py", "--parts", "train,sample,scaling"],
+    ["bench_latent.py", "--out", "runs/bench/glyphs-ae"],
+    ["bench_glyphs.py", "--autoencoder", "runs/bench/glyphs-ae"],
+    ["bench_explore.py", "--digits", RUN, "--text", "runs/bench-text/mdlm"],
 ]
 
 

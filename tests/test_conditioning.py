@@ -229,6 +229,12 @@ def test_text_to_digit_trains_loads_and_samples_end_to_end(tmp_path):
     assert torch.equal(x, run.sample(4, prompt=prompts, guidance=2.0, steps=4, seed=1).x)
     other = run.sample(4, prompt="a four", guidance=2.0, steps=4, seed=1).x
     assert not torch.equal(x, other)  # the prompt reaches the samples
+    # The explorer's reverse-process tab reads every step of a prompt run through the callback.
+    from difflab.explore import reverse
+
+    frames = reverse.reverse_frames(run, steps=4, prompt="a thin three", guidance=2.0, seed=1)
+    assert len(frames.times) == 5 and frames.times[-1] == 0.0
+    assert frames.x0[-1].shape == (reverse.ROW, 1, 8, 8)
     with pytest.raises(UserError, match="unknown words"):
         run.sample(1, prompt="a purple seven")
 

@@ -390,10 +390,12 @@ class TextToDigitRecipe(Recipe):
         threshold: str | None = None,
         percentile: float | None = None,
         seed: int | None = None,
+        callback: Any = None,
     ) -> Samples:
         """Digits for ``prompt`` (captions separated by ``;`` or a list, cycled over the ``n``
         samples), with classifier-free guidance of scale ``w = guidance`` (default 2) against
-        the empty caption; at 0 the unconditional pass is skipped."""
+        the empty caption; at 0 the unconditional pass is skipped. ``callback(step, t, x_t,
+        x0)`` sees every step."""
         s = model.config.sample
         if prompt is None:
             raise UserError("a text-to-digit model needs --prompt, e.g. 'a thin three'")
@@ -419,7 +421,7 @@ class TextToDigitRecipe(Recipe):
                               threshold=threshold, null_cond={"tokens": empty},
                               percentile=percentile)  # fmt: skip
         x = draw(model, den, n, {"tokens": tokens}, sampler=sampler, steps=steps, grid=grid,
-                 seed=seed, options=options)  # fmt: skip
+                 seed=seed, options=options, callback=callback)  # fmt: skip
         return Samples(x=x, nrow=min(10, n))
 
     def evaluate(self, model: TextToDigitModel, **options: Any) -> Evaluation:

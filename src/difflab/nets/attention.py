@@ -25,6 +25,20 @@ def check_heads(dim: int, num_heads: int) -> None:
         raise ValueError(f"num_heads={num_heads} does not divide the attention width {dim}")
 
 
+def check_context(context: Tensor | None, mask: Tensor | None, context_dim: int | None) -> None:
+    """Raise a ValueError unless ``context`` ``(B, L, context_dim)`` is given exactly when the
+    network has a ``context_dim``, and a ``mask`` only with a context."""
+    if (context is None) != (context_dim is None):
+        raise ValueError(
+            "context is required exactly when the network has a context_dim "
+            f"(context_dim={context_dim}, context given: {context is not None})"
+        )
+    if context is not None and (context.ndim != 3 or context.shape[-1] != context_dim):
+        raise ValueError(f"context must be (B, L, {context_dim}), got {tuple(context.shape)}")
+    if mask is not None and context is None:
+        raise ValueError("context_mask was given without context")
+
+
 def _merge_heads(out: Tensor) -> Tensor:
     """``(B, heads, N, d) -> (B, N, heads * d)``."""
     batch, heads, tokens, head_dim = out.shape

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from difflab.nets.attention import CrossAttention, SelfAttention, check_heads
+from difflab.nets.attention import CrossAttention, SelfAttention, check_context, check_heads
 from difflab.nets.embeddings import ConditionEmbedding, check_sizes, sinusoidal_embedding
 
 
@@ -205,14 +205,4 @@ class DiT(nn.Module):
                 f"expected x of shape (B, {self.in_channels}, H, W) with H and W divisible by "
                 f"patch_size {p}, got {tuple(x.shape)}"
             )
-        if (context is None) != (self.context_dim is None):
-            raise ValueError(
-                "context is required exactly when the network has a context_dim "
-                f"(context_dim={self.context_dim}, context given: {context is not None})"
-            )
-        if context is not None and (context.ndim != 3 or context.shape[-1] != self.context_dim):
-            raise ValueError(
-                f"context must be (B, L, {self.context_dim}), got {tuple(context.shape)}"
-            )
-        if context_mask is not None and context is None:
-            raise ValueError("context_mask was given without context")
+        check_context(context, context_mask, self.context_dim)

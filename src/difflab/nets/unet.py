@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from difflab.nets.attention import CrossAttention, SelfAttention, check_heads
+from difflab.nets.attention import CrossAttention, SelfAttention, check_context, check_heads
 from difflab.nets.embeddings import ConditionEmbedding, check_sizes
 
 
@@ -355,14 +355,4 @@ class UNet(nn.Module):
                 f"low_res must be (B, {self.cond_channels}, h, w) no larger than x's "
                 f"{tuple(x.shape[-2:])}, got {tuple(low_res.shape)}"
             )
-        if (context is None) != (self.context_dim is None):
-            raise ValueError(
-                "context is required exactly when the network has a context_dim "
-                f"(context_dim={self.context_dim}, context given: {context is not None})"
-            )
-        if context is not None and (context.ndim != 3 or context.shape[-1] != self.context_dim):
-            raise ValueError(
-                f"context must be (B, L, {self.context_dim}), got {tuple(context.shape)}"
-            )
-        if context_mask is not None and context is None:
-            raise ValueError("context_mask was given without context")
+        check_context(context, context_mask, self.context_dim)

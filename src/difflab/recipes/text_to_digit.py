@@ -201,6 +201,18 @@ def parse_prompt(prompt: str) -> Attributes:
     return Attributes(torch.tensor([digits[0]]), torch.tensor([thickness]), torch.tensor([shear]))
 
 
+def split_prompts(prompt: str | Sequence[str] | None, recipe: str, example: str) -> list[str]:
+    """The captions of ``--prompt`` (separated by ``;``, or a list), blanks dropped; none is a
+    :class:`UserError` that shows ``example``."""
+    if prompt is None:
+        raise UserError(f"a {recipe} model needs --prompt, e.g. '{example}'")
+    prompts = [p.strip() for p in prompt.split(";")] if isinstance(prompt, str) else list(prompt)
+    prompts = [p for p in prompts if p]
+    if not prompts:
+        raise UserError("--prompt holds no caption")
+    return prompts
+
+
 def tokenize(texts: Sequence[str]) -> Tensor:
     """Word ids ``(N, MAX_TOKENS)``, left-aligned and padded with ``PAD``; the empty caption is
     all padding. Words are lower-cased, punctuation is ignored and numerals read as digit words
@@ -397,12 +409,7 @@ class TextToDigitRecipe(Recipe):
         the empty caption; at 0 the unconditional pass is skipped. ``callback(step, t, x_t,
         x0)`` sees every step."""
         s = model.config.sample
-        if prompt is None:
-            raise UserError("a text-to-digit model needs --prompt, e.g. 'a thin three'")
-        prompts = [p.strip() for p in prompt.split(";")] if isinstance(prompt, str) else prompt
-        prompts = [p for p in prompts if p]
-        if not prompts:
-            raise UserError("--prompt holds no caption")
+        prompts = split_prompts(prompt, "text-to-digit", "a thin three")
         try:
             tokens = tokenize(prompts)
             for p in prompts:

@@ -80,7 +80,7 @@ from difflab.recipes.image import (
     sampler_settings,
     threshold_settings,
 )
-from difflab.recipes.text_to_digit import TextEncoderConfig
+from difflab.recipes.text_to_digit import TextEncoderConfig, split_prompts
 from difflab.train.trainer import LOCK_NAME, Trainer, TrainResult
 from difflab.viz.images import save_grid, save_loss_curve
 
@@ -316,7 +316,7 @@ class TextToImageRecipe(Recipe):
         shared out in order, one grid row per prompt, with classifier-free guidance of scale
         ``w = guidance`` (default 3) against the empty caption; at 0 the unconditional pass is
         skipped. ``callback(step, t, x_t, x0)`` sees every step."""
-        prompts = _prompts(prompt)
+        prompts = split_prompts(prompt, self.name, DEMO_PROMPTS[0])
         s = model.config.sample
         sampler, steps, grid, options = sampler_settings(s, sampler, steps, grid, eta,
                                                          sampler_options)  # fmt: skip
@@ -405,17 +405,6 @@ class TextToImageRecipe(Recipe):
 
 #: Samples drawn per call in ``evaluate``.
 EVAL_CHUNK = 250
-
-
-def _prompts(prompt: str | Sequence[str] | None) -> list[str]:
-    if prompt is None:
-        raise UserError("a text-to-image model needs --prompt, e.g. 'a red bold serif capital G "
-                        "on a pale blue background'")  # fmt: skip
-    prompts = [p.strip() for p in prompt.split(";")] if isinstance(prompt, str) else list(prompt)
-    prompts = [p for p in prompts if p]
-    if not prompts:
-        raise UserError("--prompt holds no caption")
-    return prompts
 
 
 def _tokens(prompts: list[str]) -> Tensor:

@@ -161,6 +161,19 @@ def sample(
     temperature: Annotated[float | None, typer.Option(help="Text: temperature.")] = None,
     top_p: Annotated[float | None, typer.Option(help="Text: nucleus mass.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    draft: Annotated[
+        Path | None,
+        typer.Option(
+            help="Text, ar runs: a masked diffusion run drafting for speculative decoding."
+        ),
+    ] = None,
+    draft_length: Annotated[
+        int | None, typer.Option(help="Speculative decoding: tokens drafted per round (4).")
+    ] = None,
+    draft_steps: Annotated[
+        int | None,
+        typer.Option(help="Speculative decoding: drafter calls per round, 1 or --draft-length."),
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Output stem (default RUN/samples).")] = None,
     format_: Annotated[
         str, typer.Option("--format", help="npz, or png: also one PNG per sample in OUT/.")
@@ -184,7 +197,7 @@ def sample(
         label=class_, guidance=guidance, convention=convention, classifier=classifier,
         classifier_scale=classifier_scale, threshold=threshold, percentile=percentile,
         aug_level=aug_level, prompt=prompt, length=length, temperature=temperature, top_p=top_p,
-        seed=seed,
+        seed=seed, draft=draft, draft_length=draft_length, draft_steps=draft_steps,
     )  # fmt: skip
     start = time.perf_counter()
     samples = loaded.sample(n, **options)

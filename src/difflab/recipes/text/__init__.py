@@ -43,6 +43,7 @@ from difflab.recipes.text.config import KINDS, TextConfig, migrate
 from difflab.recipes.text.demo import DEMO_FILES, mdlm_versus_ar
 from difflab.recipes.text.evaluate import score_held_out
 from difflab.recipes.text.sample import decode, generate_tokens
+from difflab.recipes.text.speculative import check_speculative_options, speculative_tokens
 from difflab.recipes.text.train import (
     TOKENIZER_FILE,
     LoadedTextModel,
@@ -144,6 +145,9 @@ class TextRecipe(Recipe):
         label: Any = None,
         guidance: float | None = None,
         seed: int | None = None,
+        draft: str | Path | None = None,
+        draft_length: int | None = None,
+        draft_steps: int | None = None,
     ) -> Samples:
         """``n`` passages of up to ``length`` tokens (prompt included), each ending before its
         first ``<eos>``, special tokens dropped; ``prompt`` is their given beginning (a
@@ -153,7 +157,19 @@ class TextRecipe(Recipe):
         not apply). ``temperature`` (0: greedy) and ``top_p`` in (0, 1] shape every draw;
         ``label`` (class name or index, a comma list or a sequence cycled over the passages)
         conditions a labelled run, ``guidance`` ``w > 0`` guides towards it (:mod:`.sample`).
-        Left empty: the run's ``sample`` section (``length``: the context)."""
+        Left empty: the run's ``sample`` section (``length``: the context). ``draft`` (an
+        ``ar`` run's option): a masked diffusion run that drafts ``draft_length`` tokens at a
+        time in ``draft_steps`` calls for speculative decoding, with the same law
+        (:mod:`.speculative`)."""
+        check_speculative_options(draft, draft_length, draft_steps)
+        if draft is not None:
+            drafter = self.load(Path(draft), str(model.device))
+            samples = speculative_tokens(
+                model, drafter, n, draft_length=draft_length, draft_steps=draft_steps,
+                prompt=prompt, length=length, temperature=temperature, top_p=top_p, steps=steps,
+                sampler=sampler, label=label, guidance=guidance, seed=seed,
+            )  # fmt: skip
+            return Samples(texts=decode(model, samples))
         samples = generate_tokens(
             model, n, prompt=prompt, length=length, temperature=temperature, top_p=top_p,
             steps=steps, sampler=sampler, label=label, guidance=guidance, seed=seed,

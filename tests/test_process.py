@@ -19,6 +19,7 @@ from difflab.gaussian.schedules import (
     make_schedule,
     schedule_from_config,
     schedule_parameters,
+    sqrt_logsnr,
 )
 
 ALL = {
@@ -27,6 +28,7 @@ ALL = {
     "constant": constant_beta(100, 0.03),
     "cosine-logsnr": cosine_logsnr(shift=0.5),
     "linear-logsnr": linear_logsnr(),
+    "sqrt": sqrt_logsnr(),
     "ve": VESchedule(0.01, 50.0),
 }
 
@@ -107,7 +109,8 @@ def test_schedule_config_round_trip():
 
 def test_registry_lists_every_schedule_with_its_parameters():
     assert list(SCHEDULES) == ["linear", "cosine", "constant", "cosine-logsnr", "linear-logsnr",
-                               "vp-linear", "sub-vp", "ve", "edm", "rectified-flow"]  # fmt: skip
+                               "sqrt", "vp-linear", "sub-vp", "ve", "edm",
+                               "rectified-flow"]  # fmt: skip
     assert schedule_parameters("linear") == {"T": 1000, "beta_start": 1e-4, "beta_end": 0.02}
     assert list(schedule_parameters("cosine-logsnr")) == ["shift", "log_snr_min", "log_snr_max"]
     assert list(schedule_parameters("edm")) == ["sigma_min", "sigma_max", "rho"]
@@ -219,3 +222,19 @@ def test_a_prediction_derives_the_form_it_was_not_given_exactly_once():
     torch.testing.assert_close(from_eps.x0, x0, rtol=1e-14, atol=1e-14)
     with pytest.raises(ValueError, match="needs x0, eps or both"):
         Prediction(x_t, alpha, sigma)
+
+
+def test_sqrt_schedule_is_diffusion_lms_alpha_bar():
+    """``alpha(t)^2 = 1 - sqrt(u + s)`` with ``u = t u_max`` (Li et al. 2022), its closed
+    inverse, and ``lambda(1) = log_snr_min``."""
+    s, lo = 1e-4, -12.0
+    sched = sqrt_logsnr(s=s, log_snr_min=lo)
+    u_max = (1.0 / (1.0 + math.exp(lo))) ** 2 - s
+    t = torch.tensor([0.01, 0.2, 0.5, 0.9], dtype=torch.float64)
+    alpha, sigma = sched.alpha_sigma(t)
+    assert torch.allclose(alpha**2, 1.0 - torch.sqrt(t * u_max + s), rtol=1e-12)
+    assert torch.allclose(alpha**2 + sigma**2, torch.ones_like(t))
+    assert float(sched.log_snr(torch.ones((), dtype=torch.float64))) == pytest.approx(lo)
+    assert torch.allclose(sched.t_of_log_snr(sched.log_snr(t)), t, rtol=1e-10)
+    at_start = float(sched.log_snr(torch.tensor(1e-9)))
+    assert at_start == pytest.approx(math.log(0.99 / 0.01), abs=1e-3)

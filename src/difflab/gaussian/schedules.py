@@ -307,6 +307,28 @@ def linear_logsnr(
     return LogSNRSchedule(fn, inverse, shift, cfg)
 
 
+def sqrt_logsnr(shift: float = 0.0, s: float = 1e-4, log_snr_min: float = -15.0) -> LogSNRSchedule:
+    """Diffusion-LM's ``sqrt`` schedule (Li et al. 2022), ``alpha(t)^2 = 1 - sqrt(u + s)``: it
+    adds much noise at once (``lambda(0+) = log((1 - sqrt(s)) / sqrt(s)) ~ 4.6`` for the default
+    ``s``), which text embeddings need, since a little noise does not change the nearest word.
+
+    In log-SNR, ``lambda(u) = log((1 - sqrt(u + s)) / sqrt(u + s))``, with ``u = t u_max`` so that
+    ``lambda(1) = log_snr_min`` (``alpha(1) > 0``); its inverse is closed:
+    ``sqrt(u + s) = sigmoid(-lambda)``, ``u = sigmoid(-lambda)^2 - s``. ``t = 0`` is the data.
+    """
+    u_max = torch.sigmoid(torch.tensor(-log_snr_min, dtype=torch.float64)).item() ** 2 - s
+
+    def fn(t: Tensor) -> Tensor:
+        root = torch.sqrt(t * u_max + s)
+        return torch.log1p(-root) - torch.log(root)
+
+    def inverse(lam: Tensor) -> Tensor:
+        return (torch.sigmoid(-lam) ** 2 - s) / u_max
+
+    cfg = {"kind": "sqrt", "shift": shift, "s": s, "log_snr_min": log_snr_min}
+    return LogSNRSchedule(fn, inverse, shift, cfg)
+
+
 # --------------------------------------------------------------------------------------------
 # Variance exploding
 # --------------------------------------------------------------------------------------------
@@ -508,6 +530,7 @@ SCHEDULES: dict[str, Callable[..., Schedule]] = {
     "constant": constant_beta,
     "cosine-logsnr": cosine_logsnr,
     "linear-logsnr": linear_logsnr,
+    "sqrt": sqrt_logsnr,
     "vp-linear": vp_linear,
     "sub-vp": SubVPSchedule,
     "ve": VESchedule,
@@ -515,9 +538,9 @@ SCHEDULES: dict[str, Callable[..., Schedule]] = {
     "rectified-flow": LinearPathSchedule,
 }
 """Schedule factories by name: discrete ``linear``, ``cosine``, ``constant`` (``T`` steps),
-continuous VP ``cosine-logsnr``, ``linear-logsnr`` (``shift``), Song et al.'s ``vp-linear``,
-``sub-vp`` and ``ve``, Karras et al.'s ``edm``, and the linear path ``rectified-flow`` of flow
-matching. :func:`schedule_parameters` lists what each takes."""
+continuous VP ``cosine-logsnr``, ``linear-logsnr`` (``shift``), Diffusion-LM's ``sqrt``, Song et
+al.'s ``vp-linear``, ``sub-vp`` and ``ve``, Karras et al.'s ``edm``, and the linear path
+``rectified-flow`` of flow matching. :func:`schedule_parameters` lists what each takes."""
 
 
 def _known(kind: str) -> Callable[..., Schedule]:

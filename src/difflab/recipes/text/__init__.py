@@ -17,7 +17,11 @@ Sahoo et al. 2024, D3PM Austin et al. 2021, UDLM Schiff et al. 2025, GIDD von Ru
 ``udlm``            uniform process, continuous-time bound
 ``hybrid``          mask-plus-uniform (GIDD) process, continuous-time bound
 ``ar``              the same transformer with a causal mask, next-token cross-entropy
+``diffusion-lm``    Gaussian diffusion on learned word embeddings, rounding (Li et al. 2022)
+``diffuseq``        the same on ``[source; target]`` rows, target only (Gong et al. 2023)
 ==================  =====================================================================
+
+The last two are the ``gaussian`` kinds (:mod:`~difflab.recipes.text.continuous`).
 
 The package: :mod:`~difflab.recipes.text.config` (the config and its migration from difflab
 0.1), :mod:`~difflab.recipes.text.train` (data, tokenizer, network, process, loss),
@@ -39,6 +43,7 @@ from difflab.data.text import Tokenizer, load_tokenizer
 from difflab.errors import UserError
 from difflab.recipes import Evaluation, Recipe, Samples, load_network, reading_metadata
 from difflab.recipes.image import num_classes_of
+from difflab.recipes.text import continuous
 from difflab.recipes.text.config import KINDS, TextConfig, migrate
 from difflab.recipes.text.demo import DEMO_FILES, mdlm_versus_ar
 from difflab.recipes.text.evaluate import score_held_out
@@ -109,6 +114,9 @@ class TextRecipe(Recipe):
         torch.manual_seed(cfg.train.seed)  # network initialisation
         net = self.build(cfg, meta)
         tensors = (tokens, loss_mask) if labels is None else (tokens, loss_mask, labels)
+        if cfg.diffusion.kind == "diffuseq":
+            task = continuous.task_rows(train_split.documents, tokenizer, cfg.data.length)
+            tensors = (task.tokens, task.loss_mask, task.noise_mask)
         loss = make_loss(cfg, process, num_classes_of(meta))
         trainer = Trainer(net, loss, tensors, cfg.train, meta, out)
         if not resume and distributed.is_main():
@@ -148,6 +156,7 @@ class TextRecipe(Recipe):
         draft: str | Path | None = None,
         draft_length: int | None = None,
         draft_steps: int | None = None,
+        clamp: bool | None = None,
     ) -> Samples:
         """``n`` passages of up to ``length`` tokens (prompt included), each ending before its
         first ``<eos>``, special tokens dropped; ``prompt`` is their given beginning (a
@@ -160,8 +169,12 @@ class TextRecipe(Recipe):
         Left empty: the run's ``sample`` section (``length``: the context). ``draft`` (an
         ``ar`` run's option): a masked diffusion run that drafts ``draft_length`` tokens at a
         time in ``draft_steps`` calls for speculative decoding, with the same law
-        (:mod:`.speculative`)."""
+        (:mod:`.speculative`). The ``gaussian`` kinds sample one window with a Gaussian
+        ``sampler``, ``clamp`` switching the clamping trick (:mod:`.continuous`);
+        ``temperature``, ``top_p``, ``label`` and ``guidance`` do not apply to them."""
         check_speculative_options(draft, draft_length, draft_steps)
+        if clamp is not None and not model.config.diffusion.gaussian:
+            raise UserError(f"--clamp applies to the gaussian kinds only, not {model.kind}")
         if draft is not None:
             drafter = self.load(Path(draft), str(model.device))
             samples = speculative_tokens(
@@ -170,6 +183,12 @@ class TextRecipe(Recipe):
                 sampler=sampler, label=label, guidance=guidance, seed=seed,
             )  # fmt: skip
             return Samples(texts=decode(model, samples))
+        if model.config.diffusion.gaussian:
+            return Samples(texts=continuous.sample_texts(
+                model, n, prompt=prompt, length=length, steps=steps, sampler=sampler,
+                clamp=clamp, seed=seed, others={"temperature": temperature, "top_p": top_p,
+                                                "label": label, "guidance": guidance},
+            ))  # fmt: skip
         samples = generate_tokens(
             model, n, prompt=prompt, length=length, temperature=temperature, top_p=top_p,
             steps=steps, sampler=sampler, label=label, guidance=guidance, seed=seed,
@@ -186,7 +205,13 @@ class TextRecipe(Recipe):
         progress: bool = True,
     ) -> Evaluation:
         """Nats per token, perplexity (bound) and bits per character on ``n`` held-out rows,
-        ``t_samples`` draws of the noise level each (diffusion kinds; :mod:`.evaluate`)."""
+        ``t_samples`` draws of the noise level each (diffusion kinds; :mod:`.evaluate`). The
+        ``gaussian`` kinds: their loss terms, and ``diffuseq`` its task score
+        (:func:`.continuous.score_held_out`)."""
+        if model.config.diffusion.gaussian:
+            held = load_splits(model.config.data)[1]
+            return continuous.score_held_out(model, held.documents, n=n, seed=seed,
+                                             t_samples=t_samples)  # fmt: skip
         return score_held_out(model, n=n, seed=seed, t_samples=t_samples, progress=progress)
 
     def demo(self, out: Path, *, quiet: bool = False) -> str:

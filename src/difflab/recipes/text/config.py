@@ -29,7 +29,8 @@ CONFIG_VERSION = 2
 @dataclass(frozen=True)
 class Kind:
     """What a ``diffusion.kind`` is made of: its token process (``masked``, ``uniform`` or
-    ``hybrid``; ``None`` for the autoregressive baseline), its default schedule, whether it
+    ``hybrid``; ``gaussian`` for diffusion on word embeddings, :mod:`.continuous`; ``None`` for
+    the autoregressive baseline), its default schedule, whether it
     trains with D3PM's ``T``-step loss (else a continuous-time bound) and whether its network
     reads ``t`` by default."""
 
@@ -47,7 +48,17 @@ KINDS = {
     "udlm": Kind("uniform", "log-linear"),
     "hybrid": Kind("hybrid", "log-linear"),
     "ar": Kind(None, None, time_conditioning=False),
+    "diffusion-lm": Kind("gaussian", "sqrt"),
+    "diffuseq": Kind("gaussian", "sqrt"),
 }
+#: The schedules (:mod:`difflab.gaussian.schedules`) and samplers
+#: (:mod:`difflab.gaussian.samplers`) of the ``gaussian`` kinds, and their defaults.
+GAUSSIAN_SCHEDULES = ("sqrt", "cosine-logsnr", "linear-logsnr")
+GAUSSIAN_SAMPLERS = ("ddim", "ddpm", "dpm_solver", "dpmpp_2m")
+DEFAULT_GAUSSIAN_SAMPLER = "ddim"
+#: ``diffusion.embed_dim`` and ``diffusion.prediction`` of the ``gaussian`` kinds when empty.
+DEFAULT_EMBED_DIM = 16
+DEFAULT_PREDICTION = "x0"
 #: Every ``data.tokenizer``; ``train(documents, **options)`` learns one from the training split.
 TOKENIZERS = {"char": CharTokenizer, "bpe": BPETokenizer}
 #: The smallest byte-level BPE vocabulary: the special tokens and the 256 bytes.
@@ -144,7 +155,11 @@ class TextDiffusionConfig:
     ``p_uniform``: the hybrid's uniform share (empty: 0.1). ``stratified``: training times
     ``t_b = 1 - ((u + b / B) mod 1)`` spread over the batch rather than independent
     (continuous-time kinds; empty: on). ``cond_drop``: probability of the null label in
-    training (labelled runs; empty: 0.1)."""
+    training (labelled runs; empty: 0.1). The ``gaussian`` kinds (:mod:`.continuous`):
+    ``embed_dim``, the size ``d`` of a word vector (empty: 16); ``prediction``, what the
+    network predicts, ``x0``, ``eps`` or ``v`` (empty: ``x0``); ``self_condition``, the network
+    also reads its previous estimate of ``x_0`` (empty: off); their ``schedule`` is one of
+    :data:`GAUSSIAN_SCHEDULES` (empty: Diffusion-LM's ``sqrt``)."""
 
     kind: str = "mdlm"
     schedule: str | None = None
@@ -153,6 +168,14 @@ class TextDiffusionConfig:
     p_uniform: float | None = None
     stratified: bool | None = None
     cond_drop: float | None = None
+    embed_dim: int | None = None
+    prediction: str | None = None
+    self_condition: bool | None = None
+
+    @property
+    def gaussian(self) -> bool:
+        """Whether the kind diffuses word embeddings with a Gaussian process."""
+        return KINDS[self.kind].process == "gaussian"
 
     @property
     def schedule_name(self) -> str | None:
@@ -162,7 +185,8 @@ class TextDiffusionConfig:
     @property
     def discrete_schedule(self) -> bool:
         """Whether the schedule is a discrete-time one, of ``T`` steps."""
-        return self.schedule_name is not None and schedule_takes_steps(self.schedule_name)
+        name = self.schedule_name
+        return name is not None and not self.gaussian and schedule_takes_steps(name)
 
     def applies(self) -> dict[str, bool]:
         """Whether each of the process's keys applies to this kind (and schedule)."""
@@ -174,12 +198,16 @@ class TextDiffusionConfig:
             "hybrid_lambda": kind.discrete_time,
             "p_uniform": kind.process == "hybrid",
             "stratified": diffusion and not kind.discrete_time,
+            "embed_dim": self.gaussian,
+            "prediction": self.gaussian,
+            "self_condition": self.gaussian,
         }
 
     def validate(self) -> None:
         choose("diffusion.kind", self.kind, KINDS)
         if self.schedule is not None:
-            choose("diffusion.schedule", self.schedule, TOKEN_SCHEDULES)
+            schedules = GAUSSIAN_SCHEDULES if self.gaussian else TOKEN_SCHEDULES
+            choose("diffusion.schedule", self.schedule, schedules)
         kind = KINDS[self.kind]
         for key, applies in self.applies().items():
             where = f"diffusion.kind={self.kind}"
@@ -194,6 +222,9 @@ class TextDiffusionConfig:
             "diffusion.T, its number of steps",
         )
         check(self.T is None or self.T >= 1, "diffusion.T must be at least 1")
+        check(self.embed_dim is None or self.embed_dim >= 1, "diffusion.embed_dim must be >= 1")
+        if self.prediction is not None:
+            choose("diffusion.prediction", self.prediction, ("x0", "eps", "v"))
         check(
             self.hybrid_lambda is None or self.hybrid_lambda >= 0,
             "diffusion.hybrid_lambda must be non-negative",
@@ -220,7 +251,9 @@ class TextSampleConfig:
     context); ``temperature`` (0: greedy), ``top_p`` (1: off); ``length`` in tokens, prompt
     included (empty: ``data.length``); ``block``: new tokens per window beyond the context
     (empty: half the context); ``n`` passages drawn with ``seed``; ``guidance``:
-    classifier-free guidance ``w`` (labelled diffusion runs; empty: 0)."""
+    classifier-free guidance ``w`` (labelled diffusion runs; empty: 0). The ``gaussian`` kinds
+    take a ``sampler`` of :data:`GAUSSIAN_SAMPLERS` (empty: ``ddim``) and ``clamp``, the
+    clamping trick (empty: on)."""
 
     sampler: str | None = None
     steps: int | None = None
@@ -231,10 +264,11 @@ class TextSampleConfig:
     n: int = 4
     seed: int = 0
     guidance: float | None = None
+    clamp: bool | None = None
 
     def validate(self) -> None:
         if self.sampler is not None:
-            choose("sample.sampler", self.sampler, TOKEN_SAMPLERS)
+            choose("sample.sampler", self.sampler, [*TOKEN_SAMPLERS, *GAUSSIAN_SAMPLERS])
         check(self.steps is None or self.steps >= 1, "sample.steps must be at least 1")
         check(self.temperature >= 0, "sample.temperature must be non-negative")
         check(0.0 < self.top_p <= 1.0, "sample.top_p must be in (0, 1]")
@@ -287,7 +321,36 @@ class TextConfig:
         check(
             s.block is None or s.block <= self.data.length, "sample.block must be in 1..data.length"
         )
+        self._check_gaussian()
         return self
+
+    def _check_gaussian(self) -> None:
+        """The keys of the ``gaussian`` kinds apply to them only, and theirs to no other."""
+        d, s = self.diffusion, self.sample
+        if not d.gaussian:
+            check(s.clamp is None, f"sample.clamp does not apply to diffusion.kind={d.kind}")
+            check(
+                s.sampler is None or s.sampler in TOKEN_SAMPLERS,
+                f"sample.sampler={s.sampler} is a Gaussian sampler: choose one of "
+                f"{', '.join(TOKEN_SAMPLERS)} for diffusion.kind={d.kind}",
+            )
+            return
+        where = f"diffusion.kind={d.kind}"
+        check(
+            s.sampler is None or s.sampler in GAUSSIAN_SAMPLERS,
+            f"sample.sampler must be one of {', '.join(GAUSSIAN_SAMPLERS)} for {where}",
+        )
+        check(not self.data.labels, f"data.labels does not apply to {where}")
+        check(
+            self.model.time_conditioning in (None, True),
+            f"model.time_conditioning cannot be off for {where} (its denoiser reads t)",
+        )
+        check(s.block is None, f"sample.block does not apply to {where} (one window)")
+        for key in ("temperature", "top_p"):
+            check(
+                getattr(s, key) == 1.0,
+                f"sample.{key} does not apply to {where} (its rounding takes the likeliest word)",
+            )
 
     @property
     def time_conditioning(self) -> bool:
@@ -304,8 +367,9 @@ class TextConfig:
 
     @property
     def sampler(self) -> str:
-        """``sample.sampler``, or ``cached`` when empty."""
-        return self.sample.sampler or DEFAULT_SAMPLER
+        """``sample.sampler``, or ``cached`` (``ddim`` for the ``gaussian`` kinds) when empty."""
+        default = DEFAULT_GAUSSIAN_SAMPLER if self.diffusion.gaussian else DEFAULT_SAMPLER
+        return self.sample.sampler or default
 
     @property
     def sample_steps(self) -> int:

@@ -35,8 +35,10 @@ from difflab.discrete.process import HybridProcess, MaskedProcess, TokenProcess,
 from difflab.discrete.schedules import make_token_schedule
 from difflab.errors import UserError
 from difflab.files import write_bytes
+from difflab.gaussian.schedules import Schedule
 from difflab.nets.transformer import TextTransformer
 from difflab.recipes.image import drop_labels
+from difflab.recipes.text import continuous
 from difflab.recipes.text.config import (
     CONFIG_VERSION,
     KINDS,
@@ -141,11 +143,14 @@ def run_metadata(
 # ---------------------------------------------------------------- network, process, loss
 
 
-def build_process(d: TextDiffusionConfig, vocab_size: int) -> TokenProcess | None:
-    """The token process of ``diffusion.kind`` over ``vocab_size`` ids (``None`` for ``ar``)."""
+def build_process(d: TextDiffusionConfig, vocab_size: int) -> TokenProcess | Schedule | None:
+    """The token process of ``diffusion.kind`` over ``vocab_size`` ids (``None`` for ``ar``; the
+    Gaussian schedule for the ``gaussian`` kinds)."""
     process = KINDS[d.kind].process
     if process is None:
         return None
+    if process == "gaussian":
+        return continuous.build_schedule(d)
     schedule = make_token_schedule(d.schedule_name, **d.schedule_options())
     if process == "masked":
         return MaskedProcess(vocab_size, MASK_ID, schedule)
@@ -154,9 +159,12 @@ def build_process(d: TextDiffusionConfig, vocab_size: int) -> TokenProcess | Non
     return UniformProcess(vocab_size, schedule)
 
 
-def build_net(cfg: TextConfig, vocab_size: int, num_classes: int | None) -> TextTransformer:
+def build_net(cfg: TextConfig, vocab_size: int, num_classes: int | None) -> nn.Module:
     """The transformer: bidirectional for diffusion, causal for ``ar``. The causal model's
-    context has one more position, for the ``<bos>`` it reads before the ``L`` tokens of a row."""
+    context has one more position, for the ``<bos>`` it reads before the ``L`` tokens of a row.
+    The ``gaussian`` kinds: the embedding and its denoiser (:func:`.continuous.build_net`)."""
+    if cfg.diffusion.gaussian:
+        return continuous.build_net(cfg, vocab_size)
     m, causal = cfg.model, cfg.diffusion.kind == "ar"
     return TextTransformer(
         vocab_size, cfg.data.length + int(causal), width=m.width, depth=m.depth,
@@ -178,13 +186,16 @@ def ar_token_nll(net: nn.Module, tokens: Tensor, cond: Tensor | None = None) -> 
 
 
 def make_loss(
-    cfg: TextConfig, process: TokenProcess | None, num_classes: int | None
+    cfg: TextConfig, process: TokenProcess | Schedule | None, num_classes: int | None
 ) -> Callable[[nn.Module, tuple[Tensor, ...], torch.Generator], Tensor]:
     """``loss(model, (tokens, loss_mask[, labels]), generator)`` for the trainer, in nats per
     counted token: next-token cross-entropy for ``ar``; D3PM's ``L_vb + lambda CE`` over ``T``
     steps for the D3PM kinds; the continuous-time bound of the process otherwise. Labels are
-    replaced by the null label with probability ``cond_drop``."""
+    replaced by the null label with probability ``cond_drop``. The ``gaussian`` kinds: seed
+    000's loss (:func:`.continuous.make_loss`)."""
     d = cfg.diffusion
+    if isinstance(process, Schedule):
+        return continuous.make_loss(cfg, process)
 
     def loss(model: nn.Module, batch: tuple[Tensor, ...], generator: torch.Generator) -> Tensor:
         tokens, loss_mask = batch[0], batch[1]
@@ -210,11 +221,12 @@ def make_loss(
 @dataclass
 class LoadedTextModel:
     """A trained text model: the EMA network (eval mode), its tokenizer, its token process
-    (``None`` for ``ar``), the run's config, class names (labelled runs) and training step."""
+    (``None`` for ``ar``, the Gaussian schedule for the ``gaussian`` kinds), the run's config,
+    class names (labelled runs) and training step."""
 
-    net: TextTransformer
+    net: nn.Module
     tokenizer: Tokenizer
-    process: TokenProcess | None
+    process: Any
     config: TextConfig
     class_names: list[str] | None
     step: int

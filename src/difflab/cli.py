@@ -160,6 +160,10 @@ def sample(
     length: Annotated[int | None, typer.Option(help="Text: tokens per passage.")] = None,
     temperature: Annotated[float | None, typer.Option(help="Text: temperature.")] = None,
     top_p: Annotated[float | None, typer.Option(help="Text: nucleus mass.")] = None,
+    clamp: Annotated[
+        bool | None,
+        typer.Option("--clamp/--no-clamp", help="Continuous text: the clamping trick."),
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
     draft: Annotated[
         Path | None,
@@ -197,7 +201,7 @@ def sample(
         label=class_, guidance=guidance, convention=convention, classifier=classifier,
         classifier_scale=classifier_scale, threshold=threshold, percentile=percentile,
         aug_level=aug_level, prompt=prompt, length=length, temperature=temperature, top_p=top_p,
-        seed=seed, draft=draft, draft_length=draft_length, draft_steps=draft_steps,
+        clamp=clamp, seed=seed, draft=draft, draft_length=draft_length, draft_steps=draft_steps,
     )  # fmt: skip
     start = time.perf_counter()
     samples = loaded.sample(n, **options)

@@ -91,16 +91,25 @@ class EmbeddingDiffusionNet(nn.Module):
     and the denoiser (``denoiser``); ``forward`` is the denoiser's, so a
     :class:`~difflab.gaussian.parameterization.Denoiser` can wrap this module."""
 
-    def __init__(self, vocab_size: int, dim: int, length: int, **transformer: object):
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int,
+        length: int,
+        self_condition: bool = False,
+        **transformer: object,
+    ):
         super().__init__()
         self.vocab_size = vocab_size
+        self.self_condition = self_condition
         self.embed = nn.Embedding(vocab_size, dim)
         nn.init.normal_(self.embed.weight, std=1.0)
-        self.denoiser = EmbeddingTransformer(dim, length, **transformer)  # type: ignore[arg-type]
-
-    @property
-    def self_condition(self) -> bool:
-        return self.denoiser.self_condition
+        self.denoiser = EmbeddingTransformer(
+            dim,
+            length,
+            self_condition=self_condition,
+            **transformer,  # type: ignore[arg-type]
+        )
 
     def forward(self, x_t: Tensor, c_noise: Tensor, self_cond: Tensor | None = None) -> Tensor:
         return self.denoiser(x_t, c_noise, self_cond)

@@ -331,8 +331,8 @@ class TextConfig:
             check(s.clamp is None, f"sample.clamp does not apply to diffusion.kind={d.kind}")
             check(
                 s.sampler is None or s.sampler in TOKEN_SAMPLERS,
-                f"sample.sampler={s.sampler} is a Gaussian sampler: choose one of "
-                f"{', '.join(TOKEN_SAMPLERS)} for diffusion.kind={d.kind}",
+                f"sample.sampler must be one of {', '.join(TOKEN_SAMPLERS)} for "
+                f"diffusion.kind={d.kind} ({s.sampler} is a Gaussian sampler)",
             )
             return
         where = f"diffusion.kind={d.kind}"

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+import difflab.recipes.text.continuous as continuous
 from difflab.config import to_dict
 from difflab.data.text import (
     BOS_ID,
@@ -38,7 +39,6 @@ from difflab.files import write_bytes
 from difflab.gaussian.schedules import Schedule
 from difflab.nets.transformer import TextTransformer
 from difflab.recipes.image import drop_labels
-from difflab.recipes.text import continuous
 from difflab.recipes.text.config import (
     CONFIG_VERSION,
     KINDS,

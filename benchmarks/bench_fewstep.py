@@ -6,7 +6,11 @@ Rows (1,000 class-conditional samples each by default, 100 per class, seed 0):
 - progressive distillation of the teacher (``difflab distill TEACHER --to-steps 1``): the
   student of each halving at its own step count (8, 4, 2, 1);
 - rectified flow: a flow trained like the teacher (``--recipe flow``), sampled by Euler; then
-  one reflow (``--method reflow``), Euler; then the reflowed flow distilled progressively.
+  one reflow (``--method reflow``), Euler; then the reflowed flow distilled progressively;
+- consistency distillation of the teacher (``--method consistency``, ``--cd-steps`` training
+  steps), sampled in 1 step and by multistep consistency sampling in 2, 4 and 8;
+- consistency training (``difflab train digits --recipe consistency``, no teacher, for
+  ``--ct-steps`` steps or ``--ct-minutes``), sampled likewise.
 
 Each row: the Frechet distance to the teacher's DDIM 50-step samples (same labels) in the digits
 judge's 64-d features and in pixels, and the judge's accuracy on the samples' labels; and the
@@ -16,11 +20,14 @@ Usage::
 
     python benchmarks/bench_fewstep.py --teacher runs/demo [--work runs/bench-fewstep]
         [--n-per-class 100] [--train-steps 300] [--reflow-steps 1000] [--flow-minutes 2.7]
+        [--cd-steps 1000] [--ct-steps 1000] [--ct-minutes 0] [--rows progressive,flow,...]
 
 ``--teacher`` is a digits run of the image recipe (the ``make demo`` checkpoint, or
 ``difflab train digits``); the flow is trained with the same preset for ``--flow-minutes``.
-The students are written under ``--work`` (re-using those already there). Prints a markdown
-table for docs/BENCHMARKS.md.
+The students are written under ``--work`` (re-using those already there; a re-used one's
+time is printed as 0). ``--rows`` picks the method rows (``progressive``, ``flow``,
+``consistency-distillation``, ``consistency-training``; default all); the DPM-Solver++(2M) row
+is always measured. Prints a markdown table for docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from difflab.recipes import is_run
 from difflab.recipes.distill import distill
 
 CALLS = (1, 2, 4, 8)
+ROWS = ("progressive", "flow", "consistency-distillation", "consistency-training")
 
 
 def _timed_distill(run: Path, out: Path, **options) -> float:
@@ -59,8 +67,15 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=300, help="per halving")
     parser.add_argument("--reflow-steps", type=int, default=1000)
     parser.add_argument("--flow-minutes", type=float, default=2.7)
+    parser.add_argument("--cd-steps", type=int, default=1000)
+    parser.add_argument("--ct-steps", type=int, default=1000)
+    parser.add_argument("--ct-minutes", type=float, default=0.0, help="0: no limit")
+    parser.add_argument("--rows", default=",".join(ROWS), help="comma list of " + ", ".join(ROWS))
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
+    rows = args.rows.split(",")
+    if unknown := set(rows) - set(ROWS):
+        parser.error(f"unknown rows {', '.join(sorted(unknown))}: choose from {', '.join(ROWS)}")
     labels = torch.arange(10).repeat_interleave(args.n_per_class)
     judge = load_digits_classifier()
     teacher = difflab.load(args.teacher, args.device)
@@ -88,12 +103,44 @@ def main() -> None:
     lines.append(f"| DPM-Solver++(2M) on the teacher | {' | '.join(cells)} | 0 |")
 
     work = args.work
-    pd = work / "progressive"
+    if "progressive" in rows:
+        lines.append(_progressive_row(args, draw, row))
+    if "flow" in rows:
+        lines += _flow_rows(args, draw, row)
+    if "consistency-distillation" in rows:
+        cd = work / "consistency-distillation"
+        seconds = _timed_distill(args.teacher, cd, method="consistency",
+                                 train_steps=args.cd_steps)  # fmt: skip
+        student = difflab.load(cd / "consistency", args.device)
+        cells = [row(draw(student, steps=k)) for k in CALLS]
+        lines.append(f"| consistency distillation ({args.cd_steps} steps) | {' | '.join(cells)} "
+                     f"| {seconds:.0f} s |")  # fmt: skip
+    if "consistency-training" in rows:
+        ct = work / "consistency-training"
+        start = time.perf_counter()
+        if not is_run(ct):
+            difflab.train("digits", [f"train.out={ct}", f"train.steps={args.ct_steps}",
+                                     f"train.max_minutes={args.ct_minutes}"],
+                          recipe="consistency", progress=False)  # fmt: skip
+        seconds = time.perf_counter() - start
+        trained = difflab.load(ct, args.device)
+        cells = [row(draw(trained, steps=k)) for k in CALLS]
+        lines.append(f"| consistency training ({trained.step} steps, no teacher) | "
+                     f"{' | '.join(cells)} | {seconds:.0f} s |")  # fmt: skip
+    print("\n".join(lines))
+    print(f"\n{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+
+
+def _progressive_row(args, draw, row) -> str:
+    pd = args.work / "progressive"
     seconds = _timed_distill(args.teacher, pd, method="progressive", to_steps=1,
                              from_steps=16, train_steps=args.train_steps)  # fmt: skip
     cells = [row(draw(difflab.load(pd / f"steps-{k}", args.device))) for k in CALLS]
-    lines.append(f"| progressive distillation (16 -> 1) | {' | '.join(cells)} | {seconds:.0f} s |")
+    return f"| progressive distillation (16 -> 1) | {' | '.join(cells)} | {seconds:.0f} s |"
 
+
+def _flow_rows(args, draw, row) -> list[str]:
+    work, lines = args.work, []
     flow = work / "flow"
     start = time.perf_counter()
     if not is_run(flow):
@@ -115,8 +162,7 @@ def main() -> None:
     lines.append(
         f"| + progressive distillation (16 -> 1) | {' | '.join(cells)} | {seconds:.0f} s |"
     )
-    print("\n".join(lines))
-    print(f"\n{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    return lines
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ def test_progressive_distillation_writes_one_sampleable_run_per_halving(
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--method", "consistency"], "--method must be one of"),
+        (["--method", "bogus"], "--method must be one of"),
         (["--to-steps", "3", "--from-steps", "8"], "must be --to-steps times a power of two"),
         (["--to-steps", "4", "--from-steps", "4"], "must be --to-steps times a power of two"),
         (["--to-steps", "0"], "--to-steps must be a whole number >= 1"),

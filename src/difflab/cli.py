@@ -294,11 +294,16 @@ def evaluate(
     "--to-steps, each halving a student initialised from its teacher and written to "
     "OUT/steps-N, a run that difflab sample draws from in N steps by default. --method reflow "
     "(Liu et al. 2023; flow runs): retrain the flow on --pairs noise-sample pairs it generates, "
-    "into OUT/reflow-1, whose straighter paths need fewer steps. OUT defaults to RUN-METHOD."
+    "into OUT/reflow-1, whose straighter paths need fewer steps. --method consistency (Song et "
+    "al. 2023; image and flow runs): consistency distillation on --levels Karras levels into "
+    "OUT/consistency, a run that difflab sample draws from in 1 step (--steps K: multistep). "
+    "OUT defaults to RUN-METHOD."
 )
 def distill(
     run: Annotated[Path, typer.Argument(help="The teacher: a run folder or checkpoint file.")],
-    method: Annotated[str, typer.Option(help="progressive or reflow.")] = "progressive",
+    method: Annotated[
+        str, typer.Option(help="progressive, reflow or consistency.")
+    ] = "progressive",
     to_steps: Annotated[
         int | None, typer.Option(help="progressive: steps of the last student (4).")
     ] = None,
@@ -310,7 +315,8 @@ def distill(
         ),
     ] = None,
     prediction: Annotated[
-        str | None, typer.Option(help="progressive: the student's x0, v or flow.")
+        str | None,
+        typer.Option(help="progressive: the student's x0, v or flow; consistency: also edm."),
     ] = None,
     weighting: Annotated[
         str | None, typer.Option(help="progressive: truncated-snr (default) or v.")
@@ -321,10 +327,21 @@ def distill(
     pair_steps: Annotated[
         int | None, typer.Option(help="reflow: Euler steps per pair (the run's sample.steps).")
     ] = None,
+    levels: Annotated[
+        int | None, typer.Option(help="consistency: Karras levels N of the grid (18).")
+    ] = None,
+    target_ema: Annotated[
+        float | None, typer.Option(help="consistency: EMA rate mu of the target network (0.95).")
+    ] = None,
+    solver: Annotated[
+        str | None, typer.Option(help="consistency: the teacher's ODE step, heun or ddim.")
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Folder of the students.")] = None,
     train_steps: Annotated[
         int | None,
-        typer.Option(help="Training steps per student (progressive 300, reflow 1000)."),
+        typer.Option(
+            help="Training steps per student (progressive 300, reflow and consistency 1000)."
+        ),
     ] = None,
     batch_size: Annotated[int | None, typer.Option(help="Batch size (the run's).")] = None,
     lr: Annotated[float | None, typer.Option(help="Learning rate (2e-4, constant).")] = None,
@@ -339,9 +356,9 @@ def distill(
     from difflab.recipes.distill import distill as distill_run
 
     options = _given(to_steps=to_steps, from_steps=from_steps, prediction=prediction,
-                     weighting=weighting, pairs=pairs, pair_steps=pair_steps,
-                     train_steps=train_steps, batch_size=batch_size, lr=lr, guidance=guidance,
-                     seed=seed)  # fmt: skip
+                     weighting=weighting, pairs=pairs, pair_steps=pair_steps, levels=levels,
+                     target_ema=target_ema, solver=solver, train_steps=train_steps,
+                     batch_size=batch_size, lr=lr, guidance=guidance, seed=seed)  # fmt: skip
     for student in distill_run(run, method=method, out=out, device=device, progress=not quiet,
                                **options):  # fmt: skip
         typer.echo(f"{student.steps} steps: {student.path} ({student.seconds:.0f} s)")

@@ -55,6 +55,7 @@ RECIPES = {
     "text-to-image": "difflab.recipes.text_to_image",
     "text": "difflab.recipes.text",
     "flow": "difflab.recipes.flow",
+    "consistency": "difflab.recipes.consistency",
     "autoencoder": "difflab.recipes.autoencoder",
     "latent": "difflab.recipes.latent",
 }

@@ -1,4 +1,5 @@
-"""``difflab distill RUN --method progressive | reflow``: few-step students of a trained run.
+"""``difflab distill RUN --method progressive | reflow | consistency``: few-step students of a
+trained run.
 
 **progressive** (Salimans & Ho 2022; seed 004, Algorithm 2), for ``image`` and ``flow`` runs.
 Starting from the teacher sampled by DDIM on ``from_steps`` steps of its schedule's own grid
@@ -22,18 +23,33 @@ the flow-matching loss on these coupled pairs (``x_t = (1 - t) x_0 + t eps``, ta
 defaults; its straighter paths need fewer steps (``difflab sample OUT/reflow-1 --steps 2``),
 and it can be distilled further (``difflab distill OUT/reflow-1 --method progressive``).
 
+**consistency** (Song et al. 2023, Algorithm 2 in seed 004; ``gaussian/consistency.py``), for
+``image`` and ``flow`` runs: a student of the ``consistency`` recipe (``recipes/consistency.py``),
+initialised with the teacher's (EMA) weights and its schedule, learns ``f(x~, sigma) = c_skip
+x~ + c_out F`` on ``levels`` Karras levels between the consistency recipe's default
+``sigma_min`` and ``sigma_max`` of the teacher's schedule, so that ``f`` at level
+``sigma_{n+1}`` matches the EMA target network (rate ``target_ema``) at the point one step of
+the teacher's probability-flow ODE (``solver``: ``heun``, or ``ddim``) brings it down to
+``sigma_n``. Its network keeps the teacher's parameterization when that is ``x0``, ``v``,
+``flow`` or ``edm`` (else ``v``, relearned from the copied output layer, like progressive
+distillation; ``prediction`` chooses). It writes one run, ``OUT/consistency``, that ``difflab
+sample`` draws from in 1 step (``--steps K``: multistep consistency sampling). The EMA target is
+not saved: the run is not resumable as a distillation.
+
 Class-conditional teachers with classifier-free guidance: the guidance scale ``w`` is fixed at
 distillation time (guided distillation with a fixed scale, not as an input of the student): the
-first teacher is sampled with guidance ``w``. Progressive distillation drops labels to the null
-label at the teacher's ``cond_drop`` rate, so the student learns the guided map for labels and
-the unconditional one for the null label; reflow generates its pairs for labels cycled over the
-classes and trains with the same label dropout (its null label learns the reflow of the guided
-mixture). The students' samples carry the guidance; their ``sample.guidance`` is 0. The
+first teacher is sampled with guidance ``w``. Progressive and consistency distillation drop
+labels to the null label at the teacher's ``cond_drop`` rate, so the student learns the guided
+map for labels and the unconditional one for the null label (the consistency student's
+teacher takes Heun steps of the guided ODE); reflow generates its pairs for labels cycled over
+the classes and trains with the same label dropout (its null label learns the reflow of the
+guided mixture). The students' samples carry the guidance; their ``sample.guidance`` is 0. The
 teacher's x_0 estimate is thresholded as its own sampler does (static for images).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, replace
@@ -44,6 +60,11 @@ import torch
 
 from difflab.config import TrainConfig, choose, from_dict, to_dict
 from difflab.errors import UserError
+from difflab.gaussian.consistency import (
+    SOLVERS,
+    consistency_distillation_loss,
+    ode_step,
+)
 from difflab.gaussian.distillation import (
     DISTILL_WEIGHTINGS,
     STUDENT_PREDICTIONS,
@@ -52,6 +73,13 @@ from difflab.gaussian.distillation import (
 from difflab.gaussian.objectives import loss_fn
 from difflab.gaussian.rectified_flow import reflow_pairs
 from difflab.recipes import Run, finite, is_run, load, positive_int, refuse_unknown, seed_value
+from difflab.recipes.consistency import RECIPE as CONSISTENCY
+from difflab.recipes.consistency import (
+    ConsistencyConfig,
+    consistency_function,
+    level_grid,
+    sigma_range,
+)
 from difflab.recipes.image import RECIPE as IMAGE
 from difflab.recipes.image import (
     SAMPLE_CHUNK,
@@ -67,7 +95,11 @@ from difflab.recipes.image import (
 from difflab.train.trainer import Trainer
 
 #: The recipes whose runs each method distils.
-TEACHERS: dict[str, tuple[str, ...]] = {"progressive": ("image", "flow"), "reflow": ("flow",)}
+TEACHERS: dict[str, tuple[str, ...]] = {
+    "progressive": ("image", "flow"),
+    "reflow": ("flow",),
+    "consistency": ("image", "flow"),
+}
 METHODS: tuple[str, ...] = tuple(TEACHERS)
 
 
@@ -90,11 +122,12 @@ def distill(
     progress: bool = True,
     **options: Any,
 ) -> list[Student]:
-    """The students of ``run`` by ``method`` (:func:`progressive` or :func:`reflow`, whose
+    """The students of ``run`` by ``method`` (:func:`progressive`, :func:`reflow` or
+    :func:`consistency`, whose
     keyword arguments are the ``options`` it takes; any other is refused), written into ``out``
     (default ``RUN-<method>``)."""
     choose("--method", method, METHODS)
-    fn = {"progressive": progressive, "reflow": reflow}[method]
+    fn = {"progressive": progressive, "reflow": reflow, "consistency": consistency}[method]
     refuse_unknown(options, fn, f"--method {method}")
     teacher_run = load(run, device)
     if teacher_run.recipe.name not in TEACHERS[method]:
@@ -306,3 +339,101 @@ def reflow(
     tensors = (x, noise) if labels is None else (x, noise, labels)
     Trainer(net, loss, tensors, student_cfg.train, meta, folder).fit(progress=progress)
     return [Student(student_cfg.sample.steps, folder, time.perf_counter() - start)]
+
+
+#: The parameterizations a consistency student keeps from its teacher (else it predicts ``v``).
+CONSISTENCY_PREDICTIONS: tuple[str, ...] = (*STUDENT_PREDICTIONS, "edm", "eps")
+
+
+def consistency(
+    teacher_run: Run,
+    *,
+    out: Path,
+    device: str,
+    progress: bool,
+    levels: int = 18,
+    target_ema: float = 0.95,
+    solver: str = "heun",
+    prediction: str | None = None,
+    train_steps: int = 1000,
+    batch_size: int | None = None,
+    lr: float = 2e-4,
+    guidance: float | None = None,
+    seed: int = 0,
+) -> list[Student]:
+    """Consistency distillation of ``teacher_run`` (module docstring) on ``levels`` Karras
+    levels (Song et al.'s N, 18 for CIFAR-10), EMA target rate ``target_ema`` (their mu, 0.95),
+    the teacher's ODE step by ``solver`` (heun or ddim), ``train_steps`` steps of AdamW at
+    ``lr`` (constant; the sampled weights an EMA of 0.99) on batches of ``batch_size``
+    (default: the teacher's), into ``out/consistency``. ``prediction``: the student's
+    parameterization (:data:`CONSISTENCY_PREDICTIONS`); ``guidance``: the fixed classifier-free
+    guidance scale of the teacher (default: its ``sample.guidance``). Every argument is
+    checked, and no folder is written, before training starts."""
+    teacher: LoadedModel = teacher_run.model
+    cfg = teacher.config
+    levels = positive_int("levels", levels)
+    if levels < 2:
+        raise UserError(f"--levels must be at least 2 (one ODE step between two levels), got "
+                        f"{levels}")  # fmt: skip
+    mu = finite("target_ema", target_ema, 0.0, 1.0)
+    choose("--solver", solver, SOLVERS)
+    if prediction is None:
+        prediction = cfg.diffusion.prediction
+        prediction = prediction if prediction in CONSISTENCY_PREDICTIONS else "v"
+    choose("--prediction", prediction, CONSISTENCY_PREDICTIONS)
+    training = _training(cfg, train_steps, batch_size, lr, seed, device)
+    w = _guidance(guidance, teacher)
+    (folder,) = _free_folders([out / "consistency"])
+    threshold, percentile = threshold_settings(None, None, cfg.sample.threshold, teacher.shape)
+    teacher_den = guided_denoiser(teacher, guidance=w, threshold=threshold, percentile=percentile)
+    student_cfg = _consistency_config(cfg, prediction, replace(training, out=str(folder)))
+    sigma_min, sigma_max = sigma_range(student_cfg)
+    train_data, _ = data_splits(cfg.data)
+    meta = run_metadata(CONSISTENCY.name, student_cfg, train_data, distilled={
+        "method": "consistency", "teacher": str(teacher_run.path), "levels": levels,
+        "target_ema": mu, "solver": solver, "guidance": w, "sigma_min": sigma_min,
+        "sigma_max": sigma_max,
+    })  # fmt: skip
+    net = CONSISTENCY.build(student_cfg, meta)
+    net.load_state_dict(teacher.denoiser.net.state_dict())
+    d, num_classes = student_cfg.diffusion, teacher.num_classes
+    times = level_grid(teacher.denoiser.schedule, student_cfg, levels)
+    tensors = (train_data.x,) if num_classes is None else (train_data.x, train_data.labels)
+
+    def step(x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor, cond) -> torch.Tensor:
+        return ode_step(teacher_den, x_t, t, s, cond, solver=solver)  # type: ignore[arg-type]
+
+    updated = [0]  # the trainer's step at the target network's last update
+
+    def loss(net: torch.nn.Module, batch: tuple[torch.Tensor, ...], generator) -> torch.Tensor:
+        if trainer.step != updated[0]:  # after each optimiser step: theta- <- EMA of theta
+            torch._foreach_lerp_(target_weights, weights, 1.0 - mu)
+            updated[0] = trainer.step
+        cond = None
+        if num_classes is not None:
+            cond = {"class_labels": drop_labels(batch[1], num_classes, d.cond_drop, generator)}
+        student = consistency_function(build_denoiser(net, d), student_cfg)
+        target_fn = consistency_function(build_denoiser(target, d), student_cfg)
+        return consistency_distillation_loss(student, target_fn, step, batch[0], times, cond,
+                                             generator=generator)  # fmt: skip
+
+    start = time.perf_counter()
+    trainer = Trainer(net, loss, tensors, student_cfg.train, meta, folder)
+    target = copy.deepcopy(trainer.model).requires_grad_(False)
+    weights = [p.detach() for p in trainer.model.parameters()]
+    target_weights = [p.detach() for p in target.parameters()]
+    trainer.fit(progress=progress)
+    return [Student(student_cfg.sample.steps, folder, time.perf_counter() - start)]
+
+
+def _consistency_config(cfg: ImageConfig, prediction: str, training: TrainConfig):
+    """The consistency-recipe config of a student: the teacher's data, network and schedule
+    with the student's parameterization, one sampling step, the teacher's threshold, and the
+    distillation's training settings."""
+    raw = to_dict(cfg)
+    sigma_data = raw["diffusion"]["sigma_data"] if prediction == "edm" else None
+    raw["diffusion"].update(prediction=prediction, weighting="simple", sigma_data=sigma_data)
+    s = cfg.sample
+    raw["sample"] = {"steps": 1, "threshold": s.threshold, "n": s.n, "seed": s.seed}
+    raw["train"] = to_dict(training)
+    return from_dict(ConsistencyConfig, raw).validate()

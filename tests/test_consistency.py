@@ -334,7 +334,7 @@ def test_consistency_training_trains_and_samples(tmp_path, monkeypatch, capsys):
         (["--method", "consistency", "--levels", "0"], "--levels must be a whole number >= 1"),
         (["--method", "consistency", "--solver", "rk4"], "--solver must be one of"),
         (["--method", "consistency", "--target-ema", "1.5"], "--target-ema must be a finite"),
-        (["--method", "consistency", "--prediction", "score"], "--prediction must be one of"),
+        (["--method", "consistency", "--prediction", "magic"], "--prediction must be one of"),
         (["--method", "progressive", "--levels", "8"],
          "--levels does not apply to --method progressive"),
         (["--method", "progressive", "--solver", "heun"],

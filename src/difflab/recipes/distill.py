@@ -32,9 +32,11 @@ x~ + c_out F`` on ``levels`` Karras levels between the consistency recipe's defa
 the teacher's probability-flow ODE (``solver``: ``heun``, or ``ddim``) brings it down to
 ``sigma_n``. Its network keeps the teacher's parameterization when that is ``x0``, ``v``,
 ``flow`` or ``edm`` (else ``v``, relearned from the copied output layer, like progressive
-distillation; ``prediction`` chooses). It writes one run, ``OUT/consistency``, that ``difflab
-sample`` draws from in 1 step (``--steps K``: multistep consistency sampling). The EMA target is
-not saved: the run is not resumable as a distillation.
+distillation: an ``eps`` network's data estimate ``(x_t - sigma eps) / alpha`` amplifies its
+errors by ``1 / alpha``, 80 at the top level; ``prediction`` chooses any). It writes one run,
+``OUT/consistency``, that ``difflab sample`` draws from in 1 step (``--steps K``: multistep
+consistency sampling). The EMA target is not saved: the run is not resumable as a
+distillation.
 
 Class-conditional teachers with classifier-free guidance: the guidance scale ``w`` is fixed at
 distillation time (guided distillation with a fixed scale, not as an input of the student): the
@@ -71,6 +73,7 @@ from difflab.gaussian.distillation import (
     progressive_loss,
 )
 from difflab.gaussian.objectives import loss_fn
+from difflab.gaussian.parameterization import PREDICTIONS
 from difflab.gaussian.rectified_flow import reflow_pairs
 from difflab.recipes import Run, finite, is_run, load, positive_int, refuse_unknown, seed_value
 from difflab.recipes.consistency import RECIPE as CONSISTENCY
@@ -341,8 +344,9 @@ def reflow(
     return [Student(student_cfg.sample.steps, folder, time.perf_counter() - start)]
 
 
-#: The parameterizations a consistency student keeps from its teacher (else it predicts ``v``).
-CONSISTENCY_PREDICTIONS: tuple[str, ...] = (*STUDENT_PREDICTIONS, "edm", "eps")
+#: The parameterizations a consistency student keeps from its teacher by default (else it
+#: predicts ``v``; any of ``PREDICTIONS`` may be asked for).
+CONSISTENCY_PREDICTIONS: tuple[str, ...] = (*STUDENT_PREDICTIONS, "edm")
 
 
 def consistency(
@@ -366,7 +370,8 @@ def consistency(
     the teacher's ODE step by ``solver`` (heun or ddim), ``train_steps`` steps of AdamW at
     ``lr`` (constant; the sampled weights an EMA of 0.99) on batches of ``batch_size``
     (default: the teacher's), into ``out/consistency``. ``prediction``: the student's
-    parameterization (:data:`CONSISTENCY_PREDICTIONS`); ``guidance``: the fixed classifier-free
+    parameterization (default: the teacher's if one of :data:`CONSISTENCY_PREDICTIONS`, else
+    ``v``); ``guidance``: the fixed classifier-free
     guidance scale of the teacher (default: its ``sample.guidance``). Every argument is
     checked, and no folder is written, before training starts."""
     teacher: LoadedModel = teacher_run.model
@@ -380,7 +385,7 @@ def consistency(
     if prediction is None:
         prediction = cfg.diffusion.prediction
         prediction = prediction if prediction in CONSISTENCY_PREDICTIONS else "v"
-    choose("--prediction", prediction, CONSISTENCY_PREDICTIONS)
+    choose("--prediction", prediction, PREDICTIONS)
     training = _training(cfg, train_steps, batch_size, lr, seed, device)
     w = _guidance(guidance, teacher)
     (folder,) = _free_folders([out / "consistency"])

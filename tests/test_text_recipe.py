@@ -114,8 +114,9 @@ def test_every_kind_trains_samples_and_evaluates(text_file, tmp_path, kind):
     assert result["bound"] is diffusion
     assert all(math.isfinite(result[k]) for k in ("nats_per_token", "bits_per_character"))
     assert result["nats_per_token"] > 0
-    if run.model.process is not None and run.model.process.absorbing:
-        # Caching skips network calls, never changes samples (same seed).
+    if run.model.process is not None and run.model.process.absorbing and kind != "block":
+        # Caching skips network calls, never changes samples (same seed). (block has one
+        # sampler: tests/test_block_diffusion.py)
         kw = {"length": 24, "steps": 40, "seed": 3}
         assert texts(run, 3, sampler="cached", **kw) == texts(run, 3, sampler="ancestral", **kw)
 

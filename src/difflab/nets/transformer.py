@@ -102,6 +102,7 @@ class RotarySelfAttention(nn.Module):
         sin: Tensor,
         cache: tuple[Tensor, Tensor] | None = None,
         start: int = 0,
+        attn_mask: Tensor | None = None,
     ) -> Tensor:
         batch, tokens, width = h.shape
         qkv = self.qkv(h).view(batch, tokens, 3, self.num_heads, width // self.num_heads)
@@ -114,9 +115,11 @@ class RotarySelfAttention(nn.Module):
             values[:, :, start : start + tokens] = v
             k, v = keys[:, :, : start + tokens], values[:, :, : start + tokens]
             is_causal = False
-            if tokens > 1:  # new query i sits at position start + i and sees keys 0..start + i
+            if tokens > 1 and self.causal:  # new query i at position start + i sees 0..start + i
                 query_pos = torch.arange(start, start + tokens, device=h.device)
                 mask = torch.arange(start + tokens, device=h.device)[None, :] <= query_pos[:, None]
+        if attn_mask is not None:
+            mask, is_causal = attn_mask, False
         out = F.scaled_dot_product_attention(
             q,
             k,
@@ -160,9 +163,11 @@ class TextBlock(nn.Module):
         sin: Tensor,
         cache: tuple[Tensor, Tensor] | None = None,
         start: int = 0,
+        attn_mask: Tensor | None = None,
     ) -> Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada_ln(emb_act)
-        attn = self.attn(_modulate(self.norm1(h), shift1, scale1), cos, sin, cache, start)
+        h_in = _modulate(self.norm1(h), shift1, scale1)
+        attn = self.attn(h_in, cos, sin, cache, start, attn_mask)
         h = h + gate1[:, None] * self.drop(attn)
         return h + gate2[:, None] * self.drop(self.mlp(_modulate(self.norm2(h), shift2, scale2)))
 
@@ -301,18 +306,28 @@ class TextTransformer(nn.Module):
         t: Tensor | None = None,
         cond: Tensor | None = None,
         cache: KVCache | None = None,
+        attn_mask: Tensor | None = None,
+        positions: Tensor | None = None,
     ) -> Tensor:
         """Logits ``(B, L, vocab_size)`` for tokens ``x_t (B, L)``.
 
-        Causal models give next-token logits (position ``i`` predicts token ``i + 1``) and may
-        take a ``cache``: ``x_t`` then holds the tokens after the ``cache.length`` already
-        cached, at positions ``cache.length ..``, and their keys and values are appended.
+        Causal models give next-token logits (position ``i`` predicts token ``i + 1``). A
+        ``cache`` holds the keys and values of tokens already read: ``x_t`` then holds the
+        tokens after the ``cache.length`` cached, at positions ``cache.length ..``, which see
+        the cached ones and (causal) the new ones before them or (bidirectional) all new ones,
+        and their keys and values are appended. ``attn_mask`` (bool ``(L, keys)``, true where
+        a query may attend) replaces that pattern; ``positions`` (``(L,)``, without a cache)
+        places the tokens for the rotary embeddings (default ``0..L-1``): block diffusion's two
+        streams (:mod:`difflab.discrete.block`) read ``[x_t, x_0]`` at the same positions.
         """
         batch, tokens = x_t.shape
         start = 0
-        if cache is not None:
-            if not self.causal:
-                raise ValueError("a key/value cache needs a causal TextTransformer")
+        if positions is not None:
+            if cache is not None or positions.shape != (tokens,):
+                raise ValueError("positions are one per token, and not given with a cache")
+            if int(positions.max()) >= self.length:
+                raise ValueError(f"positions reach {int(positions.max())}; context {self.length}")
+        elif cache is not None:
             start = cache.length
             if start + tokens > cache.capacity:
                 raise ValueError(f"cache holds {cache.capacity} tokens, asked for {start + tokens}")
@@ -320,11 +335,12 @@ class TextTransformer(nn.Module):
             raise ValueError(f"input has {tokens} tokens; this model's context is {self.length}")
         h = self.embed(x_t)
         emb_act = self._condition(t, cond, batch)
-        positions = torch.arange(start, start + tokens, device=x_t.device)
+        if positions is None:
+            positions = torch.arange(start, start + tokens, device=x_t.device)
         cos, sin = rotary_angles(positions, self.width // self.num_heads)
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
-            h = block(h, emb_act, cos, sin, layer_cache, start)
+            h = block(h, emb_act, cos, sin, layer_cache, start, attn_mask)
         if cache is not None:
             cache.length += tokens
         shift, scale = self.ada_ln_out(emb_act)

@@ -50,6 +50,7 @@ KINDS = {
     "ar": Kind(None, None, time_conditioning=False),
     "diffusion-lm": Kind("gaussian", "sqrt"),
     "diffuseq": Kind("gaussian", "sqrt"),
+    "block": Kind("masked", "log-linear", time_conditioning=False),
 }
 #: The schedules (:mod:`difflab.gaussian.schedules`) and samplers
 #: (:mod:`difflab.gaussian.samplers`) of the ``gaussian`` kinds, and their defaults.
@@ -59,6 +60,8 @@ DEFAULT_GAUSSIAN_SAMPLER = "ddim"
 #: ``diffusion.embed_dim`` and ``diffusion.prediction`` of the ``gaussian`` kinds when empty.
 DEFAULT_EMBED_DIM = 16
 DEFAULT_PREDICTION = "x0"
+#: ``diffusion.block_size`` of ``block`` runs when left empty.
+DEFAULT_BLOCK_SIZE = 4
 #: Every ``data.tokenizer``; ``train(documents, **options)`` learns one from the training split.
 TOKENIZERS = {"char": CharTokenizer, "bpe": BPETokenizer}
 #: The smallest byte-level BPE vocabulary: the special tokens and the 256 bytes.
@@ -159,7 +162,9 @@ class TextDiffusionConfig:
     ``embed_dim``, the size ``d`` of a word vector (empty: 16); ``prediction``, what the
     network predicts, ``x0``, ``eps`` or ``v`` (empty: ``x0``); ``self_condition``, the network
     also reads its previous estimate of ``x_0`` (empty: off); their ``schedule`` is one of
-    :data:`GAUSSIAN_SCHEDULES` (empty: Diffusion-LM's ``sqrt``)."""
+    :data:`GAUSSIAN_SCHEDULES` (empty: Diffusion-LM's ``sqrt``). ``block_size``: tokens per
+    block of ``kind=block`` (block diffusion, :mod:`difflab.discrete.block`; a divisor of
+    ``data.length``; empty: 4)."""
 
     kind: str = "mdlm"
     schedule: str | None = None
@@ -171,6 +176,7 @@ class TextDiffusionConfig:
     embed_dim: int | None = None
     prediction: str | None = None
     self_condition: bool | None = None
+    block_size: int | None = None
 
     @property
     def gaussian(self) -> bool:
@@ -201,6 +207,7 @@ class TextDiffusionConfig:
             "embed_dim": self.gaussian,
             "prediction": self.gaussian,
             "self_condition": self.gaussian,
+            "block_size": self.kind == "block",
         }
 
     def validate(self) -> None:
@@ -225,6 +232,7 @@ class TextDiffusionConfig:
         check(self.embed_dim is None or self.embed_dim >= 1, "diffusion.embed_dim must be >= 1")
         if self.prediction is not None:
             choose("diffusion.prediction", self.prediction, ("x0", "eps", "v"))
+        check(self.block_size is None or self.block_size >= 1, "diffusion.block_size must be >= 1")
         check(
             self.hybrid_lambda is None or self.hybrid_lambda >= 0,
             "diffusion.hybrid_lambda must be non-negative",
@@ -322,6 +330,8 @@ class TextConfig:
             s.block is None or s.block <= self.data.length, "sample.block must be in 1..data.length"
         )
         self._check_gaussian()
+        if self.diffusion.kind == "block":
+            self._validate_block()
         return self
 
     def _check_gaussian(self) -> None:
@@ -352,6 +362,24 @@ class TextConfig:
                 f"sample.{key} does not apply to {where} (its rounding takes the likeliest word)",
             )
 
+    def _validate_block(self) -> None:
+        """Block diffusion: whole blocks per row, no time input, no labels, its own sampler."""
+        size = self.block_size
+        check(
+            self.data.length % size == 0,
+            f"diffusion.block_size={size} must divide data.length={self.data.length}",
+        )
+        check(
+            not self.model.time_conditioning,
+            "model.time_conditioning cannot be on for diffusion.kind=block (each block has its "
+            "own time)",
+        )
+        check(not self.data.labels, "diffusion.kind=block trains on unlabelled text only")
+        check(
+            self.sample.sampler is None,
+            "sample.sampler does not apply to diffusion.kind=block (it denoises block by block)",
+        )
+
     @property
     def time_conditioning(self) -> bool:
         """``model.time_conditioning``, or the kind's default when empty."""
@@ -372,8 +400,16 @@ class TextConfig:
         return self.sample.sampler or default
 
     @property
+    def block_size(self) -> int:
+        """``diffusion.block_size``, or its default when empty."""
+        return self.diffusion.block_size or DEFAULT_BLOCK_SIZE
+
+    @property
     def sample_steps(self) -> int:
-        """``sample.steps``, or one per token of the context when empty."""
+        """``sample.steps``, or one per token of the context (of a block for ``block``) when
+        empty."""
+        if self.diffusion.kind == "block":
+            return self.sample.steps or self.block_size
         return self.sample.steps or self.data.length
 
     @property

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from difflab.discrete.block import block_diffusion_loss
 from difflab.discrete.objectives import continuous_time_loss, d3pm_loss, mask_count_loss
 from difflab.errors import UserError
 from difflab.evaluate.text_metrics import bits_per_character
@@ -120,6 +121,9 @@ def _token_nll(
     process, d = model.process, model.config.diffusion
     if process is None:
         return ar_token_nll(model.net, x0, cond) * mask
+    if d.kind == "block":
+        return block_diffusion_loss(model.net, process, x0, model.config.block_size,
+                                    loss_mask=mask, generator=generator).token_nelbo  # fmt: skip
     if KINDS[d.kind].discrete_time:
         return d3pm_loss(model.net, process, x0, d.T, loss_mask=mask, cond=cond,
                          generator=generator).token_nelbo  # fmt: skip

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from difflab.config import choose
 from difflab.data.text import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
 from difflab.discrete.autoregressive import autoregressive_sample
+from difflab.discrete.block import block_sample
 from difflab.discrete.samplers import (
     TOKEN_SAMPLERS,
     DiscreteSamples,
@@ -102,6 +103,8 @@ def generate_tokens(
     if model.process is None:
         draw, total = draw_autoregressive, len(chunks) * (s.length - given)
         unit = "token"
+    elif model.kind == "block":
+        draw, total, unit = draw_block, len(chunks) * (s.length - given), "token"
     else:
         draw, total, unit = draw_diffusion, len(chunks) * windows * s.steps, "step"
     parts = []
@@ -158,6 +161,9 @@ def settings(
             if value is not None:
                 raise UserError(f"{flag(name)} does not apply to ar models: they sample token by "
                                 "token with a key/value cache")  # fmt: skip
+    if sampler is not None and model.kind == "block":
+        raise UserError(f"{flag('sampler')} does not apply to block runs: they denoise block by "
+                        "block with a key/value cache")  # fmt: skip
     if guidance is not None and model.class_names is None:
         raise UserError(f"{flag('guidance')} applies to labelled runs (data.labels) only")
     if sampler is not None:
@@ -258,6 +264,34 @@ def draw_diffusion(
             )  # fmt: skip
         except ValueError as e:
             raise UserError(f"sampler {s.sampler}: {e}") from None
+
+    return in_windows(model, shape, s, prompt, window)
+
+
+def draw_block(
+    model: LoadedTextModel,
+    shape: tuple[int, int],
+    s: Settings,
+    prompt: Tensor | None,
+    cond: Tensor | None,
+    generator: torch.Generator,
+    bar: tqdm,
+) -> DiscreteSamples:
+    """Block diffusion: ``s.steps`` steps per block of ``diffusion.block_size`` tokens, with a
+    key/value cache over the finished blocks (:func:`~difflab.discrete.block.block_sample`), one
+    window at a time (:func:`in_windows`); ``bar`` counts the tokens."""
+
+    def window(out: Tensor, end: int) -> DiscreteSamples:
+        keep = min(out.shape[1], model.context - (end - out.shape[1]))
+        result = block_sample(
+            model.net, model.process, (shape[0], keep + end - out.shape[1]),
+            block_size=model.config.block_size, steps=s.steps, prompt=out[:, out.shape[1] - keep :],
+            temperature=s.temperature, top_p=s.top_p, eos_id=EOS_ID, generator=generator,
+            device=model.device,
+        )  # fmt: skip
+        bar.update(end - out.shape[1])
+        tokens = torch.cat([out, result.tokens[:, keep:]], dim=1)
+        return DiscreteSamples(tokens, result.lengths, result.nfe)
 
     return in_windows(model, shape, s, prompt, window)
 

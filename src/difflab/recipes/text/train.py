@@ -31,6 +31,7 @@ from difflab.data.text import (
     pack_texts,
     split_documents,
 )
+from difflab.discrete.block import block_diffusion_loss
 from difflab.discrete.objectives import continuous_time_loss, d3pm_loss
 from difflab.discrete.process import HybridProcess, MaskedProcess, TokenProcess, UniformProcess
 from difflab.discrete.schedules import make_token_schedule
@@ -190,9 +191,9 @@ def make_loss(
 ) -> Callable[[nn.Module, tuple[Tensor, ...], torch.Generator], Tensor]:
     """``loss(model, (tokens, loss_mask[, labels]), generator)`` for the trainer, in nats per
     counted token: next-token cross-entropy for ``ar``; D3PM's ``L_vb + lambda CE`` over ``T``
-    steps for the D3PM kinds; the continuous-time bound of the process otherwise. Labels are
-    replaced by the null label with probability ``cond_drop``. The ``gaussian`` kinds: seed
-    000's loss (:func:`.continuous.make_loss`)."""
+    steps for the D3PM kinds; the block bound for ``block``; the continuous-time bound of the
+    process otherwise. Labels are replaced by the null label with probability ``cond_drop``. The
+    ``gaussian`` kinds: seed 000's loss (:func:`.continuous.make_loss`)."""
     d = cfg.diffusion
     if isinstance(process, Schedule):
         return continuous.make_loss(cfg, process)
@@ -206,6 +207,9 @@ def make_loss(
             nll = ar_token_nll(model, tokens, cond)
             return (nll * loss_mask).sum() / loss_mask.sum().clamp_min(1)
         options = {"loss_mask": loss_mask, "cond": cond, "generator": generator}
+        if d.kind == "block":  # BD3-LM: every block in one two-stream call
+            options.update(given(stratified=d.stratified))
+            return block_diffusion_loss(model, process, tokens, cfg.block_size, **options).loss
         if KINDS[d.kind].discrete_time:
             options.update(given(ce_weight=d.hybrid_lambda))
             return d3pm_loss(model, process, tokens, d.T, **options).loss

@@ -1,0 +1,189 @@
+"""Block diffusion (:mod:`difflab.discrete.block`): block size = length is MDLM's loss and block
+size 1 (fully masked) the autoregressive loss, on the same batch and noise; the vectorised
+two-stream call gives each block the logits the sampler computes from the clean prefix; the
+key/value-cached sampler gives the samples of recomputation; the recipe end to end."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+import difflab
+from difflab.cli import main
+from difflab.data.text import BOS_ID, load_corpus
+from difflab.discrete.block import (
+    block_causal_mask,
+    block_diffusion_loss,
+    block_sample,
+    two_stream_mask,
+)
+from difflab.discrete.objectives import continuous_time_loss
+from difflab.discrete.process import MaskedProcess
+from difflab.discrete.schedules import make_token_schedule
+from difflab.nets.transformer import TextTransformer
+from difflab.recipes.text.train import ar_token_nll
+
+VOCAB, MASK, LENGTH = 11, 10, 16
+
+
+def process() -> MaskedProcess:
+    return MaskedProcess(VOCAB, MASK, make_token_schedule("log-linear"))
+
+
+def network(seed: int = 0) -> TextTransformer:
+    net = TextTransformer(VOCAB, LENGTH, width=32, depth=2, time_conditioning=False)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return net.eval()
+
+
+def data(batch: int = 6) -> torch.Tensor:
+    return torch.randint(0, MASK, (batch, LENGTH), generator=torch.Generator().manual_seed(1))
+
+
+def test_two_stream_mask_is_the_definition():
+    L, size = 6, 2
+    mask = two_stream_mask(L, size)
+    for q in range(2 * L):
+        for k in range(2 * L):
+            bq, bk = (q % L) // size, (k % L) // size
+            noisy_q, noisy_k = q < L, k < L
+            want = (
+                (bq == bk)
+                if noisy_q and noisy_k
+                else (bk < bq)
+                if noisy_q
+                else (not noisy_k and bk <= bq)
+            )
+            assert bool(mask[q, k]) == want
+
+
+def test_one_block_is_the_mdlm_loss():
+    net, x0 = network(), data()
+    mask = torch.ones_like(x0, dtype=torch.bool)
+    mask[-1, 10:] = False
+    block = block_diffusion_loss(net, process(), x0, LENGTH, loss_mask=mask,
+                                 generator=torch.Generator().manual_seed(3))  # fmt: skip
+    mdlm = continuous_time_loss(net, process(), x0, loss_mask=mask,
+                                generator=torch.Generator().manual_seed(3))  # fmt: skip
+    assert torch.equal(block.t, mdlm.t)
+    torch.testing.assert_close(block.token_nelbo, mdlm.token_nelbo, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(block.loss, mdlm.loss, rtol=1e-5, atol=1e-6)
+
+
+def test_blocks_of_one_fully_masked_are_the_autoregressive_loss():
+    """With blocks of one token at ``t = 1`` every token is masked and sees the clean tokens
+    before it: the bound is ``w_1 (-log p(x_i | x_<i))`` with ``w_1 = -alpha'_1 / (1 -
+    alpha_1)``. The conditionals come from one model that sums the embeddings of the tokens it
+    may see, read as the two streams (block) or after ``<bos>`` (autoregressive; ``<bos>`` and
+    the mask embed alike, and the mask is never predicted)."""
+    embed = torch.randn(VOCAB, VOCAB, generator=torch.Generator().manual_seed(2))
+    embed[MASK] = embed[BOS_ID]
+    embed[:, MASK] = -1e4  # the mask is never predicted (SUBS leaves it out)
+
+    def two_streams(x, t, cond, attn_mask=None, positions=None):
+        return attn_mask.double() @ embed.double()[x]
+
+    def autoregressive(inputs, cond=None):
+        n = inputs.shape[1]
+        return torch.ones(n, n).tril().double() @ embed.double()[inputs]
+
+    x0 = data()
+    p = process()
+    block = block_diffusion_loss(two_streams, p, x0, 1, t=torch.ones(x0.shape))
+    w = -p.alpha_prime(torch.tensor(1.0)) / (1 - p.alpha(torch.tensor(1.0)))
+    ar = ar_token_nll(autoregressive, x0)
+    torch.testing.assert_close(block.token_nelbo, (w * ar).to(block.token_nelbo.dtype))
+
+
+@pytest.mark.parametrize("size", [1, 4, 16])
+def test_each_block_sees_what_the_sampler_shows_it(size):
+    """The two-stream call's logits for block ``b`` equal those of the clean prefix followed by
+    the noisy block under the block-causal mask (what sampling computes)."""
+    net, x0, p = network(), data(3), process()
+    x_t = p.sample(x0, torch.full((3,), 0.6), torch.Generator().manual_seed(0))
+    both = net(torch.cat([x_t, x0], 1), attn_mask=two_stream_mask(LENGTH, size),
+               positions=torch.arange(LENGTH).repeat(2))[:, :LENGTH]  # fmt: skip
+    for start in range(0, LENGTH, size):
+        read = torch.cat([x0[:, :start], x_t[:, start : start + size]], 1)
+        mask = block_causal_mask(read.shape[1], size)
+        alone = net(read, attn_mask=mask)[:, start:]
+        torch.testing.assert_close(both[:, start : start + size], alone, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("size", "prompt"), [(4, 6), (1, 0), (16, 3), (5, 2)])
+def test_cached_sampler_equals_recomputation(size, prompt):
+    net, p = network(), process()
+    given = data(4)[:, :prompt] % 7 + 3  # no EOS (2) in the prompt
+    runs = [
+        block_sample(net, p, (4, LENGTH), block_size=size, steps=3, prompt=given, eos_id=2,
+                     pad_id=0, kv_cache=cached, generator=torch.Generator().manual_seed(9))
+        for cached in (True, False)
+    ]  # fmt: skip
+    assert torch.equal(runs[0].tokens, runs[1].tokens)
+    assert torch.equal(runs[0].lengths, runs[1].lengths)
+    assert torch.equal(runs[0].tokens[:, :prompt], given)
+    assert not bool((runs[0].tokens == MASK).any())
+
+
+# ---------------------------------------------------------------- the recipe
+
+
+def cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["difflab", *args])
+    with pytest.raises(SystemExit) as info:
+        main()
+    out, err = capsys.readouterr()
+    return info.value.code, out, err
+
+
+@pytest.fixture(scope="module")
+def block_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("block")
+    (root / "text.txt").write_text(load_corpus()[100_000:130_000], encoding="utf-8")
+    out = root / "run"
+    difflab.train("text-tiny", [f"data.source={root / 'text.txt'}", "diffusion.kind=block",
+                                "diffusion.block_size=8", "train.steps=2"],
+                  out=str(out), progress=False)  # fmt: skip
+    return out
+
+
+def test_recipe_trains_samples_and_evaluates(block_run, tmp_path, monkeypatch, capsys):
+    run = difflab.load(block_run)
+    texts = run.sample(3, prompt="To be", length=70, steps=2).texts
+    assert len(texts) == 3 and all(t.startswith("To be") for t in texts)
+    metrics = run.evaluate(n=8).metrics
+    assert metrics["kind"] == "block" and metrics["bound"] and metrics["bits_per_character"] > 0
+    code, _, err = cli(monkeypatch, capsys, "sample", str(block_run), "--n", "2", "--out",
+                       str(tmp_path / "s"))  # fmt: skip
+    assert code == 0, err
+
+
+T = ["--quiet", "train.max_minutes=0.01"]
+REFUSALS = [
+    (["train", "text-tiny", "diffusion.kind=block", "diffusion.block_size=5", *T],
+     "diffusion.block_size=5 must divide data.length=32"),
+    (["train", "text-tiny", "diffusion.block_size=4", *T],
+     "diffusion.block_size does not apply to diffusion.kind=mdlm"),
+    (["train", "text-tiny", "diffusion.kind=block", "diffusion.block_size=0", *T],
+     "diffusion.block_size must be >= 1"),
+    (["train", "text-tiny", "diffusion.kind=block", "model.time_conditioning=true", *T],
+     "model.time_conditioning cannot be on for diffusion.kind=block"),
+    (["train", "text-tiny", "diffusion.kind=block", "sample.sampler=cached", *T],
+     "sample.sampler does not apply to diffusion.kind=block"),
+    (["sample", "{run}", "--sampler", "cached"], "--sampler does not apply to block runs"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("args", "message"), REFUSALS)
+def test_refusals(block_run, tmp_path, monkeypatch, capsys, args, message):
+    words = [w.format(run=block_run) for w in args]
+    words += [f"train.out={tmp_path / 'new'}"] if words[0] == "train" else ["--out", str(tmp_path)]
+    code, _, err = cli(monkeypatch, capsys, *words)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and message in lines[0], err
+    assert not (tmp_path / "new").exists()

@@ -365,6 +365,35 @@ def distill(
 
 
 @app.command(
+    help="Adapt a trained ar text run into a masked diffusion language model (Gong et al. "
+    "2024): the same transformer and weights, its outputs shifted (position i-1 predicts token "
+    "i), its attention mask annealed from causal to bidirectional over adapt.anneal_steps, "
+    "trained with the masked-diffusion loss. OUT becomes an ordinary MDLM run (sample, eval, "
+    "--draft); continue it with difflab train OUT --resume."
+)
+def adapt(
+    run: Annotated[Path, typer.Argument(help="The ar run folder to adapt.")],
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(help="key=value overrides, e.g. adapt.anneal_steps=500 train.steps=2000."),
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Folder of the adapted run (required).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+) -> None:
+    from difflab.recipes import is_run
+    from difflab.recipes import train as train_run
+
+    if out is None:
+        raise UserError("give the folder of the adapted run with --out")
+    if not is_run(run):
+        raise UserError(f"no run in {run}: give the folder of a trained ar text run")
+    items = [*(overrides or []), f"train.out={out}"]
+    result = train_run(run, items, recipe="adapt", progress=not quiet)
+    typer.echo(f"adapted in {result.steps} steps, {result.seconds:.1f} s\n"
+               f"checkpoint: {result.checkpoint}")  # fmt: skip
+
+
+@app.command(
     help="Train a class-conditional model on the built-in digits (about 2.5 minutes on 2 CPU "
     "cores), then write a grid of samples (one row per class), an animation of the reverse "
     "process and the loss curve. With --text: a masked diffusion language model and an "

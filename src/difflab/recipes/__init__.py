@@ -58,6 +58,7 @@ RECIPES = {
     "consistency": "difflab.recipes.consistency",
     "autoencoder": "difflab.recipes.autoencoder",
     "latent": "difflab.recipes.latent",
+    "adapt": "difflab.recipes.adapt",
 }
 #: The names checkpoints of difflab 0.1 recorded for recipes that have since been renamed.
 FORMER_NAMES = {

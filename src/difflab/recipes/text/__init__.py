@@ -41,7 +41,14 @@ from torch import nn
 from difflab.config import from_dict
 from difflab.data.text import Tokenizer, load_tokenizer
 from difflab.errors import UserError
-from difflab.recipes import Evaluation, Recipe, Samples, load_network, reading_metadata
+from difflab.recipes import (
+    Evaluation,
+    Recipe,
+    Samples,
+    load_network,
+    reading_metadata,
+    recipe_of_run,
+)
 from difflab.recipes.image import num_classes_of
 from difflab.recipes.text import continuous
 from difflab.recipes.text.config import KINDS, TextConfig, migrate
@@ -176,7 +183,11 @@ class TextRecipe(Recipe):
         if clamp is not None and not model.config.diffusion.gaussian:
             raise UserError(f"--clamp applies to the gaussian kinds only, not {model.kind}")
         if draft is not None:
-            drafter = self.load(Path(draft), str(model.device))
+            drafter_recipe = recipe_of_run(draft)  # the text recipe or one built on it (adapt)
+            if not isinstance(drafter_recipe, TextRecipe):
+                raise UserError(f"--draft needs a masked diffusion text run; {draft} is a run of "
+                                f"the {drafter_recipe.name} recipe")  # fmt: skip
+            drafter = drafter_recipe.load(Path(draft), str(model.device))
             samples = speculative_tokens(
                 model, drafter, n, draft_length=draft_length, draft_steps=draft_steps,
                 prompt=prompt, length=length, temperature=temperature, top_p=top_p, steps=steps,

@@ -36,6 +36,9 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         found[name] = root / name
         overrides = [f"data.source={root / text}.txt", f"diffusion.kind={kind}", "train.steps=2"]
         difflab.train("text-tiny", overrides, out=str(found[name]), progress=False)
+    found["moons"] = root / "moons"  # a run of another recipe
+    difflab.train("moons", ["train.steps=2", "train.batch_size=8", "model.mlp.hidden=8"],
+                  out=str(found["moons"]), progress=False)  # fmt: skip
     return found
 
 
@@ -74,6 +77,7 @@ REFUSALS = [
     ("{ar} --draft {mdlm} --steps 3", "--steps does not apply to ar models"),
     ("{ar} --draft {mdlm} --class 1", "--draft works with unlabelled runs only"),
     ("{ar} --draft {ar}/nowhere", "no checkpoint at"),
+    ("{ar} --draft {moons}", "--draft needs a masked diffusion text run; "),
 ]
 
 

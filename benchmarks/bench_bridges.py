@@ -1,0 +1,187 @@
+"""Benchmark of the bridges between autoregressive and diffusion language models (issue 17).
+
+1. Likelihood at equal training time (``--minutes`` per model, built-in Shakespeare, characters,
+   the same transformer): the autoregressive model, MDLM from scratch, block diffusion with
+   ``--block-sizes``, and MDLM adapted from the AR model for ``--adapt-minutes`` more
+   (``difflab adapt``; its row reports the AR time plus the adaptation time). Bits per character
+   on the held-out plays ('<=' marks a bound).
+2. Generation: ``--n`` passages of ``--gen-length`` tokens from the AR model with its key/value
+   cache, MDLM (cached sampler, ``--mdlm-steps``), block diffusion with its cache (one step per
+   token of a block), and speculative decoding of the AR model with a small MDLM drafter
+   (``--drafter-width``, ``--drafter-depth``, trained for ``--minutes``; ``--draft-length``,
+   both exact drafter modes), the AR model alone timed at the same batch: tokens per second,
+   generative perplexity under the AR model, acceptance rate and mean tokens per verification.
+
+Usage: ``python benchmarks/bench_bridges.py --minutes 2 [--out runs/bench-bridges]``; prints
+markdown for docs/BENCHMARKS.md and writes it to ``OUT/bench_bridges.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from pathlib import Path
+
+import torch
+from bench_text import _quality, _timed
+
+from difflab.recipes import load_config
+from difflab.recipes.adapt import RECIPE as ADAPT
+from difflab.recipes.text import RECIPE as TEXT
+from difflab.recipes.text.sample import generate_tokens
+from difflab.recipes.text.speculative import speculative_tokens
+from difflab.recipes.text.train import count_parameters
+
+
+def common(args: argparse.Namespace, out: Path, minutes: float) -> list[str]:
+    return [
+        f"train.out={out}", f"train.max_minutes={minutes}", "train.steps=1000000",
+        "train.lr_schedule=constant", f"train.batch_size={args.batch_size}",
+        f"train.device={args.device}", f"data.length={args.length}",
+    ]  # fmt: skip
+
+
+def train_text(args: argparse.Namespace, name: str, *overrides: str, width=None, depth=None):
+    """Train (or with ``--skip-train`` load) one text run: ``(model, seconds)``."""
+    run = args.out / name
+    model = [f"model.width={width or args.width}", f"model.depth={depth or args.depth}",
+             f"model.num_heads={args.heads}", "model.time_conditioning=false"]  # fmt: skip
+    seconds = float("nan")
+    if not args.skip_train:
+        _, cfg = load_config(args.preset, [*common(args, run, args.minutes), *model, *overrides],
+                             recipe=TEXT.name)  # fmt: skip
+        seconds = TEXT.train(cfg, progress=False).seconds
+        print(f"trained {name} in {seconds:.0f} s", file=sys.stderr)
+    return TEXT.load(run, args.device), seconds
+
+
+def adapt_ar(args: argparse.Namespace, ar_seconds: float):
+    run = args.out / "adapted"
+    seconds = float("nan")
+    if not args.skip_train:
+        overrides = [*common(args, run, args.adapt_minutes),
+                     f"adapt.anneal_steps={args.anneal_steps}"]  # fmt: skip
+        _, cfg = load_config(args.out / "ar", overrides, recipe=ADAPT.name)
+        seconds = ADAPT.train(cfg, progress=False).seconds
+        print(f"adapted in {seconds:.0f} s", file=sys.stderr)
+    return ADAPT.load(run, args.device), ar_seconds + seconds
+
+
+def likelihood_table(models: dict, args: argparse.Namespace) -> list[str]:
+    rows = ["| model | parameters | steps | train s | bits/char | vs AR |",
+            "| --- | ---: | ---: | ---: | --- | ---: |"]  # fmt: skip
+    results = {}
+    for name, (model, _) in models.items():
+        options = {} if model.kind == "ar" else {"t_samples": 4}
+        results[name] = TEXT.evaluate(model, n=args.eval_sequences, seed=0, progress=False,
+                                      **options).metrics  # fmt: skip
+    ar = results["ar"]["bits_per_character"]
+    for name, (model, seconds) in models.items():
+        r = results[name]
+        bound = "<= " if r["bound"] else ""
+        rows.append(
+            f"| {name} | {count_parameters(model.net):,} | {model.step} | {seconds:.0f} | "
+            f"{bound}{r['bits_per_character']:.3f} ± "
+            f"{r['nats_per_token_stderr'] * r['bits_per_character'] / r['nats_per_token']:.3f} "
+            f"| {r['bits_per_character'] / ar:.3f} |"
+        )
+    return rows
+
+
+def generation_table(models: dict, drafter, args: argparse.Namespace) -> list[str]:
+    ar = models["ar"][0]
+    rows = ["| model | batch | network calls | tokens/s | gen. perplexity (AR) | acceptance "
+            "| tokens per verification |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    options = {"length": args.gen_length, "seed": 0, "temperature": 1.0}
+    draws = [("ar, KV cache", ar, {}), ("mdlm, cached", models["mdlm"][0],
+              {"steps": args.mdlm_steps, "sampler": "cached"})]  # fmt: skip
+    draws += [(f"block L={size}, KV cache", models[f"block L={size}"][0], {})
+              for size in args.block_sizes]  # fmt: skip
+    for name, model, extra in draws:
+        generate_tokens(model, 1, **{**options, **extra, "length": 16})  # warm-up
+        samples, seconds = _timed(lambda m=model, e=extra: generate_tokens(m, args.n, **options,
+                                                                           **e))  # fmt: skip
+        rows.append(f"| {name} | {args.n} | {samples.nfe} | "
+                    f"{args.n * args.gen_length / seconds:.0f} | "
+                    f"{_quality(samples.tokens, ar)[0]} | - | - |")  # fmt: skip
+    n = args.spec_n
+    plain, seconds = _timed(lambda: generate_tokens(ar, n, **options))
+    rows.append(f"| ar, KV cache | {n} | {plain.nfe} | {n * args.gen_length / seconds:.0f} | "
+                f"{_quality(plain.tokens, ar)[0]} | - | - |")  # fmt: skip
+    g = args.draft_length
+    for steps, mode in ((g, "left to right"), (1, "one parallel step")):
+        result, seconds = _timed(lambda s=steps: speculative_tokens(
+            ar, drafter, n, draft_length=g, draft_steps=s, **options))  # fmt: skip
+        per_round = (result.accepted + result.rounds * n) / max(result.rounds * n, 1)
+        rows.append(
+            f"| speculative, drafter {count_parameters(drafter.net):,} params, G={g}, {mode} | "
+            f"{n} | {result.nfe} + {result.drafter_nfe} | "
+            f"{n * args.gen_length / seconds:.0f} | {_quality(result.tokens, ar)[0]} | "
+            f"{result.acceptance_rate:.3f} | {per_round:.2f} |"
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=2.0, help="training budget per model")
+    parser.add_argument("--adapt-minutes", type=float, default=None,
+                        help="adaptation budget (default: --minutes)")  # fmt: skip
+    parser.add_argument("--anneal-steps", type=int, default=100)
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-bridges"))
+    parser.add_argument("--preset", default="text-demo")
+    parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--block-sizes", type=lambda s: [int(x) for x in s.split(",")],
+                        default=[4, 8, 16])  # fmt: skip
+    parser.add_argument("--drafter-width", type=int, default=32)
+    parser.add_argument("--drafter-depth", type=int, default=2)
+    parser.add_argument("--draft-length", type=int, default=4)
+    parser.add_argument("--eval-sequences", type=int, default=128)
+    parser.add_argument("--gen-length", type=int, default=256)
+    parser.add_argument("--n", type=int, default=8, help="passages per generation row")
+    parser.add_argument("--spec-n", type=int, default=1, help="passages of speculative rows")
+    parser.add_argument("--mdlm-steps", type=int, default=64)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--skip-train", action="store_true", help="reuse the runs in --out")
+    args = parser.parse_args()
+    args.adapt_minutes = args.minutes if args.adapt_minutes is None else args.adapt_minutes
+
+    models = {"ar": train_text(args, "ar", "diffusion.kind=ar")}
+    models["mdlm"] = train_text(args, "mdlm", "diffusion.kind=mdlm")
+    models["adapted (AR + adaptation time)"] = adapt_ar(args, models["ar"][1])
+    for size in args.block_sizes:
+        models[f"block L={size}"] = train_text(args, f"block-{size}", "diffusion.kind=block",
+                                               f"diffusion.block_size={size}")  # fmt: skip
+    drafter, _ = train_text(args, "drafter", "diffusion.kind=mdlm", width=args.drafter_width,
+                            depth=args.drafter_depth)  # fmt: skip
+    lines = [
+        f"## Bridges benchmark ({platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__})",
+        "",
+        f"Command: `python benchmarks/bench_bridges.py {' '.join(sys.argv[1:])}`",
+        "",
+        f"Likelihood on the held-out plays, {args.minutes:g} min of training per model "
+        f"(adapted: the AR run plus {args.adapt_minutes:g} min of adaptation), context "
+        f"{args.length}, batch {args.batch_size}, width {args.width}, depth {args.depth}:",
+        "",
+        *likelihood_table(models, args),
+        "",
+        f"Generation of {args.gen_length} tokens per passage (temperature 1; generative "
+        f"perplexity of the first {args.length} tokens under the AR model):",
+        "",
+        *generation_table(models, drafter, args),
+    ]
+    report = "\n".join(lines) + "\n"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_bridges.md").write_text(report)
+    print(report)
+
+
+if __name__ == "__main__":
+    main()

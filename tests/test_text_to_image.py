@@ -230,3 +230,38 @@ def test_the_glyphs_demo_writes_a_grid_of_prompts_by_seeds(tmp_path, capsys, mon
     assert (out / "loss_curve.png").exists() and (out / "checkpoint.safetensors").exists()
     assert main(["demo", "--glyphs", "--text"]) == 2
     assert "choose one" in capsys.readouterr().err
+
+
+def test_latent_text_to_image_draws_latents_and_decodes_them(tmp_path, capsys, monkeypatch):
+    ae, out = tmp_path / "ae", tmp_path / "run"
+    assert main(["train", "autoencoder", "autoencoder.channels=8", "train.steps=2",
+                 "train.batch_size=8", f"train.out={ae}", "--quiet"]) == 0  # fmt: skip
+    assert main(["train", "glyphs-text", *TINY, f"latent.autoencoder={ae}", f"train.out={out}",
+                 "--quiet"]) == 0  # fmt: skip
+    run = load(out, "cpu")
+    assert run.model.shape == run.model.autoencoder.latent_shape == (4, 8, 8)
+    prompts = ["a red capital G on a black background", "a blue digit 4"]
+    x = run.sample(4, prompt=prompts, steps=2, seed=1).x
+    assert x.shape == (4, 3, 32, 32) and x.abs().max() <= 1
+    # The pictures are D(z / latent_scale) of the latents the same sampler draws.
+    pictures: list[torch.Tensor] = []
+    run.sample(
+        4, prompt=prompts, steps=2, seed=1, callback=lambda i, t, x_t, x0: pictures.append(x0)
+    )
+    assert pictures[-1].shape == (4, 3, 32, 32)
+    latent_only = t2i.TextToImageModel(run.model.denoiser, run.model.config, run.model.shape, 3)
+    z = run.recipe.sample(latent_only, 4, prompt=prompts, steps=2, seed=1, threshold="none").x
+    assert z.shape == (4, 4, 8, 8)
+    assert torch.allclose(x, t2i.decode(run.model.autoencoder, z), atol=1e-6)
+    monkeypatch.setattr(t2i, "load_glyphs_judge", lambda: FirstClassJudge())
+    capsys.readouterr()
+    assert main(["eval", str(out), "--n", "6", "--steps", "2"]) == 0
+    assert "prompt adherence on 6 test captions" in capsys.readouterr().out
+    code = main(["sample", str(out), "--prompt", "a blue digit 4", "--threshold", "static",
+                 "--out", str(tmp_path / "s")])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--threshold does not apply to latent runs" in err[0]
+    assert not (tmp_path / "s.npz").exists()
+    assert main(["train", "glyphs-text", f"latent.autoencoder={ae}", "sample.threshold=static",
+                 f"train.out={tmp_path / 'x'}", "--quiet"]) == 2  # fmt: skip
+    assert "sample.threshold does not apply to latent models" in capsys.readouterr().err

@@ -106,6 +106,67 @@ def load_autoencoder(path: str | Path, device: str) -> LoadedAutoencoder:
     return run.model
 
 
+def encode_training_images(
+    path: str, data: ArrayData, name: str, device: str, flat: bool = False
+) -> tuple[ArrayData, dict[str, Any]]:
+    """``latent_scale * mu(x)`` of the images of ``data`` (of ``data.name=name``) under the
+    autoencoder of the run ``path`` (flattened when ``flat``, for ``model.kind=mlp``), and what a
+    latent run's metadata records of the autoencoder: its absolute path, step, latent scale and
+    image shape."""
+    ae = load_autoencoder(path, device)
+    if data.shape != ae.shape:
+        raise UserError(f"the autoencoder in {path} encodes images of shape {ae.shape}, but "
+                        f"data.name={name} has images of shape {data.shape}")  # fmt: skip
+    z = encode_means(ae.net, data.x).cpu() * ae.latent_scale
+    extra = {
+        "autoencoder": str(Path(path).resolve()),
+        "autoencoder_step": ae.step,
+        "latent_scale": ae.latent_scale,
+        "image_shape": list(ae.shape),
+    }
+    return ArrayData(z.flatten(1) if flat else z, data.labels, data.class_names), extra
+
+
+def autoencoder_of_run(path: Path, device: str) -> LoadedAutoencoder:
+    """The autoencoder a latent run was trained on, refused when it is missing or has changed
+    (another step or latent scale) since."""
+    meta = read_run_config(path)
+    with reading_metadata(path):
+        ae_path, ae_step = str(meta["autoencoder"]), int(meta["autoencoder_step"])
+        scale = float(meta["latent_scale"])
+    if not is_run(ae_path):
+        raise UserError(f"the autoencoder of this latent model, {ae_path}, is missing: put its "
+                        "run folder back there, or train the latent model again")  # fmt: skip
+    ae = load_autoencoder(ae_path, device)
+    if ae.step != ae_step or ae.latent_scale != scale:
+        raise UserError(f"the autoencoder in {ae_path} has changed since this latent model "
+                        f"was trained (step {ae.step}, latent scale {ae.latent_scale:.6g}; "
+                        f"then step {ae_step}, scale {scale:.6g}): train the latent model "
+                        "again")  # fmt: skip
+    return ae
+
+
+def decode(ae: LoadedAutoencoder, z: Tensor) -> Tensor:
+    """Images ``D(z / latent_scale)`` in ``[-1, 1]`` of latents ``z`` as a diffusion model draws
+    them (flat for ``model.kind=mlp``)."""
+    z = z.reshape(len(z), *ae.latent_shape).to(ae.device) / ae.latent_scale
+    return decode_latents(ae.net, z).clamp(-1, 1)
+
+
+def decoding_callback(ae: LoadedAutoencoder, schedule: Any, callback: Any) -> Any:
+    """A sampler callback that hands ``callback(i, t, x, x0)`` decoded pictures: the decoded
+    state ``x_t / sqrt(alpha_t^2 + sigma_t^2)`` and the decoded x_0 estimate."""
+    if callback is None:
+        return None
+
+    def report(i: int, t: float, x_t: Tensor, x0: Tensor) -> None:
+        alpha, sigma = schedule.alpha_sigma(torch.tensor([t], dtype=torch.float64))
+        unit = x_t / math.sqrt(float(alpha.square() + sigma.square()))
+        callback(i, t, decode(ae, unit), decode(ae, x0))
+
+    return report
+
+
 @dataclass
 class LatentModel(LoadedModel):
     """A trained latent diffusion model: the image recipe's loaded model (its ``shape`` is the
@@ -121,53 +182,21 @@ class LatentRecipe(ImageRecipe):
     demo = Recipe.demo  # no demo of its own (the image recipe's is the digits demo)
 
     def training_data(self, cfg: LatentConfig) -> tuple[ArrayData, dict[str, Any]]:
-        """``latent_scale * mu(x)`` of the training split (flattened for ``model.kind=mlp``),
-        and the autoencoder's path, step, scale and image shape for the metadata."""
-        ae = load_autoencoder(cfg.latent.autoencoder, cfg.train.device)
+        """``latent_scale * mu(x)`` of the training split and the autoencoder's record."""
         train_data, _ = data_splits(cfg.data)
-        if train_data.shape != ae.shape:
-            raise UserError(
-                f"the autoencoder in {cfg.latent.autoencoder} encodes images of shape "
-                f"{ae.shape}, but data.name={cfg.data.name} has images of shape "
-                f"{train_data.shape}"
-            )
-        z = encode_means(ae.net, train_data.x).cpu() * ae.latent_scale
-        if cfg.model.kind == "mlp":
-            z = z.flatten(1)
-        extra = {
-            "autoencoder": str(Path(cfg.latent.autoencoder).resolve()),
-            "autoencoder_step": ae.step,
-            "latent_scale": ae.latent_scale,
-            "image_shape": list(ae.shape),
-        }
-        return ArrayData(z, train_data.labels, train_data.class_names), extra
+        return encode_training_images(cfg.latent.autoencoder, train_data, cfg.data.name,
+                                      cfg.train.device,
+                                      flat=cfg.model.kind == "mlp")  # fmt: skip
 
     def load(self, path: Path, device: str = "auto") -> LatentModel:
         model = super().load(path, device)
-        meta = read_run_config(path)
-        with reading_metadata(path):
-            ae_path, ae_step = str(meta["autoencoder"]), int(meta["autoencoder_step"])
-            scale = float(meta["latent_scale"])
-        if not is_run(ae_path):
-            raise UserError(
-                f"the autoencoder of this latent model, {ae_path}, is missing: put its run "
-                "folder back there, or train the latent model again"
-            )
-        ae = load_autoencoder(ae_path, device)
-        if ae.step != ae_step or ae.latent_scale != scale:
-            raise UserError(f"the autoencoder in {ae_path} has changed since this latent model "
-                            f"was trained (step {ae.step}, latent scale {ae.latent_scale:.6g}; "
-                            f"then step {ae_step}, scale {scale:.6g}): train the latent model "
-                            "again")  # fmt: skip
+        ae = autoencoder_of_run(path, device)
         return LatentModel(model.denoiser, model.config, model.shape, model.class_names,
                            model.step, ae)  # fmt: skip
 
     def decode(self, model: LatentModel, z: Tensor) -> Tensor:
-        """Images ``D(z / latent_scale)`` in ``[-1, 1]`` of latents ``z`` as the diffusion model
-        draws them (flat for ``model.kind=mlp``)."""
-        ae = model.autoencoder
-        z = z.reshape(len(z), *ae.latent_shape).to(ae.device) / ae.latent_scale
-        return decode_latents(ae.net, z).clamp(-1, 1)
+        """Images of latents ``z`` (:func:`decode`)."""
+        return decode(model.autoencoder, z)
 
     def sample(
         self,
@@ -188,15 +217,7 @@ class LatentRecipe(ImageRecipe):
         """``n`` decoded samples; the options are the image recipe's (``callback`` sees decoded
         images, see the module docstring)."""
         check_output_memory(n, model.autoencoder.shape)  # the decoded images, not the latents
-        report = None
-        if callback is not None:
-            schedule = model.denoiser.schedule
-
-            def report(i: int, t: float, x_t: Tensor, x0: Tensor) -> None:
-                alpha, sigma = schedule.alpha_sigma(torch.tensor([t], dtype=torch.float64))
-                unit = x_t / math.sqrt(float(alpha.square() + sigma.square()))
-                callback(i, t, self.decode(model, unit), self.decode(model, x0))
-
+        report = decoding_callback(model.autoencoder, model.denoiser.schedule, callback)
         samples = super().sample(model, n, sampler=sampler, steps=steps, grid=grid, eta=eta,
                                  sampler_options=sampler_options, label=label, guidance=guidance,
                                  convention=convention, threshold="none", seed=seed,

@@ -68,10 +68,12 @@ from difflab.recipes import (
     reading_metadata,
     seed_value,
 )
+from difflab.recipes.autoencoder import LoadedAutoencoder
 from difflab.recipes.image import (
     ImageConfig,
     build_denoiser,
     build_net,
+    check_output_memory,
     config_from_run,
     draw,
     guidance_settings,
@@ -79,6 +81,13 @@ from difflab.recipes.image import (
     run_metadata,
     sampler_settings,
     threshold_settings,
+)
+from difflab.recipes.latent import (
+    LatentSection,
+    autoencoder_of_run,
+    decode,
+    decoding_callback,
+    encode_training_images,
 )
 from difflab.recipes.text_to_digit import TextEncoderConfig, split_prompts
 from difflab.train.trainer import LOCK_NAME, Trainer, TrainResult
@@ -191,9 +200,11 @@ def parse_prompt(prompt: str) -> dict[str, int]:
 @dataclass
 class TextToImageConfig(ImageConfig):
     """The image recipe's config plus the text encoder (``word_drop``: the probability of
-    dropping each attribute of a caption in training)."""
+    dropping each attribute of a caption in training) and, for latent text-to-image,
+    ``latent.autoencoder`` (see the module docstring)."""
 
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    latent: LatentSection = field(default_factory=LatentSection)
 
     def validate(self) -> TextToImageConfig:
         super().validate()
@@ -205,6 +216,9 @@ class TextToImageConfig(ImageConfig):
         check(self.model.kind in ("unet", "dit"),
               f"{recipe} needs model.kind=unet or dit, not {self.model.kind}")  # fmt: skip
         self.text_encoder.validate()
+        check(not self.latent.autoencoder or self.sample.threshold in (None, "none"),
+              "sample.threshold does not apply to latent models: latents are not "
+              "bounded")  # fmt: skip
         return self
 
 
@@ -239,6 +253,7 @@ class TextToImageModel:
     config: TextToImageConfig
     shape: tuple[int, ...]
     step: int
+    autoencoder: LoadedAutoencoder | None = None
     class_names: None = None
 
     @property
@@ -279,12 +294,15 @@ class TextToImageRecipe(Recipe):
         self, cfg: TextToImageConfig, *, resume: bool = False, progress: bool = True
     ) -> TrainResult:
         glyphs = glyphs_dataset("train")
-        x = glyphs_to_tensor(glyphs.images)
+        data, extra = ArrayData(glyphs_to_tensor(glyphs.images)), {}
+        if cfg.latent.autoencoder:
+            data, extra = encode_training_images(cfg.latent.autoencoder, data, cfg.data.name,
+                                                 cfg.train.device)  # fmt: skip
         tokens, groups = tokenize(glyphs.captions())
-        meta = run_metadata(self.name, cfg, ArrayData(x), vocab=list(VOCAB))
+        meta = run_metadata(self.name, cfg, data, vocab=list(VOCAB), **extra)
         torch.manual_seed(cfg.train.seed)  # network initialisation
         net = self.build(cfg, meta)
-        trainer = Trainer(net, make_loss(cfg), (x, tokens, groups), cfg.train, meta,
+        trainer = Trainer(net, make_loss(cfg), (data.x, tokens, groups), cfg.train, meta,
                           Path(cfg.train.out))  # fmt: skip
         return trainer.fit(resume=resume, progress=progress)
 
@@ -292,7 +310,8 @@ class TextToImageRecipe(Recipe):
         cfg, meta, net, step = load_network(self, path, device)
         with reading_metadata(path):
             shape = tuple(meta["shape"])
-        return TextToImageModel(build_denoiser(net, cfg.diffusion), cfg, shape, step)
+        ae = autoencoder_of_run(path, device) if cfg.latent.autoencoder else None
+        return TextToImageModel(build_denoiser(net, cfg.diffusion), cfg, shape, step, ae)
 
     def sample(
         self,
@@ -315,9 +334,18 @@ class TextToImageRecipe(Recipe):
         """Glyphs for ``prompt`` (captions separated by ``;`` or a list): the ``n`` samples are
         shared out in order, one grid row per prompt, with classifier-free guidance of scale
         ``w = guidance`` (default 3) against the empty caption; at 0 the unconditional pass is
-        skipped. ``callback(step, t, x_t, x0)`` sees every step."""
+        skipped. ``callback(step, t, x_t, x0)`` sees every step (decoded pictures for a latent
+        model)."""
         prompts = split_prompts(prompt, self.name, DEMO_PROMPTS[0])
         s = model.config.sample
+        ae = model.autoencoder
+        if ae is not None:
+            if threshold not in (None, "none"):
+                raise UserError("--threshold does not apply to latent runs: latents are not "
+                                "bounded")  # fmt: skip
+            threshold = "none"
+            check_output_memory(n, ae.shape)
+            callback = decoding_callback(ae, model.denoiser.schedule, callback)
         sampler, steps, grid, options = sampler_settings(s, sampler, steps, grid, eta,
                                                          sampler_options)  # fmt: skip
         guidance, convention = guidance_settings(guidance, convention, DEFAULT_GUIDANCE)
@@ -331,6 +359,8 @@ class TextToImageRecipe(Recipe):
                               null_cond={"tokens": empty})  # fmt: skip
         x = draw(model, den, n, {"tokens": tokens}, sampler=sampler, steps=steps, grid=grid,
                  seed=seed, options=options, callback=callback)  # fmt: skip
+        if ae is not None:
+            x = decode(ae, x).cpu()
         return Samples(x=x, nrow=per_prompt if len(prompts) > 1 else min(10, n))
 
     def evaluate(

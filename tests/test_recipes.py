@@ -12,10 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from difflab.cli import main
+from difflab.config import preset_path, presets
 from difflab.gaussian.parameterization import PREDICTIONS
-from difflab.recipes import RECIPES, get, load
+from difflab.recipes import RECIPES, get, load, load_config
 
 TINY = ["train.steps=2", "train.batch_size=8", "train.log_every=1", "model.unet.channels=8",
         "model.unet.num_heads=2", "diffusion.T=20", "sample.steps=2"]  # fmt: skip
@@ -210,3 +212,10 @@ def test_a_grid_shows_at_most_grid_max_samples(tmp_path, monkeypatch):
     assert len(np.load(tmp_path / "s.npz")["samples"]) == 10
     # 3 columns, 2 rows of 8x8 images at 4x with 1-pixel borders
     assert Image.open(tmp_path / "s.png").size == (4 * (3 * 9 + 1), 4 * (2 * 9 + 1))
+
+
+@pytest.mark.parametrize("preset", presets())
+def test_every_shipped_preset_is_a_valid_config_of_its_recipe(preset):
+    recipe, cfg = load_config(preset, [])
+    named = yaml.safe_load(preset_path(preset).read_text())["recipe"]
+    assert recipe.name == named and type(cfg) is recipe.config_type

@@ -316,7 +316,10 @@ def distill(
     ] = None,
     prediction: Annotated[
         str | None,
-        typer.Option(help="progressive: the student's x0, v or flow; consistency: also edm."),
+        typer.Option(
+            help="The student's parameterization: progressive x0, v or flow; consistency any "
+            "(default: the teacher's if x0, v, flow or edm, else v)."
+        ),
     ] = None,
     weighting: Annotated[
         str | None, typer.Option(help="progressive: truncated-snr (default) or v.")
@@ -344,7 +347,10 @@ def distill(
         ),
     ] = None,
     batch_size: Annotated[int | None, typer.Option(help="Batch size (the run's).")] = None,
-    lr: Annotated[float | None, typer.Option(help="Learning rate (2e-4, constant).")] = None,
+    lr: Annotated[
+        float | None,
+        typer.Option(help="Learning rate, constant (2e-4; consistency 1e-3)."),
+    ] = None,
     guidance: Annotated[
         float | None,
         typer.Option(help="Classifier-free guidance scale of the teacher, fixed at distillation."),

@@ -361,7 +361,7 @@ def consistency(
     prediction: str | None = None,
     train_steps: int = 1000,
     batch_size: int | None = None,
-    lr: float = 2e-4,
+    lr: float = 1e-3,
     guidance: float | None = None,
     seed: int = 0,
 ) -> list[Student]:

@@ -78,6 +78,8 @@ REFUSALS = [
     ("{ar} --draft {mdlm} --class 1", "--draft works with unlabelled runs only"),
     ("{ar} --draft {ar}/nowhere", "no checkpoint at"),
     ("{ar} --draft {moons}", "--draft needs a masked diffusion text run; "),
+    ("{moons} --draft {mdlm}", "--draft does not apply to image runs"),
+    ("{moons} --draft-length 2", "--draft-length does not apply to image runs"),
 ]
 
 

@@ -310,6 +310,37 @@ def test_consistency_distillation_writes_a_run_sampled_in_one_step(
     assert code == 2 and "was written by difflab distill --method consistency" in err
 
 
+@pytest.mark.parametrize(
+    ("kind", "preset", "args", "kept"),
+    [
+        ("flow", "digits-tiny", ["--recipe", "flow", *TINY[:-2]], ("rectified-flow", "flow", None)),
+        ("edm", "digits-tiny", [*TINY[:-2], "diffusion.T=null", "diffusion.schedule=edm",
+                                "diffusion.prediction=edm", "diffusion.sigma_data=0.6"],
+         ("edm", "edm", 0.6)),
+        ("moons", "moons", ["train.steps=2", "train.batch_size=8", "model.mlp.hidden=8",
+                            "model.mlp.depth=1", "diffusion.T=20",
+                            "diffusion.class_conditional=false"], ("cosine", "v", None)),
+    ],
+)  # fmt: skip
+def test_consistency_distillation_of_flow_edm_and_vector_teachers(
+    kind, preset, args, kept, tmp_path, monkeypatch, capsys
+):
+    code, _, err = run(monkeypatch, capsys, "train", preset, f"train.out={tmp_path / kind}",
+                       *args, "--quiet")  # fmt: skip
+    assert code == 0, err
+    code, _, err = run(monkeypatch, capsys, "distill", str(tmp_path / kind), "--method",
+                       "consistency", "--levels", "4", "--out", str(tmp_path / "cd"),
+                       *FAST)  # fmt: skip
+    assert code == 0, err
+    config = json.loads((tmp_path / "cd" / "consistency" / "config.json").read_text())
+    d = config["diffusion"]
+    assert (d["schedule"], d["prediction"], d["sigma_data"]) == kept
+    samples = difflab.load(tmp_path / "cd" / "consistency").sample(5, steps=2).x
+    assert samples.shape[0] == 5 and bool(samples.isfinite().all())
+    if kind == "moons":  # vectors are not clipped to [-1, 1]
+        assert config["sample"]["threshold"] is None and samples.ndim == 2
+
+
 def test_consistency_training_trains_and_samples(tmp_path, monkeypatch, capsys):
     out = tmp_path / "ct"
     code, _, err = run(monkeypatch, capsys, "train", "digits-tiny", "--recipe", "consistency",

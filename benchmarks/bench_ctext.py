@@ -34,7 +34,6 @@ import torch
 from difflab.data.text import BOS_ID, EOS_ID, PAD_ID
 from difflab.discrete.autoregressive import autoregressive_sample
 from difflab.discrete.samplers import truncate_at_eos
-from difflab.evaluate.chrf import corpus_chrf
 from difflab.evaluate.text_metrics import (
     distinct_n,
     generative_perplexity,
@@ -44,7 +43,13 @@ from difflab.evaluate.text_metrics import (
 from difflab.gaussian.embedding import nearest_embedding
 from difflab.recipes import load_config
 from difflab.recipes.text import RECIPE
-from difflab.recipes.text.continuous import sample_rows, task_rows, translate, translate_mbr
+from difflab.recipes.text.continuous import (
+    corpus_chrf,
+    sample_rows,
+    task_rows,
+    translate,
+    translate_mbr,
+)
 from difflab.recipes.text.sample import generate_tokens
 from difflab.recipes.text.train import (
     TOKENIZER_FILE,

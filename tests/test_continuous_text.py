@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from difflab.cli import main
 from difflab.data.text import CharTokenizer, load_corpus
 from difflab.errors import UserError
-from difflab.evaluate.chrf import corpus_chrf, minimum_bayes_risk, sentence_chrf
 from difflab.gaussian.embedding import (
     FIRST_STEP,
     Clamped,
@@ -30,7 +29,13 @@ from difflab.gaussian.schedules import sqrt_logsnr
 from difflab.nets.embedding_transformer import EmbeddingDiffusionNet
 from difflab.recipes import load, load_config
 from difflab.recipes.text import RECIPE
-from difflab.recipes.text.continuous import denoiser_of, task_rows, unshuffle_pairs
+from difflab.recipes.text.continuous import (
+    corpus_chrf,
+    denoiser_of,
+    minimum_bayes_risk,
+    task_rows,
+    unshuffle_pairs,
+)
 
 SCHEDULE = sqrt_logsnr()
 
@@ -242,17 +247,21 @@ def test_unshuffle_pairs_and_rows():
         task_rows(docs, tokenizer, 16)
 
 
-def test_chrf_by_hand_and_minimum_bayes_risk():
-    # n=1: P = 2/2, R = 2/3; n=2: P = 1/1, R = 1/2; n >= 3: no hypothesis n-grams.
-    f1 = 5 * 1 * (2 / 3) / (4 * 1 + 2 / 3)
-    f2 = 5 * 1 * 0.5 / (4 * 1 + 0.5)
-    assert sentence_chrf("a b", "abc") == pytest.approx(100 * (f1 + f2) / 2)
-    assert sentence_chrf("the cat", "the cat") == pytest.approx(100.0)
-    assert sentence_chrf("xyz", "abc") == 0.0
+def test_chrf_is_sacrebleus_definition_and_minimum_bayes_risk():
+    # "a b" against "abc", whitespace removed: n=1: P = 2/2, R = 2/3; n=2: P = 1/1, R = 1/2;
+    # n >= 3: no hypothesis n-grams, so those orders are left out of the averages P = 1,
+    # R = 7/12, and chrF = 100 (1 + 4) P R / (4 P + R).
+    p, r = 1.0, (2 / 3 + 1 / 2) / 2
+    assert corpus_chrf(["a b"], ["abc"]) == pytest.approx(100 * 5 * p * r / (4 * p + r))
+    assert corpus_chrf(["the cat"], ["the cat"]) == pytest.approx(100.0)
+    assert corpus_chrf(["xyz"], ["abc"]) == 0.0
     # A corpus sums the counts first: not the mean of the sentence scores.
     pair = corpus_chrf(["a b", "abcdefgh"], ["abc", "abcdefgh"])
-    assert 100 * (f1 + f2) / 2 < pair < 100.0
+    assert 100 * 5 * p * r / (4 * p + r) < pair < 100.0
+    assert pair != pytest.approx((100 * 5 * p * r / (4 * p + r) + 100) / 2)
+    # Two near-identical candidates and an outlier: the risk picks one of the two.
     assert minimum_bayes_risk(["the cat sat", "dog ran far", "the cat sat down"]) in (0, 2)
+    assert minimum_bayes_risk(["dog ran far", "the cat sat", "the cat sat"]) == 1
     assert minimum_bayes_risk(["only"]) == 0
 
 

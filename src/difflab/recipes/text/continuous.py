@@ -15,7 +15,8 @@
 
 The task, ``unshuffle``: the source is a line of the text with its words in a random order
 (seeded by the line's place), the target the line itself; scored by chrF against the line
-(:mod:`difflab.evaluate.chrf`). Lines of 3 words or more that fit half a row are used.
+(sacrebleu's ``CHRF``: character orders 1-6, ``beta = 2``, whitespace removed). Lines of 3 words
+or more that fit half a row are used.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from torch import Tensor, nn
 from difflab.data.text import EOS_ID, PAD_ID, UNK_ID, Tokenizer, pack_texts
 from difflab.discrete.samplers import truncate_at_eos
 from difflab.errors import UserError
-from difflab.evaluate.chrf import corpus_chrf, minimum_bayes_risk
 from difflab.gaussian.embedding import (
     Clamped,
     SelfConditioned,
@@ -151,6 +151,37 @@ def task_rows(documents: list[str], tokenizer: Tokenizer, length: int) -> TaskRo
     noise_mask = torch.zeros_like(tokens, dtype=torch.bool)
     noise_mask[:, half:] = True
     return TaskRows(tokens, torch.ones_like(noise_mask), noise_mask, sources, targets)
+
+
+# ---------------------------------------------------------------- chrF and minimum Bayes risk
+
+
+def chrf_metric() -> Any:
+    """sacrebleu's chrF (Popović 2015) with its defaults: for each character order ``n = 1..6``
+    (whitespace removed) the precision ``P_n`` and recall ``R_n`` of the n-gram multisets, averaged
+    over the orders present on both sides into ``P`` and ``R``, then ``chrF = 100 (1 + beta^2) P R
+    / (beta^2 P + R)`` with ``beta = 2``; a corpus score sums the counts over its pairs first."""
+    try:
+        from sacrebleu.metrics import CHRF
+    except ImportError:
+        raise UserError("chrF needs the `sacrebleu` package: pip install 'difflab[text]'") from None
+    return CHRF()
+
+
+def corpus_chrf(hypotheses: list[str], references: list[str]) -> float:
+    """The corpus chrF of ``hypotheses`` against one reference each, in ``[0, 100]``."""
+    return float(chrf_metric().corpus_score(hypotheses, [references]).score)
+
+
+def minimum_bayes_risk(candidates: list[str]) -> int:
+    """The index of the candidate with the highest mean sentence chrF against the others
+    (minimum Bayes risk decoding with ``1 - chrF`` as the risk; the first on ties)."""
+    metric = chrf_metric()
+    means = [
+        sum(metric.sentence_score(c, [o]).score for j, o in enumerate(candidates) if j != i)
+        for i, c in enumerate(candidates)
+    ]
+    return max(range(len(candidates)), key=lambda i: (means[i], -i))
 
 
 # ---------------------------------------------------------------- sampling

@@ -165,6 +165,16 @@ def sample(
         typer.Option("--clamp/--no-clamp", help="Continuous text: the clamping trick."),
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    control: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Diffusion-LM runs: a control NAME=VALUE, repeatable: length=N, word=W, "
+            "lines=K (classifier from difflab train-control)."
+        ),
+    ] = None,
+    control_scale: Annotated[
+        float | None, typer.Option(help="Diffusion-LM control: guidance scale gamma (1).")
+    ] = None,
     draft: Annotated[
         Path | None,
         typer.Option(
@@ -202,6 +212,7 @@ def sample(
         classifier_scale=classifier_scale, threshold=threshold, percentile=percentile,
         aug_level=aug_level, prompt=prompt, length=length, temperature=temperature, top_p=top_p,
         clamp=clamp, seed=seed, draft=draft, draft_length=draft_length, draft_steps=draft_steps,
+        control=control, control_scale=control_scale,
     )  # fmt: skip
     start = time.perf_counter()
     samples = loaded.sample(n, **options)
@@ -396,6 +407,31 @@ def adapt(
     items = [*(overrides or []), f"train.out={out}"]
     result = train_run(run, items, recipe="adapt", progress=not quiet)
     typer.echo(f"adapted in {result.steps} steps, {result.seconds:.1f} s\n"
+               f"checkpoint: {result.checkpoint}")  # fmt: skip
+
+
+@app.command(
+    name="train-control",
+    help="Train the control classifier of a diffusion-lm text run (p(word | x_t) at each "
+    "position, on the run's noisy embeddings) into RUN/control, for difflab sample RUN "
+    "--control NAME=VALUE.",
+)
+def train_control(
+    run: Annotated[Path, typer.Argument(help="The diffusion-lm run folder.")],
+    steps: Annotated[int | None, typer.Option(help="Training steps (500).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+) -> None:
+    import difflab
+    from difflab.recipes.text import TextRecipe
+    from difflab.recipes.text.control import train_control as train_classifier
+
+    _one_process("train-control")
+    loaded = difflab.load(run, device)
+    if not isinstance(loaded.recipe, TextRecipe):
+        raise UserError(f"{run} is a run of the {loaded.recipe.name} recipe, not a text run")
+    result = train_classifier(loaded.model, steps=steps, progress=not quiet)
+    typer.echo(f"trained {result.steps} steps in {result.seconds:.1f} s\n"
                f"checkpoint: {result.checkpoint}")  # fmt: skip
 
 

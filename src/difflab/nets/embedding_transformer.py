@@ -34,6 +34,7 @@ class EmbeddingTransformer(nn.Module):
             even).
         self_condition: also read ``self_cond``, a previous estimate of ``x_0`` (zeros when
             ``None``).
+        out_dim: the size of each output vector (empty: ``dim``).
     """
 
     def __init__(
@@ -46,6 +47,7 @@ class EmbeddingTransformer(nn.Module):
         mlp_ratio: float = 4,
         dropout: float = 0.0,
         self_condition: bool = False,
+        out_dim: int | None = None,
     ):
         super().__init__()
         self.dim, self.length, self.width = dim, length, width
@@ -59,7 +61,7 @@ class EmbeddingTransformer(nn.Module):
         )
         self.norm_out = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.ada_ln_out = _Modulation(width, 2, conditioned=True)
-        self.proj_out = nn.Linear(width, dim)
+        self.proj_out = nn.Linear(width, out_dim or dim)
         for layer in [self.proj_in, self.proj_out] + [
             m for b in self.blocks for m in (b.attn.qkv, b.attn.out, b.mlp[0], b.mlp[2])
         ]:
@@ -117,3 +119,17 @@ class EmbeddingDiffusionNet(nn.Module):
     def rounding_logits(self, x0: Tensor) -> Tensor:
         """``(B, L, V)`` logits of ``p_theta(w_i | x_0,i) = softmax(x_0,i E^T)``."""
         return x0 @ self.embed.weight.T
+
+
+class NoisyTokenClassifier(nn.Module):
+    """``forward(x_t (B, L, d), c_noise (B,)) -> (B, L, V)`` logits of ``p_phi(w_i | x_t, t)``,
+    the word at each position read from the noisy latents: the classifier of Diffusion-LM's
+    control (seed 000), an :class:`EmbeddingTransformer` whose outputs are ``V`` logits."""
+
+    def __init__(self, vocab_size: int, dim: int, length: int, **transformer: object):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.body = EmbeddingTransformer(dim, length, out_dim=vocab_size, **transformer)  # type: ignore[arg-type]
+
+    def forward(self, x_t: Tensor, c_noise: Tensor) -> Tensor:
+        return self.body(x_t, c_noise)

@@ -52,6 +52,7 @@ from difflab.recipes import (
 from difflab.recipes.image import num_classes_of
 from difflab.recipes.text import continuous
 from difflab.recipes.text.config import KINDS, TextConfig, migrate
+from difflab.recipes.text.control import control_guidance
 from difflab.recipes.text.demo import DEMO_FILES, mdlm_versus_ar
 from difflab.recipes.text.evaluate import score_held_out
 from difflab.recipes.text.sample import decode, generate_tokens
@@ -124,6 +125,8 @@ class TextRecipe(Recipe):
         if cfg.diffusion.kind == "diffuseq":
             task = continuous.task_rows(train_split.documents, tokenizer, cfg.data.length)
             tensors = (task.tokens, task.loss_mask, task.noise_mask)
+        elif cfg.diffusion.lines:
+            tensors = continuous.line_rows(train_split.documents, tokenizer, cfg.data.length)
         loss = make_loss(cfg, process, num_classes_of(meta))
         trainer = Trainer(net, loss, tensors, cfg.train, meta, out)
         if not resume and distributed.is_main():
@@ -144,7 +147,8 @@ class TextRecipe(Recipe):
             raise UserError(f"{tokenizer_path} has {tokenizer.vocab_size} ids but the model was "
                             f"trained with {vocab_size}")  # fmt: skip
         process = build_process(cfg.diffusion, vocab_size)
-        return LoadedTextModel(net, tokenizer, process, cfg, class_names, step)
+        return LoadedTextModel(net, tokenizer, process, cfg, class_names, step,
+                               folder=tokenizer_path.parent)  # fmt: skip
 
     def sample(
         self,
@@ -164,6 +168,8 @@ class TextRecipe(Recipe):
         draft_length: int | None = None,
         draft_steps: int | None = None,
         clamp: bool | None = None,
+        control: list[str] | None = None,
+        control_scale: float | None = None,
     ) -> Samples:
         """``n`` passages of up to ``length`` tokens (prompt included), each ending before its
         first ``<eos>``, special tokens dropped; ``prompt`` is their given beginning (a
@@ -178,10 +184,15 @@ class TextRecipe(Recipe):
         time in ``draft_steps`` calls for speculative decoding, with the same law
         (:mod:`.speculative`). The ``gaussian`` kinds sample one window with a Gaussian
         ``sampler``, ``clamp`` switching the clamping trick (:mod:`.continuous`);
-        ``temperature``, ``top_p``, ``label`` and ``guidance`` do not apply to them."""
+        ``temperature``, ``top_p``, ``label`` and ``guidance`` do not apply to them.
+        ``control`` (``NAME=VALUE`` items) at ``control_scale``: classifier guidance of a
+        ``diffusion-lm`` run (:mod:`.control`)."""
         check_speculative_options(draft, draft_length, draft_steps)
         if clamp is not None and not model.config.diffusion.gaussian:
             raise UserError(f"--clamp applies to the gaussian kinds only, not {model.kind}")
+        guide = None
+        if control is not None or control_scale is not None:
+            guide = control_guidance(model, control, control_scale)
         if draft is not None:
             drafter_recipe = recipe_of_run(draft)  # the text recipe or one built on it (adapt)
             if not isinstance(drafter_recipe, TextRecipe):
@@ -199,6 +210,7 @@ class TextRecipe(Recipe):
                 model, n, prompt=prompt, length=length, steps=steps, sampler=sampler,
                 clamp=clamp, seed=seed, others={"temperature": temperature, "top_p": top_p,
                                                 "label": label, "guidance": guidance},
+                guide=guide,
             ))  # fmt: skip
         samples = generate_tokens(
             model, n, prompt=prompt, length=length, temperature=temperature, top_p=top_p,

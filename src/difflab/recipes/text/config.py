@@ -161,7 +161,9 @@ class TextDiffusionConfig:
     training (labelled runs; empty: 0.1). The ``gaussian`` kinds (:mod:`.continuous`):
     ``embed_dim``, the size ``d`` of a word vector (empty: 16); ``prediction``, what the
     network predicts, ``x0``, ``eps`` or ``v`` (empty: ``x0``); ``self_condition``, the network
-    also reads its previous estimate of ``x_0`` (empty: off); their ``schedule`` is one of
+    also reads its previous estimate of ``x_0`` (empty: off); ``lines`` (``diffusion-lm``),
+    rows of 1 to 4 whole lines ending in ``<eos>`` rather than the packed stream (empty: off;
+    needed for length control, :mod:`.control`); their ``schedule`` is one of
     :data:`GAUSSIAN_SCHEDULES` (empty: Diffusion-LM's ``sqrt``). ``block_size``: tokens per
     block of ``kind=block`` (block diffusion, :mod:`difflab.discrete.block`; a divisor of
     ``data.length``; empty: 4)."""
@@ -176,6 +178,7 @@ class TextDiffusionConfig:
     embed_dim: int | None = None
     prediction: str | None = None
     self_condition: bool | None = None
+    lines: bool | None = None
     block_size: int | None = None
 
     @property
@@ -207,6 +210,7 @@ class TextDiffusionConfig:
             "embed_dim": self.gaussian,
             "prediction": self.gaussian,
             "self_condition": self.gaussian,
+            "lines": self.kind == "diffusion-lm",
             "block_size": self.kind == "block",
         }
 

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from difflab.data.text import EOS_ID, PAD_ID, UNK_ID, Tokenizer, pack_texts
 from difflab.discrete.samplers import truncate_at_eos
 from difflab.errors import UserError
+from difflab.gaussian.control import LikelihoodGuidance, LogLikelihoodFn
 from difflab.gaussian.embedding import (
     Clamped,
     SelfConditioned,
@@ -100,6 +101,37 @@ def make_loss(cfg: TextConfig, schedule: Schedule) -> Any:
         ).loss  # type: ignore[arg-type]  # fmt: skip
 
     return loss
+
+
+# ---------------------------------------------------------------- rows of whole lines
+
+#: ``diffusion.lines``: row ``j`` holds lines ``j .. j + k - 1`` of the text, ``k = 1 + (j mod
+#: LINES_PER_ROW)`` (the trailing ones that do not fit dropped), then ``<eos>`` and ``<pad>``.
+LINES_PER_ROW = 4
+
+
+def line_rows(documents: list[str], tokenizer: Tokenizer, length: int) -> tuple[Tensor, Tensor]:
+    """``(tokens (N, L), loss_mask)`` of ``diffusion.lines``: passages of 1 to
+    :data:`LINES_PER_ROW` whole non-empty lines joined by newlines, each ending in ``<eos>`` and
+    padded (every position counted: the end is generated too, which length control needs).
+    Lines too long for a row start none."""
+    lines = [line.strip() for doc in documents for line in doc.splitlines() if line.strip()]
+    encoded = tokenizer.encode_batch(lines) if lines else []
+    newline = tokenizer.encode("\n")
+    rows = []
+    for j in range(len(lines)):
+        row: list[int] = []
+        for i in range(j, min(j + 1 + j % LINES_PER_ROW, len(lines))):
+            nxt = [*row, *newline, *encoded[i]] if row else list(encoded[i])
+            if len(nxt) >= length:
+                break
+            row = nxt
+        if row:
+            rows.append([*row, EOS_ID] + [PAD_ID] * (length - len(row) - 1))
+    if not rows:
+        raise UserError(f"no line of the text fits data.length={length} with its <eos>")
+    tokens = torch.tensor(rows, dtype=torch.long)
+    return tokens, torch.ones_like(tokens, dtype=torch.bool)
 
 
 # ---------------------------------------------------------------- the task of diffuseq
@@ -187,13 +219,19 @@ def minimum_bayes_risk(candidates: list[str]) -> int:
 # ---------------------------------------------------------------- sampling
 
 
-def denoiser_of(model: Any, clamp: bool) -> DenoiserFn:
+#: ``(log p(y | x_t, t), gamma)``: control by guidance (:mod:`.control`).
+Guide = tuple[LogLikelihoodFn, float]
+
+
+def denoiser_of(model: Any, clamp: bool, guide: Guide | None = None) -> DenoiserFn:
     """The trained network as a denoiser for the samplers: self-conditioned when trained so,
-    clamped to the embeddings when ``clamp``."""
+    guided by ``guide`` when given, then clamped to the embeddings when ``clamp``."""
     net = model.net
     denoiser: DenoiserFn = Denoiser(net, model.process, prediction(model.config))
     if net.self_condition:
         denoiser = SelfConditioned(denoiser)
+    if guide is not None:
+        denoiser = LikelihoodGuidance(denoiser, *guide)
     if clamp:
         denoiser = Clamped(denoiser, net.embed.weight.detach())
     return denoiser
@@ -211,14 +249,16 @@ def sample_rows(
     given: Tensor | None = None,
     given_mask: Tensor | None = None,
     sampler_options: dict[str, Any] | None = None,
+    guide: Guide | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(tokens (n, L), x0 (n, L, d))``: ``n`` rows of the model's context drawn by ``sampler``
     over ``steps`` equal steps of ``t`` from the prior, then rounded. ``given (n, L)`` ids are
-    re-imposed where ``given_mask`` is True (a prompt; ``diffuseq``'s source)."""
+    re-imposed where ``given_mask`` is True (a prompt; ``diffuseq``'s source); ``guide``
+    steers every step (:func:`denoiser_of`)."""
     net = model.net
     device = model.device
     generator = torch.Generator(device).manual_seed(seed)
-    denoiser = denoiser_of(model, clamp)
+    denoiser = denoiser_of(model, clamp, guide)
     if given is not None:
         denoiser = SourceReimposed(denoiser, net.embed(given.to(device)), given_mask.to(device))
     shape = (n, model.context, net.embed.embedding_dim)
@@ -241,9 +281,10 @@ def generate(
     sampler: str,
     clamp: bool,
     seed: int,
+    guide: Guide | None = None,
 ) -> list[str]:
     """``n`` passages of at most ``length`` tokens (one window of the context), each cut before
-    its first ``<eos>``; ``prompt`` is re-imposed as their beginning."""
+    its first ``<eos>``; ``prompt`` is re-imposed as their beginning; ``guide`` steers them."""
     if length > model.context:
         raise UserError(f"--length must be at most the context ({model.context} tokens) for "
                         f"diffusion.kind={model.kind}: it samples one window")  # fmt: skip
@@ -260,7 +301,7 @@ def generate(
         given_mask = torch.zeros_like(given, dtype=torch.bool)
         given_mask[:, : len(ids)] = True
     tokens, _ = sample_rows(model, n, steps=steps, sampler=sampler, clamp=clamp, seed=seed,
-                            given=given, given_mask=given_mask)  # fmt: skip
+                            given=given, given_mask=given_mask, guide=guide)  # fmt: skip
     tokens, _ = truncate_at_eos(tokens[:, :length].cpu(), EOS_ID, PAD_ID)
     return [model.tokenizer.decode(row) for row in tokens]
 
@@ -276,11 +317,13 @@ def sample_texts(
     clamp: bool | None,
     seed: int | None,
     others: dict[str, Any],
+    guide: Guide | None = None,
 ) -> list[str]:
     """The texts of :meth:`TextRecipe.sample` for a ``gaussian`` kind, the options left empty
     taken from the run's ``sample`` section; an option of ``others`` that is given is refused
     (it does not apply). ``diffusion-lm``: passages, ``prompt`` their beginning; ``diffuseq``:
-    the target the model writes for the source ``prompt`` (its task, :data:`TASK`)."""
+    the target the model writes for the source ``prompt`` (its task, :data:`TASK`). ``guide``:
+    control of ``diffusion-lm`` (:mod:`.control`)."""
     for name, value in others.items():
         if value is not None:
             raise UserError(f"{flag(name)} does not apply to diffusion.kind={model.kind}")
@@ -303,7 +346,8 @@ def sample_texts(
                             "restore a line from its shuffled words)")  # fmt: skip
         return translate(model, [prompt] * n, **options)
     length = (cfg.sample.length or model.context) if length is None else length
-    return generate(model, n, prompt=prompt, length=positive_int("length", length), **options)
+    return generate(model, n, prompt=prompt, length=positive_int("length", length), guide=guide,
+                    **options)  # fmt: skip
 
 
 def clamp_of(cfg: TextConfig) -> bool:
@@ -367,6 +411,8 @@ def score_held_out(
     if model.kind == "diffuseq":
         task = task_rows(documents, model.tokenizer, model.context)
         tokens, loss_mask, noise_mask = task.tokens, task.loss_mask, task.noise_mask
+    elif model.config.diffusion.lines:
+        (tokens, loss_mask), noise_mask = line_rows(documents, model.tokenizer, model.context), None
     else:
         packed = pack_texts(documents, model.tokenizer, model.context)
         tokens, loss_mask, noise_mask = packed.tokens, packed.loss_mask, None

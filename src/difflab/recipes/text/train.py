@@ -226,7 +226,7 @@ def make_loss(
 class LoadedTextModel:
     """A trained text model: the EMA network (eval mode), its tokenizer, its token process
     (``None`` for ``ar``, the Gaussian schedule for the ``gaussian`` kinds), the run's config,
-    class names (labelled runs) and training step."""
+    class names (labelled runs), training step and folder."""
 
     net: nn.Module
     tokenizer: Tokenizer
@@ -234,6 +234,7 @@ class LoadedTextModel:
     config: TextConfig
     class_names: list[str] | None
     step: int
+    folder: Path | None = None
 
     @property
     def kind(self) -> str:

@@ -5,13 +5,11 @@ command end to end, and its refusals."""
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
+from cli_run import run as cli
 
 import difflab
-from difflab.cli import main
 from difflab.data.text import BOS_ID, load_corpus
 from difflab.nets.adapted import ShiftedTransformer, annealed_mask
 from difflab.nets.transformer import TextTransformer
@@ -63,14 +61,6 @@ def test_the_mask_anneals_from_causal_to_bidirectional():
 
 
 # ---------------------------------------------------------------- the command
-
-
-def cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["difflab", *args])
-    with pytest.raises(SystemExit) as info:
-        main()
-    out, err = capsys.readouterr()
-    return info.value.code, out, err
 
 
 @pytest.fixture(scope="module")

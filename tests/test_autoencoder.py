@@ -8,16 +8,15 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import sys
 
 import numpy as np
 import pytest
 import torch
+from cli_run import run
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 import difflab
-from difflab.cli import main
 from difflab.data.images import digits_split
 from difflab.nets.autoencoder import Autoencoder, DiagonalGaussian, psnr
 from difflab.recipes.autoencoder import encode_means, measure_latent_scale
@@ -26,14 +25,6 @@ from difflab.recipes.autoencoder import encode_means, measure_latent_scale
 TINY_AE = ["data.name=digits", "data.held_out=0.2", "autoencoder.channels=8",
            "autoencoder.channel_mults=[1,2]", "train.batch_size=16", "train.steps=20",
            "train.log_every=5", "train.lr=0.003"]  # fmt: skip
-
-
-def run(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["difflab", *args])
-    with pytest.raises(SystemExit) as info:
-        main()
-    out, err = capsys.readouterr()
-    return info.value.code, out, err
 
 
 @pytest.fixture(scope="module")

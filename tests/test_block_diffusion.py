@@ -5,13 +5,11 @@ key/value-cached sampler gives the samples of recomputation; the recipe end to e
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
+from cli_run import run as cli
 
 import difflab
-from difflab.cli import main
 from difflab.data.text import BOS_ID, load_corpus
 from difflab.discrete.block import (
     block_causal_mask,
@@ -131,14 +129,6 @@ def test_cached_sampler_equals_recomputation(size, prompt):
 
 
 # ---------------------------------------------------------------- the recipe
-
-
-def cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["difflab", *args])
-    with pytest.raises(SystemExit) as info:
-        main()
-    out, err = capsys.readouterr()
-    return info.value.code, out, err
 
 
 @pytest.fixture(scope="module")

@@ -1,21 +1,12 @@
 """The command line end to end on a seconds-long run, and its answers to bad input."""
 
 import csv
-import sys
 
 import numpy as np
 import pytest
+from cli_run import run
 
-from difflab.cli import main
 from difflab.train.checkpoint import load_checkpoint, save_checkpoint
-
-
-def run(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["difflab", *args])
-    with pytest.raises(SystemExit) as info:
-        main()
-    out, err = capsys.readouterr()
-    return info.value.code, out, err
 
 
 @pytest.fixture(scope="module")

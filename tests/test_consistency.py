@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 
 import numpy as np
 import pytest
 import torch
+from cli_run import run
 
 import difflab
-from difflab.cli import main
 from difflab.gaussian.consistency import (
     ConsistencyFunction,
     boundary_coefficients,
@@ -266,14 +265,6 @@ def test_multistep_sampling_renoises_to_the_karras_levels():
 TINY = ["train.steps=2", "train.batch_size=8", "train.log_every=1", "model.unet.channels=8",
         "model.unet.num_heads=2", "diffusion.T=20", "sample.steps=2"]  # fmt: skip
 FAST = ["--train-steps", "2", "--batch-size", "4", "--quiet"]
-
-
-def run(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["difflab", *args])
-    with pytest.raises(SystemExit) as info:
-        main()
-    out, err = capsys.readouterr()
-    return info.value.code, out, err
 
 
 @pytest.fixture(scope="module")

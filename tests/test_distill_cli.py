@@ -5,27 +5,18 @@ run retrained on its own pairs; bad input is one line, exit 2, and writes nothin
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_run import run
 
 import difflab
-from difflab.cli import main
 from difflab.gaussian.schedules import make_schedule
 
 TINY = ["train.steps=2", "train.batch_size=8", "train.log_every=1", "model.unet.channels=8",
         "model.unet.num_heads=2", "diffusion.T=20", "sample.steps=2"]  # fmt: skip
 FAST = ["--train-steps", "2", "--batch-size", "4", "--quiet"]
-
-
-def run(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["difflab", *args])
-    with pytest.raises(SystemExit) as info:
-        main()
-    out, err = capsys.readouterr()
-    return info.value.code, out, err
 
 
 @pytest.fixture(scope="module")

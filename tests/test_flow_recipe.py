@@ -5,24 +5,15 @@ preset with the linear path, the velocity target and Euler, trains, saves, loads
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import pytest
+from cli_run import run
 
-from difflab.cli import main
 from difflab.recipes import load_config
 
 TINY = ["train.steps=2", "train.batch_size=8", "train.log_every=1", "model.unet.channels=8",
         "model.unet.num_heads=2", "sample.steps=2"]  # fmt: skip
-
-
-def run(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["difflab", *args])
-    with pytest.raises(SystemExit) as info:
-        main()
-    out, err = capsys.readouterr()
-    return info.value.code, out, err
 
 
 def test_recipe_flow_on_an_image_preset_takes_the_flow_defaults_and_the_users_overrides():

@@ -7,14 +7,13 @@ apply)."""
 from __future__ import annotations
 
 import shutil
-import sys
 
 import numpy as np
 import pytest
 import torch
+from cli_run import run
 
 import difflab
-from difflab.cli import main
 from difflab.data.images import digits_split
 from difflab.recipes.autoencoder import encode_means
 
@@ -29,14 +28,6 @@ KINDS = {
     "mlp": ["model.kind=mlp", "model.unet=null", "model.mlp.hidden=16", "model.mlp.depth=1",
             "diffusion.prediction=edm", "diffusion.schedule=edm", "diffusion.T=null"],
 }  # fmt: skip
-
-
-def run(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["difflab", *args])
-    with pytest.raises(SystemExit) as info:
-        main()
-    out, err = capsys.readouterr()
-    return info.value.code, out, err
 
 
 @pytest.fixture(scope="module")

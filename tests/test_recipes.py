@@ -6,15 +6,14 @@ difflab 0.1 still load."""
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from cli_run import run
 
-from difflab.cli import main
 from difflab.config import preset_path, presets
 from difflab.gaussian.parameterization import PREDICTIONS
 from difflab.recipes import RECIPES, get, load, load_config
@@ -22,14 +21,6 @@ from difflab.recipes import RECIPES, get, load, load_config
 TINY = ["train.steps=2", "train.batch_size=8", "train.log_every=1", "model.unet.channels=8",
         "model.unet.num_heads=2", "diffusion.T=20", "sample.steps=2"]  # fmt: skip
 OLD_RUNS = Path(__file__).parent / "data" / "v0.1"
-
-
-def run(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["difflab", *args])
-    with pytest.raises(SystemExit) as info:
-        main()
-    out, err = capsys.readouterr()
-    return info.value.code, out, err
 
 
 def test_every_registered_recipe_is_named_as_registered():

@@ -3,22 +3,13 @@ to the ar run's own, and every refusal in one line with nothing written."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
+from cli_run import run
 
 import difflab
-from difflab.cli import main
 from difflab.data.text import load_corpus
-
-
-def run(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["difflab", *args])
-    with pytest.raises(SystemExit) as info:
-        main()
-    out, err = capsys.readouterr()
-    return info.value.code, out, err
 
 
 @pytest.fixture(scope="module")

@@ -90,6 +90,8 @@ class Recipe(ABC):
     data: ClassVar[str]
     #: What :meth:`demo` writes into its folder (files, relative paths), replaced on a re-run.
     demo_files: ClassVar[tuple[str, ...]] = ()
+    #: Per config section, the keys :meth:`adopt` replaces (by the value) or removes (``None``).
+    adopted: ClassVar[dict[str, dict[str, Any]]] = {}
 
     @abstractmethod
     def build(self, cfg: Any, meta: dict[str, Any]) -> nn.Module:
@@ -118,8 +120,17 @@ class Recipe(ABC):
 
     def adopt(self, raw: dict[str, Any]) -> dict[str, Any]:
         """A config of another recipe of the same data (``--recipe NAME`` on its preset), made
-        this recipe's before the user's overrides apply: the keys whose values the other
-        recipe's preset chose but that mean something else here (default: none)."""
+        this recipe's before the user's overrides apply: the keys of :attr:`adopted`, whose
+        values the other recipe's preset chose but that mean something else here, replaced by
+        this recipe's values or removed (``None``: the default of this recipe's config)."""
+        raw = dict(raw)
+        for section, keys in self.adopted.items():
+            values = raw.get(section)
+            if not isinstance(values, dict):
+                continue
+            values = {k: v for k, v in values.items() if k not in keys}
+            values.update({k: v for k, v in keys.items() if v is not None})
+            raw[section] = values
         return raw
 
     def config_from_run(self, meta: dict[str, Any]) -> Any:

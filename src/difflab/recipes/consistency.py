@@ -204,21 +204,7 @@ class ConsistencyRecipe(ImageRecipe):
     config_type = ConsistencyConfig
     preset = "digits"
     demo_files = ()
-
-    def adopt(self, raw: dict[str, Any]) -> dict[str, Any]:
-        """An image-family config with the keys of :data:`ADOPTED` replaced or removed."""
-        raw = dict(raw)
-        for section, keys in ADOPTED.items():
-            values = raw.get(section)
-            if not isinstance(values, dict):
-                continue
-            values = dict(values)
-            for key, value in keys.items():
-                values.pop(key, None)
-                if value is not None:
-                    values[key] = value
-            raw[section] = values
-        return raw
+    adopted = ADOPTED
 
     def train(
         self, cfg: ConsistencyConfig, *, resume: bool = False, progress: bool = True

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from difflab.config import check
 from difflab.errors import UserError
@@ -76,22 +75,7 @@ class FlowRecipe(ImageRecipe):
     config_type = FlowConfig
     preset = "digits"
     demo_files = ()
-
-    def adopt(self, raw: dict[str, Any]) -> dict[str, Any]:
-        """An image-family config with its schedule, prediction, weighting and sampler keys
-        replaced by the flow defaults (:data:`ADOPTED`)."""
-        raw = dict(raw)
-        for section, keys in ADOPTED.items():
-            values = raw.get(section)
-            if not isinstance(values, dict):
-                continue
-            values = dict(values)
-            for key, value in keys.items():
-                values.pop(key, None)
-                if value is not None:
-                    values[key] = value
-            raw[section] = values
-        return raw
+    adopted = ADOPTED
 
     def demo(self, out: Path, *, quiet: bool = False, steps: int | None = None) -> str:
         raise UserError("the flow recipe has no demo: train one with difflab train digits "

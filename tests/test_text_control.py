@@ -187,6 +187,7 @@ def test_train_control_then_sample_with_three_controls(runs, monkeypatch, capsys
         ("dlm", {"control_scale": 2.0}, "--control-scale needs at least one --control"),
         ("dlm", {"control": ["lines=2"], "control_scale": -1.0}, "finite number >= 0"),
         ("stream", {"control": ["length=20"]}, "needs a run trained on whole lines"),
+        ("dlm", {"control": ["length=20"], "length": 10}, "cannot be met by passages cut at"),
     ],
 )
 def test_bad_controls_are_refused(runs, run, options, message):

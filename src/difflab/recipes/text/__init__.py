@@ -192,7 +192,7 @@ class TextRecipe(Recipe):
             raise UserError(f"--clamp applies to the gaussian kinds only, not {model.kind}")
         guide = None
         if control is not None or control_scale is not None:
-            guide = control_guidance(model, control, control_scale)
+            guide = control_guidance(model, control, control_scale, length)
         if draft is not None:
             drafter_recipe = recipe_of_run(draft)  # the text recipe or one built on it (adapt)
             if not isinstance(drafter_recipe, TextRecipe):

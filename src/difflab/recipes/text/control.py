@@ -236,16 +236,21 @@ def train_control(model: Any, *, steps: int | None, progress: bool) -> TrainResu
 
 
 def control_guidance(
-    model: Any, items: list[str] | None, scale: float | None
+    model: Any, items: list[str] | None, scale: float | None, length: int | None = None
 ) -> tuple[LogLikelihoodFn, float]:
     """``(log p(y | x_t, t), gamma)`` of ``--control`` ``items`` at ``--control-scale``
-    ``scale`` (empty: 1) for the loaded ``model``, its classifier read from ``RUN/control``."""
+    ``scale`` (empty: 1) for the loaded ``model``, its classifier read from ``RUN/control``;
+    a length control longer than the passages' ``length`` (``--length``) is refused."""
     check_controllable(model)
     if not items:
         raise UserError("--control-scale needs at least one --control NAME=VALUE")
     if scale is not None and not (scale >= 0 and scale < float("inf")):
         raise UserError(f"--control-scale must be a finite number >= 0, got {scale}")
     controls = parse_controls(items, model)
+    for c in controls:
+        if c.name == "length" and length is not None and int(c.value) > length:
+            raise UserError(f"--control length={c.value} cannot be met by passages cut at "
+                            f"--length {length}")  # fmt: skip
     return control_log_likelihood(load_classifier(model), controls), 1.0 if scale is None else scale
 
 

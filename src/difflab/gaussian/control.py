@@ -21,9 +21,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import Tensor
 
+from difflab.gaussian.guidance import likelihood_gradient
 from difflab.gaussian.parameterization import AlphaSigma, DenoiserFn, Prediction
 
 LogLikelihoodFn = Callable[[Tensor, Tensor], Tensor]
@@ -32,11 +32,8 @@ LogLikelihoodFn = Callable[[Tensor, Tensor], Tensor]
 
 
 class LikelihoodGuidance:
-    """``eps' = eps - scale sigma grad_x log_likelihood(x_t, t)`` (module docstring).
-
-    The gradient is taken with autograd inside the samplers' ``torch.inference_mode``: ``x_t``
-    and ``t`` are cloned out of it into ordinary tensors first.
-    """
+    """``eps' = eps - scale sigma grad_x log_likelihood(x_t, t)`` (module docstring; the
+    gradient by :func:`~difflab.gaussian.guidance.likelihood_gradient`)."""
 
     def __init__(self, denoiser: DenoiserFn, log_likelihood: LogLikelihoodFn, scale: float):
         self.denoiser, self.schedule = denoiser, denoiser.schedule
@@ -57,8 +54,4 @@ class LikelihoodGuidance:
 
     def gradient(self, x_t: Tensor, t: Tensor) -> Tensor:
         """``grad_x log p(y | x_t, t)``, ``x_t``'s shape (an ordinary, non-inference tensor)."""
-        t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
-        with torch.inference_mode(False), torch.enable_grad():
-            x = x_t.detach().clone().requires_grad_(True)
-            (grad,) = torch.autograd.grad(self.log_likelihood(x, t.detach().clone()).sum(), x)
-        return grad
+        return likelihood_gradient(self.log_likelihood, x_t, t)

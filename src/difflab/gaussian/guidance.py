@@ -138,6 +138,20 @@ class ClassifierFreeGuidance:
         return paired
 
 
+def likelihood_gradient(
+    log_likelihood: Callable[[Tensor, Tensor], Tensor], x_t: Tensor, t: Tensor
+) -> Tensor:
+    """``grad_x sum_i log_likelihood(x, t)_i`` at ``x = x_t`` (``x_t``'s shape): ``log_likelihood``
+    maps ``(x_t, t)`` to one log-likelihood ``log p(y | x_t, t)`` per row. The gradient is taken
+    with autograd inside the samplers' ``torch.inference_mode``: ``x_t`` and ``t`` are cloned out
+    of it into ordinary tensors first."""
+    t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
+    with torch.inference_mode(False), torch.enable_grad():
+        x = x_t.detach().clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(log_likelihood(x, t.detach().clone()).sum(), x)
+    return grad
+
+
 class ClassifierGuidance:
     """``eps = eps_hat - s sigma grad_x log p_phi(y | x_t, t)`` (Dhariwal & Nichol 2021).
 
@@ -189,13 +203,12 @@ class ClassifierGuidance:
 
     def log_likelihood_gradient(self, x_t: Tensor, t: Tensor, labels: Tensor) -> Tensor:
         """``grad_x log p_phi(y | x_t, t)``, ``x_t``'s shape (an ordinary, non-inference tensor)."""
-        t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
-        with torch.inference_mode(False), torch.enable_grad():
-            x = x_t.detach().clone().requires_grad_(True)
-            log_probs = F.log_softmax(self.classifier(x, t.detach().clone()), dim=-1)
-            chosen = log_probs.gather(1, labels.clone().to(log_probs.device)[:, None]).sum()
-            (grad,) = torch.autograd.grad(chosen, x)
-        return grad
+
+        def log_likelihood(x: Tensor, t: Tensor) -> Tensor:
+            log_probs = F.log_softmax(self.classifier(x, t), dim=-1)
+            return log_probs.gather(1, labels.clone().to(log_probs.device)[:, None])[:, 0]
+
+        return likelihood_gradient(log_likelihood, x_t, t)
 
     def _denoiser_cond(self, cond: dict[str, Any], labels: Tensor) -> dict[str, Any]:
         if self.conditional:

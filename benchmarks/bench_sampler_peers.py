@@ -171,6 +171,8 @@ def difflab_methods(vp: bool) -> list[Method]:
             difflab_method("dpmpp_3m", grid),
             difflab_method("unipc", grid, order=2),
             difflab_method("unipc", grid, order=3),
+            difflab_method("unipc", grid, order=3, lower_order_final=True),
+            difflab_method("unipc", grid, order=3, lower_order_final=True, bh2=True),
             difflab_method("ipndm", grid, order=3),
             difflab_method("ipndm", grid, order=4),
             difflab_method("lms", grid, order=3),
@@ -418,7 +420,7 @@ def best_table(problem: Problem, results: dict, budgets) -> str:
             cells.append(f"{label}{'' if calls == b else f' ({calls} calls)'} | {e:.2e}")
         peers = min((best[k] for k in ("k-diffusion", "diffusers") if k in best), default=math.nan)
         ratio = peers / best["difflab"] if "difflab" in best else math.nan
-        lines.append(f"| {b} | " + " | ".join(cells) + f" | {ratio:.2f} |")
+        lines.append(f"| {b} | " + " | ".join(cells) + f" | {ratio:.3f} |")
     return "\n".join(lines)
 
 

@@ -18,6 +18,10 @@ Deliberate differences, each pinned by a test below:
 - diffusers' DPM-Solver++(3M) weighs the second divided difference by half the exact
   quadratic's coefficient; difflab integrates the quadratic exactly (third order, see
   test_samplers); the two agree on 2M and differ by O(h^3) per step at 3M.
+- diffusers' UniPC (bh1 and bh2 alike) weighs the slope of a linear interpolant by B(h) / 2
+  instead of its exact exponential quadrature, and lowers the order of its last steps; difflab's
+  ``unipc`` does both only with ``bh2=True, lower_order_final=True`` (then they agree to 1e-14
+  once diffusers' sigmas are float64), and by default solves the order conditions exactly.
 """
 
 import pytest
@@ -210,3 +214,32 @@ def test_dpm_solver_pp_3m_differs_from_diffusers_at_third_order():
         ours = S.dpm_solver_pp(ORACLE, x, _times(sched.timesteps), order=3)
         gaps.append(float((ours - _run_vp(sched, x)).abs().max()))
     assert gaps[0] > 1e-4 and gaps[1] < gaps[0] / 2, gaps
+
+
+def _unipc_scheduler(n: int, order: int):
+    """diffusers' UniPC bh2 on a trailing grid, its sigmas recomputed in float64 from
+    ``alpha_bar`` (it keeps them in float32, 1e-7 apart), ending at sigma = 0."""
+    sched = _scheduler(
+        diffusers.UniPCMultistepScheduler, n, solver_order=order, solver_type="bh2",
+        timestep_spacing="trailing", lower_order_final=True, final_sigmas_type="zero",
+    )  # fmt: skip
+    alpha_bar = SCHEDULE.alpha_bar[sched.timesteps.long()]
+    sched.sigmas = torch.cat([((1 - alpha_bar) / alpha_bar).sqrt(), torch.zeros(1, dtype=F64)])
+    return sched
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+@pytest.mark.parametrize("n", [5, 10, 25])
+def test_unipc_bh2_with_lower_order_final_matches_unipc_multistep_scheduler(order, n):
+    sched, x = _unipc_scheduler(n, order), _start()
+    ours = S.unipc(ORACLE, x, _times(sched.timesteps), order=order, bh2=True,
+                   lower_order_final=True)  # fmt: skip
+    torch.testing.assert_close(ours, _run_vp(sched, x), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("options", [{"bh2": True}, {"lower_order_final": True}])
+def test_unipc_differs_from_diffusers_without_either_option(options):
+    """Each option alone leaves a difference: the exact slope weights, or order 3 to the end."""
+    sched, x = _unipc_scheduler(10, 3), _start()
+    ours = S.unipc(ORACLE, x, _times(sched.timesteps), order=3, **options)
+    assert float((ours - _run_vp(sched, x)).abs().max()) > 1e-4

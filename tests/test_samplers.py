@@ -182,6 +182,8 @@ def test_invalid_options_and_times_are_rejected_with_clear_messages():
         (lambda: S.ipndm(oracle, x, ts, order=5), "order must be one of"),
         (lambda: S.lms(oracle, x, ts, order=0), "order must be one of"),
         (lambda: S.lms(oracle, x, ts, corrector="yes"), "corrector must be one of"),
+        (lambda: S.unipc(oracle, x, ts, lower_order_final="yes"), "lower_order_final must be"),
+        (lambda: S.unipc(oracle, x, ts, bh2=None), "bh2 must be one of"),
         (lambda: S.heun(oracle, x, ts, s_churn=-1.0), "non-negative"),
         (lambda: S.ddim(oracle, x, [1.0, 0.5]), "end with exactly 0"),
         (lambda: S.ddim(oracle, x, [0.5, 0.7, 0.0]), "strictly decreasing"),
@@ -221,6 +223,10 @@ ODE_SOLVERS = [
     ("unipc", {"order": 1}, 2),
     ("unipc", {"order": 2}, 3),
     ("unipc", {"order": 3}, 4),
+    ("unipc", {"order": 1, "bh2": True}, 2),
+    ("unipc", {"order": 2, "bh2": True}, 3),
+    ("unipc", {"order": 3, "bh2": True}, 4),
+    ("unipc", {"order": 3, "lower_order_final": True}, 4),
 ]
 
 
@@ -250,7 +256,9 @@ def test_deterministic_solvers_converge_at_their_theoretical_order(ode_problem, 
     """Error e(n) = mean_b |x_n - x_ref| for n = 32, 64, 128 steps; the least-squares slope of
     log e on log n must be within 0.3 of the theoretical order. Measured slopes are within
     0.15 of theory (2-D: Euler 1.01, Heun 2.08, DPM-Solver-2 2.06, 2M 2.04, DPM-Solver-3 3.11,
-    3M 2.96, UniPC-1/2/3 2.05/3.06/4.02; 32-D: 1.02, 2.07, 2.02, 1.90, 3.06, 3.03, 1.96/2.92/4.14);
+    3M 2.96, UniPC-1/2/3 2.05/3.06/4.02; 32-D: 1.02, 2.07, 2.02, 1.90, 3.06, 3.03, 1.96/2.92/4.14;
+    UniPC bh2-1/2/3 2.03/3.03/4.02 and 1.96/2.88/4.14, UniPC-3 with lower-order final steps
+    4.11 and 4.14);
     the 0.3 allows for pre-asymptotic terms (at n = 16 DPM-Solver++(3S) in 32-D still shows
     local slope 2.1, which is why the grid starts at 32)."""
     oracle, x, grid, reference = ode_problem

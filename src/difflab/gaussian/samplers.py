@@ -799,12 +799,22 @@ class _UniPCStep(NamedTuple):
     corrector: _MultistepStep
 
 
-def _unipc_step(g: Grid, i: int, order: int) -> _UniPCStep:
-    h, past = g.ell[i + 1] - g.ell[i], _past_nodes(g, i, min(order, i + 1))
+def _unipc_step(g: Grid, i: int, order: int, bh2: bool) -> _UniPCStep:
+    h, past = g.ell[i + 1] - g.ell[i], _past_nodes(g, i, order)
     A, alpha_s = g.sigma[i + 1] / g.sigma[i], g.alpha[i + 1]
-    predictor = [alpha_s * w for w in _interpolation_weights(past, h, False)]
-    corrector = [alpha_s * w for w in _interpolation_weights([1.0, *past], h, False)]
-    return _UniPCStep(_MultistepStep(A, predictor), _MultistepStep(A, corrector))
+    predictor = _interpolation_weights(past, h, False)
+    corrector = _interpolation_weights([1.0, *past], h, False)
+    if bh2:  # the linear interpolants' slope weighed by B(h) / 2 = (1 - e^{-h}) / 2
+        c0 = _interpolation_weights([0.0], h, False)[0]
+        if order == 2:  # DPM-Solver++(2M)'s step
+            half = -c0 / (2 * past[1])  # c0 h / (2 h_0)
+            predictor = [c0 + half, -half]
+        if order == 1:  # the trapezoid's weights
+            corrector = [c0 / 2, c0 / 2]
+    return _UniPCStep(
+        _MultistepStep(A, [alpha_s * w for w in predictor]),
+        _MultistepStep(A, [alpha_s * w for w in corrector]),
+    )
 
 
 @torch.inference_mode()
@@ -817,6 +827,8 @@ def unipc(
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
     order: int = 2,
+    lower_order_final: bool = False,
+    bh2: bool = False,
 ) -> Tensor:
     """UniPC with data prediction (Zhao et al. 2023): a multistep predictor of order ``p`` and a
     corrector that raises it to ``p + 1`` at no extra NFE.
@@ -829,10 +841,30 @@ def unipc(
     ``R_p a_p = g_p / B(h)``), which makes the choice of ``B(h)`` immaterial, and are the
     exponential quadratures of :func:`_interpolation_weights`. No correction is needed after
     the last evaluation, whose data estimate is returned.
+
+    Two options of UniPC's reference implementation (diffusers' ``UniPCMultistepScheduler``,
+    ``solver_type="bh2"``, whose outputs these reproduce to 1e-14, tests/test_diffusers_parity):
+
+    - ``lower_order_final=True``: the predictor of step ``t_i -> t_{i+1}`` uses
+      ``p = min(order, i + 1, n - i)`` estimates, so the last steps of an ``n``-step grid fall
+      back to lower orders (the corrector follows its predictor). It damps the large last steps
+      of a few-step trailing grid (docs/BENCHMARKS.md: at 5 calls on ``vp``). The order-2
+      predictor into the last evaluation, which no corrector follows, leaves an ``O(h^3)``
+      local error where the data estimate hardly changes any more (small ``sigma``): on the
+      oracle ``order=3`` still converges at order 4 (tests/test_samplers).
+    - ``bh2=True``: where the interpolant is linear (the predictor through two estimates, the
+      corrector of ``order=1``) its slope is weighed by ``B(h) / 2`` with
+      ``B(h) = 1 - e^{-h}`` instead of the exact ``int_0^h e^{-(h-u)} (u / h) du``: the
+      predictor is then DPM-Solver++(2M)'s step and the corrector the trapezoid
+      ``(1 - e^{-h}) (m_0 + m_1) / 2``. The difference is ``O(h^3)`` per step, so the order
+      is unchanged; the exact weights are the default.
     """
     _check_choice("order", order, (1, 2, 3))
+    _check_choice("lower_order_final", lower_order_final, (True, False))
+    _check_choice("bh2", bh2, (True, False))
     g = Grid(denoiser.schedule, ts)
-    steps = [_unipc_step(g, i, order) for i in range(g.n - 1)]
+    orders = [min(order, i + 1, g.n - i if lower_order_final else order) for i in range(g.n - 1)]
+    steps = [_unipc_step(g, i, orders[i], bh2) for i in range(g.n - 1)]
     times = _evaluation_points(g.t[:-1], g.alpha[:-1], g.sigma[:-1], x)
     history: list[Tensor] = []  # m_{i-1}, m_{i-2}, ... (most recent first)
     x_start = x  # x_{i-1}, where the step to x_i started
@@ -843,9 +875,9 @@ def unipc(
         if i == g.n - 1:
             return pred.x0
         if i > 0:  # UniC: redo the step t_{i-1} -> t_i through m_i as well
-            x = steps[i - 1].corrector(x_start, [pred.x0, *history])
+            x = steps[i - 1].corrector(x_start, [pred.x0, *history[: orders[i - 1]]])
         history = [pred.x0, *history[: order - 1]]
-        x_start, x = x, steps[i].predictor(x, history)  # UniP: predict x~_{i+1}
+        x_start, x = x, steps[i].predictor(x, history[: orders[i]])  # UniP: predict x~_{i+1}
     raise AssertionError("unreachable")
 
 

@@ -3,14 +3,13 @@ rounding steps, seed 000's loss by hand, the clamping trick, self-conditioning, 
 chrF, and the ``gaussian`` kinds of the text recipe end to end."""
 
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_run import run
 
-from difflab.cli import main
 from difflab.data.text import CharTokenizer, load_corpus
 from difflab.errors import UserError
 from difflab.gaussian.embedding import (
@@ -397,11 +396,7 @@ def test_the_command_line_switches_clamping_and_refuses_it_elsewhere(
     RECIPE.train(tiny(text_file, tmp_path / "dlm", "diffusion.kind=diffusion-lm"), progress=False)
 
     def cli(*args: str) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", ["difflab", *args])
-        with pytest.raises(SystemExit) as info:
-            main()
-        out, err = capsys.readouterr()
-        return info.value.code, out, err
+        return run(monkeypatch, capsys, *args)
 
     for switch in ("--clamp", "--no-clamp"):
         code, out, _ = cli("sample", str(tmp_path / "dlm"), "--n", "2", "--steps", "3", switch,

@@ -3,13 +3,12 @@ closed form of a Gaussian toy, the controls' log-likelihoods against enumeration
 whole lines, refusals, and ``difflab train-control`` / ``sample --control`` end to end."""
 
 import itertools
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from cli_run import run as cli
 
-from difflab.cli import main
 from difflab.data.text import EOS_ID, PAD_ID, CharTokenizer, load_corpus
 from difflab.errors import UserError
 from difflab.gaussian.control import LikelihoodGuidance
@@ -144,14 +143,6 @@ def runs(tmp_path_factory) -> Path:
                                            f"diffusion.kind={kind}", *extra])  # fmt: skip
         RECIPE.train(cfg, progress=False)
     return root
-
-
-def cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["difflab", *args])
-    with pytest.raises(SystemExit) as info:
-        main()
-    out, err = capsys.readouterr()
-    return info.value.code, out, err
 
 
 def test_train_control_then_sample_with_three_controls(runs, monkeypatch, capsys):

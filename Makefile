@@ -16,7 +16,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check $(TORCH)
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test,text,dev,explore]'
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test,text,dev,explore,finetune]'
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps $(KDIFFUSION)
 	touch $(STAMP)
 

@@ -188,6 +188,13 @@ def sample(
         int | None,
         typer.Option(help="Speculative decoding: drafter calls per round, 1 or --draft-length."),
     ] = None,
+    adapter: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Text-to-image: a LoRA adapter FILE[:SCALE] from difflab finetune, repeatable "
+            "(their updates add up)."
+        ),
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Output stem (default RUN/samples).")] = None,
     format_: Annotated[
         str, typer.Option("--format", help="npz, or png: also one PNG per sample in OUT/.")
@@ -206,6 +213,10 @@ def sample(
     if format_ not in ("npz", "png"):
         raise UserError(f"--format must be npz or png, got {format_!r}")
     loaded = difflab.load(run, device)
+    if adapter:
+        finetuning = _finetune_module()
+        tokens = finetuning.apply_adapters(loaded, adapter)
+        prompt = None if prompt is None else finetuning.read_prompt(prompt, tokens)
     options = _given(
         sampler=sampler, steps=steps, grid=grid, eta=eta, sampler_options=_pairs(opt),
         label=class_, guidance=guidance, convention=convention, classifier=classifier,
@@ -379,6 +390,93 @@ def distill(
     for student in distill_run(run, method=method, out=out, device=device, progress=not quiet,
                                **options):  # fmt: skip
         typer.echo(f"{student.steps} steps: {student.path} ({student.seconds:.0f} s)")
+
+
+@app.command(
+    help="Teach a text-to-image run a new concept from a folder of 32x32 RGB pictures "
+    "(seed 004, fine-tuning). --method lora: low-rank adapters (A Gaussian, B zero, scale "
+    "alpha/rank; Hugging Face peft) on the denoiser's attention projections, the base frozen, "
+    "trained with the run's objective on --prompt with --token in its {}; OUT is a small "
+    "safetensors file of the adapter alone, for difflab sample RUN --adapter OUT[:SCALE] and "
+    "difflab merge."
+)
+def finetune(
+    run: Annotated[Path, typer.Argument(help="The text-to-image run folder.")],
+    method: Annotated[str, typer.Option(help="lora (the one built so far).")] = "lora",
+    images: Annotated[
+        Path | None, typer.Option(help="Folder of the concept's 32x32 RGB pictures.")
+    ] = None,
+    prompt: Annotated[
+        str | None, typer.Option(help="Their caption, {} where the token goes: 'a {} letter A'.")
+    ] = None,
+    token: Annotated[str | None, typer.Option(help="The concept's token, e.g. '<tt>'.")] = None,
+    init_word: Annotated[
+        str | None,
+        typer.Option(help="A word the run knows that an unknown token stands for (LoRA)."),
+    ] = None,
+    rank: Annotated[int, typer.Option(help="LoRA rank r.")] = 4,
+    alpha: Annotated[
+        float | None, typer.Option(help="LoRA alpha; the update is scaled alpha/r (default r).")
+    ] = None,
+    targets: Annotated[
+        str, typer.Option(help="Attention projections to adapt, a comma list of q,k,v,out.")
+    ] = "q,k,v,out",
+    steps: Annotated[int | None, typer.Option(help="Training steps (200).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate, AdamW (1e-3).")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    out: Annotated[Path | None, typer.Option(help="The adapter file to write.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+) -> None:
+    _one_process("finetune")
+    finetuning = _finetune_module()
+    if method not in finetuning.METHODS:
+        methods = ", ".join(finetuning.METHODS)
+        raise UserError(f"--method must be one of {methods} (textual inversion and DreamBooth "
+                        f"are not built yet), got {method!r}")  # fmt: skip
+    for option, value in (("--images", images), ("--prompt", prompt), ("--token", token),
+                          ("--out", out)):  # fmt: skip
+        if value is None:
+            raise UserError(f"difflab finetune needs {option}")
+    result = finetuning.finetune_lora(
+        run, images=images, prompt=prompt, token=token, out=out, rank=rank, targets=targets,
+        alpha=alpha, init_word=init_word, seed=seed, device=device, progress=not quiet,
+        **_given(steps=steps, lr=lr),
+    )  # fmt: skip
+    typer.echo(f"trained {result.steps} steps in {result.seconds:.1f} s, final loss "
+               f"{result.final_loss:.4f}; {result.trainable:,} adapter parameters "
+               f"({result.trainable / result.base_params:.2%} of the base's "
+               f"{result.base_params:,})\nadapter: {result.path} "
+               f"({result.path.stat().st_size:,} bytes)")  # fmt: skip
+
+
+@app.command(
+    help="Fold LoRA adapters (FILE[:SCALE], repeatable) into a text-to-image run's weights: "
+    "OUT becomes an ordinary run that samples as RUN with the adapters on."
+)
+def merge(
+    run: Annotated[Path, typer.Argument(help="The text-to-image run folder.")],
+    adapter: Annotated[
+        list[str] | None, typer.Option(help="An adapter FILE[:SCALE], repeatable.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="The merged run's folder (new).")] = None,
+) -> None:
+    _one_process("merge")
+    if not adapter or out is None:
+        raise UserError("difflab merge needs --adapter FILE[:SCALE] and --out FOLDER")
+    typer.echo(f"merged run: {_finetune_module().merge(run, adapter, out)}")
+
+
+def _finetune_module() -> Any:
+    """:mod:`difflab.recipes.finetune`, or one line saying how to install peft."""
+    try:
+        from difflab.recipes import finetune
+    except ModuleNotFoundError as e:
+        if e.name is None or e.name.split(".")[0] not in ("peft", "transformers", "accelerate"):
+            raise
+        raise UserError(f"LoRA needs peft ({e.name} is missing): pip install "
+                        "'difflab[finetune]'") from None  # fmt: skip
+    return finetune
 
 
 @app.command(

@@ -1,0 +1,442 @@
+"""Teaching a trained text-to-image run a new concept with low-rank adapters (LoRA; seed 004,
+"Fine-tuning"; Hu et al. 2021): ``difflab finetune RUN --method lora``, ``difflab sample RUN
+--adapter FILE[:SCALE]`` and ``difflab merge RUN --adapter FILE[:SCALE] --out MERGED``.
+
+A LoRA adapter replaces each chosen linear map ``h = W x`` of the denoiser's attention by
+``h = W x + (alpha / r) B A x`` with ``A`` ``(r, d_in)`` drawn from a Gaussian and ``B``
+``(d_out, r)`` zero, so the first step changes nothing; only ``A`` and ``B`` train, ``W`` stays
+frozen. Applied at scale ``s`` the update is ``s (alpha / r) B A``; several adapters add up,
+``W + sum_i s_i (alpha_i / r_i) B_i A_i``, which is also what merging folds into the weights.
+The layers are Hugging Face ``peft``'s (:func:`peft.inject_adapter_in_model` wraps any
+``nn.Module``, as diffusers does); this module picks the targets, trains, and keeps the file.
+
+Targets (``--targets``, any of ``q,k,v,out``): the projections of the U-Net's or DiT's attention
+blocks. The cross-attention computes ``q`` from the image and ``k, v`` from the caption in one
+``kv`` map, so ``k`` and ``v`` are adapted together; the self-attention computes ``q, k, v`` in
+one ``qkv`` map, adapted when all three are named; ``out`` is both blocks' output projection.
+The text encoder stays as it is.
+
+The new token: LoRA changes the denoiser, not the vocabulary, so a token the run does not know
+("<tt>") stands for a word it knows, ``--init-word`` ("mono"): the prompt is read with that word
+in the token's place, and the adapter learns what the word now means. The adapter file records
+the pair, and sampling with the adapter reads the token the same way.
+
+An adapter file is a safetensors file of the ``lora_A``/``lora_B`` tensors alone, with its
+metadata: the method, the base run's architecture and a hash of its weights (an adapter is
+refused on any other base), the targets, rank, alpha, token, word and prompt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
+from peft.utils import get_peft_model_state_dict
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_bytes
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from difflab.config import to_dict
+from difflab.data.images import image_folder
+from difflab.errors import UserError
+from difflab.files import file_error, make_folder, write_bytes
+from difflab.gaussian.objectives import make_objective
+from difflab.nets.attention import CrossAttention, SelfAttention
+from difflab.recipes import Run, load, positive_int, seed_value
+from difflab.recipes.autoencoder import encode_means
+from difflab.recipes.text_to_image import RECIPE as TEXT_TO_IMAGE
+from difflab.recipes.text_to_image import TextToImageModel, tokenize
+from difflab.train.checkpoint import (
+    FILENAME,
+    load_checkpoint,
+    save_checkpoint,
+    write_config_file,
+)
+
+METHODS = ("lora",)
+TARGETS = ("q", "k", "v", "out")
+#: The ``format`` entry of an adapter file's metadata.
+ADAPTER_FORMAT = "difflab-lora-1"
+#: Concept images are glyph-sized RGB pictures.
+IMAGE_SHAPE = (3, 32, 32)
+DEFAULT_STEPS = 200
+DEFAULT_LR = 1e-3
+
+
+# ================================================================================================
+# Reading the user's choices
+# ================================================================================================
+
+
+def parse_targets(text: str) -> tuple[str, ...]:
+    """The targets of ``--targets`` (comma-separated, in :data:`TARGETS`), in that order."""
+    named = {t.strip() for t in text.split(",") if t.strip()}
+    if not named or named - set(TARGETS):
+        raise UserError(f"--targets must be a comma list of {', '.join(TARGETS)}, got {text!r}")
+    if ("k" in named) != ("v" in named):
+        raise UserError("--targets: the cross-attention computes k and v in one projection; "
+                        "name both or neither")  # fmt: skip
+    return tuple(t for t in TARGETS if t in named)
+
+
+def projection_names(net: nn.Module, targets: Sequence[str]) -> list[str]:
+    """The full names of the linear maps of ``net``'s attention blocks that ``targets`` name
+    (see the module docstring)."""
+    names = []
+    for name, module in net.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(module, CrossAttention):
+            names += [prefix + "q"] if "q" in targets else []
+            names += [prefix + "kv"] if "k" in targets else []
+        elif isinstance(module, SelfAttention) and {"q", "k", "v"} <= set(targets):
+            names.append(prefix + "qkv")
+        if isinstance(module, (CrossAttention, SelfAttention)) and "out" in targets:
+            names.append(prefix + "out")
+    return names
+
+
+def concept_images(folder: str | Path) -> Tensor:
+    """The pictures of ``folder`` as ``(N, 3, 32, 32)`` in ``[-1, 1]``; a missing, empty or
+    unreadable folder, or pictures of another size, is a one-line :class:`UserError`."""
+    x = image_folder(folder, channels=3).x
+    if tuple(x.shape[1:]) != IMAGE_SHAPE:
+        raise UserError(f"the images in {folder} are {x.shape[3]}x{x.shape[2]}: the glyphs "
+                        "model draws 32x32 RGB pictures")  # fmt: skip
+    return x
+
+
+def parse_scale(spec: str) -> tuple[Path, float]:
+    """``ADAPTER[:SCALE]`` as ``(path, scale)`` (scale 1 when not given; a finite number)."""
+    path, sep, scale = spec.rpartition(":")
+    if not sep or Path(spec).exists():
+        return Path(spec), 1.0
+    try:
+        value = float(scale)
+    except ValueError:
+        raise UserError(f"--adapter {spec!r}: the scale {scale!r} is not a number") from None
+    if not math.isfinite(value):
+        raise UserError(f"--adapter {spec!r}: the scale must be a finite number")
+    return Path(path), value
+
+
+def read_prompt(prompt: str, tokens: dict[str, str]) -> str:
+    """``prompt`` with each adapter token replaced by the word it stands for."""
+    for token, word in tokens.items():
+        prompt = prompt.replace(token, word)
+    return prompt
+
+
+# ================================================================================================
+# The base a file is for
+# ================================================================================================
+
+
+def architecture(model: TextToImageModel) -> str:
+    """The base's architecture as JSON: image shape, network and text-encoder sections."""
+    cfg = model.config
+    arch = {"shape": list(model.shape), "model": to_dict(cfg.model),
+            "text_encoder": to_dict(cfg.text_encoder)}  # fmt: skip
+    return json.dumps(arch, sort_keys=True)
+
+
+def weights_hash(net: nn.Module) -> str:
+    """SHA-256 of the base network's weights (names, dtypes, shapes and values), adapters
+    left out."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(base_state(net).items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def base_state(net: nn.Module) -> dict[str, Tensor]:
+    """``net``'s state without adapter tensors, under the names of the plain network (peft's
+    ``x.base_layer.weight`` read as ``x.weight``); with merged adapters, the merged weights."""
+    return {k.replace(".base_layer.", "."): v for k, v in net.state_dict().items()
+            if ".lora_" not in k}  # fmt: skip
+
+
+def text_to_image_run(path: str | Path, device: str) -> Run:
+    run = load(path, device)
+    if run.recipe is not TEXT_TO_IMAGE:
+        raise UserError(f"{path} is a run of the {run.recipe.name} recipe: fine-tuning "
+                        "applies to text-to-image runs")  # fmt: skip
+    return run
+
+
+# ================================================================================================
+# Adapters on a network
+# ================================================================================================
+
+
+@dataclass
+class Adapter:
+    """An adapter file: its ``lora_A``/``lora_B`` tensors (peft's names without the adapter's
+    name) and its metadata (strings)."""
+
+    tensors: dict[str, Tensor]
+    meta: dict[str, str]
+    path: Path
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return tuple(self.meta["targets"].split(","))
+
+    def lora_config(self, net: nn.Module) -> LoraConfig:
+        return lora_config(net, self.targets, int(self.meta["rank"]), float(self.meta["alpha"]))
+
+
+def lora_config(net: nn.Module, targets: Sequence[str], rank: int, alpha: float) -> LoraConfig:
+    """peft's config of rank-``rank`` adapters on ``targets`` of ``net``: ``A`` Gaussian, ``B``
+    zero (``init_lora_weights="gaussian"``), scale ``alpha / rank``."""
+    names = projection_names(net, targets)
+    if not names:
+        raise UserError("the network has no attention projection to adapt: its config has no "
+                        "attention blocks")  # fmt: skip
+    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=names, lora_dropout=0.0,
+                      init_lora_weights="gaussian", bias="none")  # fmt: skip
+
+
+def read_adapter(path: Path) -> Adapter:
+    """The adapter file at ``path``; a missing, foreign or damaged file is a UserError."""
+    if not path.is_file():
+        raise UserError(f"no adapter file at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (no __iter__)
+    except PermissionError as e:
+        raise file_error(e, path) from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path} is not a readable adapter file: {e}") from None
+    if meta.get("format") != ADAPTER_FORMAT:
+        raise UserError(f"{path} is not a difflab LoRA adapter file")
+    missing = {"targets", "rank", "alpha", "base", "architecture", "token", "word"} - set(meta)
+    if missing:
+        raise UserError(f"{path} has a damaged header: {', '.join(sorted(missing))} missing")
+    return Adapter(tensors, meta, path)
+
+
+def check_base(adapter: Adapter, model: TextToImageModel, base_hash: str) -> None:
+    """Refuse an adapter made for another base: another architecture, or other weights."""
+    if adapter.meta["architecture"] != architecture(model):
+        raise UserError(f"{adapter.path} was made for a model of another architecture than "
+                        "this run's")  # fmt: skip
+    if adapter.meta["base"] != base_hash:
+        raise UserError(f"{adapter.path} was made for other weights than this run's (another "
+                        "training or step of the same architecture)")  # fmt: skip
+
+
+def attach(net: nn.Module, adapters: Sequence[tuple[Adapter, float]]) -> None:
+    """Wrap ``net``'s targets with the adapters at their scales, all active together (their
+    updates add up), every parameter frozen."""
+    for i, (adapter, _) in enumerate(adapters):
+        with warnings.catch_warnings():  # several adapters in one network are what we want
+            warnings.filterwarnings("ignore", "Already found a `peft_config`", UserWarning)
+            inject_adapter_in_model(adapter.lora_config(net), net, adapter_name=f"adapter{i}")
+        want = get_peft_model_state_dict(net, adapter_name=f"adapter{i}")
+        shapes = {k: tuple(v.shape) for k, v in adapter.tensors.items()}
+        if shapes != {k: tuple(v.shape) for k, v in want.items()}:
+            raise UserError(f"{adapter.path} does not match this run's network (tensor names "
+                            "or shapes differ)")  # fmt: skip
+        set_peft_model_state_dict(net, adapter.tensors, adapter_name=f"adapter{i}")
+    for module in net.modules():
+        if isinstance(module, LoraLayer):
+            names = [f"adapter{i}" for i in range(len(adapters)) if f"adapter{i}" in module.lora_A]
+            module.set_adapter(names)
+            for i, (_, scale) in enumerate(adapters):
+                if f"adapter{i}" in module.lora_A:
+                    module.set_scale(f"adapter{i}", scale)
+    net.requires_grad_(False)
+
+
+def apply_adapters(run: Run, specs: Sequence[str]) -> dict[str, str]:
+    """Attach the adapters ``specs`` (``FILE[:SCALE]``) to the loaded text-to-image ``run``
+    after checking each was made for it; returns what their tokens stand for."""
+    if run.recipe is not TEXT_TO_IMAGE:
+        raise UserError(f"--adapter applies to text-to-image runs, not to {run.recipe.name} runs")
+    model: TextToImageModel = run.model
+    net = model.denoiser.net
+    base_hash = weights_hash(net)
+    adapters = []
+    for spec in specs:
+        path, scale = parse_scale(spec)
+        adapter = read_adapter(path)
+        check_base(adapter, model, base_hash)
+        adapters.append((adapter, scale))
+    attach(net, adapters)
+    return {a.meta["token"]: a.meta["word"] for a, _ in adapters if a.meta["word"]}
+
+
+# ================================================================================================
+# Training
+# ================================================================================================
+
+
+@dataclass
+class FinetuneResult:
+    path: Path
+    steps: int
+    seconds: float
+    trainable: int
+    base_params: int
+    final_loss: float
+
+
+#: The name of the adapter being trained inside the network.
+TRAINED = "lora"
+
+
+def add_lora(
+    net: nn.Module, targets: Sequence[str], rank: int, alpha: float, seed: int
+) -> list[nn.Parameter]:
+    """Wrap ``net``'s ``targets`` with a new adapter :data:`TRAINED` (``A ~ N(0, 1 / r^2)``
+    drawn with ``seed``, ``B = 0``), freeze every other parameter, and return the adapter's."""
+    torch.manual_seed(seed)
+    inject_adapter_in_model(lora_config(net, targets, rank, alpha), net, adapter_name=TRAINED)
+    for name, p in net.named_parameters():
+        p.requires_grad_(f".{TRAINED}." in name and ".lora_" in name)
+    return [p for p in net.parameters() if p.requires_grad]
+
+
+def caption_word(prompt: str, token: str, init_word: str | None) -> str:
+    """The word the prompt is read with in the token's place (see the module docstring)."""
+    if "{}" not in prompt:
+        raise UserError(f"--prompt must hold {{}} where the token goes, e.g. 'a {{}} letter A'; "
+                        f"got {prompt!r}")  # fmt: skip
+    if not token or token.split() != [token] or "{}" in token:
+        raise UserError(f"--token must be one word without spaces, got {token!r}")
+    known = _tokenizes(prompt.replace("{}", token))
+    if known and init_word is not None:
+        raise UserError(f"--init-word does not apply: the run knows the token {token!r} "
+                        "already")  # fmt: skip
+    if known:
+        return ""
+    if init_word is None:
+        raise UserError(f"the run does not know the token {token!r}: give --init-word, a word "
+                        "it knows that the token stands for (LoRA adapts the denoiser, not "
+                        "the vocabulary)")  # fmt: skip
+    try:
+        tokenize([prompt.replace("{}", init_word)])
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return init_word
+
+
+def _tokenizes(text: str) -> bool:
+    try:
+        tokenize([text])
+    except ValueError:
+        return False
+    return True
+
+
+def finetune_lora(
+    run_path: str | Path,
+    *,
+    images: str | Path,
+    prompt: str,
+    token: str,
+    out: str | Path,
+    rank: int = 4,
+    targets: str = "q,k,v,out",
+    alpha: float | None = None,
+    init_word: str | None = None,
+    steps: int = DEFAULT_STEPS,
+    lr: float = DEFAULT_LR,
+    seed: int = 0,
+    device: str = "auto",
+    progress: bool = True,
+) -> FinetuneResult:
+    """Train a LoRA adapter of ``run_path``'s denoiser on the pictures of ``images`` captioned
+    ``prompt`` with ``token`` in its ``{}``, with the run's own objective (``alpha`` defaults
+    to ``rank``: scale 1), then write it alone to ``out``. Every input is checked before
+    anything is written."""
+    rank, steps, seed = positive_int("rank", rank), positive_int("steps", steps), seed_value(seed)
+    alpha = float(rank if alpha is None else alpha)
+    if not (math.isfinite(alpha) and alpha > 0) or not (math.isfinite(lr) and lr > 0):
+        raise UserError("--alpha and --lr must be positive numbers")
+    chosen = parse_targets(targets)
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder: give the adapter file's name")
+    word = caption_word(prompt, token, init_word)
+    run = text_to_image_run(run_path, device)
+    model: TextToImageModel = run.model
+    x0 = concept_images(images).to(model.device)
+    if model.autoencoder is not None:  # latent runs learn latent_scale * mu(x)
+        with torch.no_grad():
+            x0 = encode_means(model.autoencoder.net, x0) * model.autoencoder.latent_scale
+    tokens = tokenize([prompt.replace("{}", word or token)])[0].to(model.device)
+    tokens = tokens.expand(len(x0), -1)
+
+    net = model.denoiser.net
+    base_hash, base_params = weights_hash(net), sum(p.numel() for p in net.parameters())
+    params = add_lora(net, chosen, rank, alpha, seed)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    d = model.config.diffusion
+    objective = make_objective(d.prediction, d.weighting)
+    generator = torch.Generator(model.device).manual_seed(seed)
+    start, loss = time.perf_counter(), torch.zeros(())
+    net.train()
+    for _ in tqdm(range(steps), desc="finetune (lora)", disable=not progress):
+        loss = objective(model.denoiser, x0, {"tokens": tokens}, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    net.eval()
+    seconds = time.perf_counter() - start
+    tensors = {
+        k: v.detach().cpu().contiguous()
+        for k, v in get_peft_model_state_dict(net, adapter_name=TRAINED).items()
+    }
+    meta = {"format": ADAPTER_FORMAT, "method": "lora", "base": base_hash,
+            "architecture": architecture(model), "base_run": str(Path(run_path).resolve()),
+            "base_step": str(model.step), "targets": ",".join(chosen), "rank": str(rank),
+            "alpha": repr(alpha), "token": token, "word": word, "prompt": prompt,
+            "steps": str(steps), "lr": repr(lr), "images": str(len(x0))}  # fmt: skip
+    if out.parent != Path():
+        make_folder(out.parent)
+    write_bytes(out, safetensors_bytes(tensors, metadata=meta))
+    return FinetuneResult(out, steps, seconds, sum(p.numel() for p in params), base_params,
+                          float(loss.detach()))  # fmt: skip
+
+
+# ================================================================================================
+# Merging
+# ================================================================================================
+
+
+def merge(run_path: str | Path, specs: Sequence[str], out: str | Path) -> Path:
+    """Fold the adapters ``specs`` at their scales into the run's weights,
+    ``W <- W + sum_i s_i (alpha_i / r_i) B_i A_i``, and write an ordinary run folder ``out``
+    (the run's config and step, the merged weights) that samples as the run with the adapters
+    on. ``out`` must be new or empty."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--out {out} exists and is not an empty folder: choose a new folder")
+    run = text_to_image_run(run_path, "cpu")
+    apply_adapters(run, specs)
+    net = run.model.denoiser.net
+    for module in net.modules():
+        if isinstance(module, LoraLayer):
+            module.merge(adapter_names=list(module.active_adapters))
+    merged = base_state(net)
+    ckpt = load_checkpoint(run_path)
+    make_folder(out)
+    save_checkpoint(out / FILENAME, config=ckpt.config, step=ckpt.step, model=merged,
+                    ema=merged, optimizer=None, rng={},
+                    extra={"merged_adapters": list(specs)})  # fmt: skip
+    write_config_file(out, ckpt.config)
+    return out

@@ -288,7 +288,7 @@ def test_finetune_sample_and_merge_from_the_command_line(base, images, tmp_path,
                          "--alpha", "4", "--steps", "3", "--lr", "1e-2", "--out", str(adapter),
                          "--quiet")  # fmt: skip
     assert code == 0, err
-    assert "adapter parameters" in out and adapter.is_file()
+    assert "trained parameters" in out and adapter.is_file()
     strong = randomised(adapter, tmp_path / "strong.safetensors", 5)
     stem = tmp_path / "with"
     code, _, err = run(monkeypatch, capsys, "sample", str(base), "--adapter", f"{strong}:0.8",
@@ -379,7 +379,6 @@ def test_bad_finetune_input_is_refused_in_one_line_and_nothing_is_written(
         (["--images", str(tmp_path / "missing")], "does not exist"),
         (["--images", str(unreadable)], "cannot read image"),
         (["--images", str(large)], "64x64"),
-        (["--images", str(images), "--method", "textual-inversion"], "--method"),
         (["--images", str(images), "--method", "dreambooth"], "--method"),
         (["--images", str(images), "--targets", "k"], "k and v"),
         (["--images", str(images), "--rank", "0"], "rank"),
@@ -427,4 +426,81 @@ def test_bad_merge_and_adapter_files_are_refused(base, images, tmp_path, monkeyp
         str(tmp_path / "missing.safetensors"),
         "--n",
         "1",
+    )
+
+
+# ------------------------------------------------------------------ textual inversion
+
+
+def test_textual_inversion_trains_its_new_row_alone(base, images, tmp_path):
+    out = tmp_path / "tt.safetensors"
+    result = ft.finetune_embedding(base, images=images, prompt=PROMPT, token=TOKEN,
+                                   init_word=WORD, out=out, steps=4, lr=0.1,
+                                   progress=False)  # fmt: skip
+    plain = load(base, "cpu")
+    before = {k: v.clone() for k, v in plain.model.denoiser.net.state_dict().items()}
+    with safe_open(str(out), framework="pt") as f:
+        meta, keys = f.metadata(), list(f.keys())
+        row = f.get_tensor("embedding")
+    dim = before["encoder.words.weight"].shape[1]
+    assert keys == ["embedding"] and row.shape == (dim,) and result.trainable == dim
+    assert out.stat().st_size < 2048
+    assert (meta["word"], meta["init_word"], meta["token"]) == ("tt", WORD, TOKEN)
+    start = before["encoder.words.weight"][t2i.VOCAB.index(WORD)]
+    assert float((row - start).abs().max()) > 1e-3  # the row learnt
+
+    loaded = load(base, "cpu")
+    ft.apply_embeddings(loaded, [out])
+    state = loaded.model.denoiser.net.state_dict()
+    assert state.keys() == before.keys()
+    words = state["encoder.words.weight"]
+    assert words.shape[0] == len(t2i.VOCAB) + 1 and torch.equal(words[-1], row)
+    # Every other row, and every other weight, bit-identical to the base.
+    assert torch.equal(words[:-1], before["encoder.words.weight"])
+    assert all(torch.equal(state[k], v) for k, v in before.items() if k != "encoder.words.weight")
+    # The base's outputs for prompts without the pseudo-word are unchanged, bit for bit.
+    assert torch.equal(outputs(loaded.model.denoiser.net), outputs(plain.model.denoiser.net))
+    # and with it, the new row is read
+    x, c, _ = inputs()
+    with_word = t2i.tokenize(["a red <tt> letter k"] * 3, ("tt",))[0]
+    with_init = t2i.tokenize([f"a red {WORD} letter k"] * 3)[0]
+    assert int(with_word[0, 2]) == len(t2i.VOCAB)
+    with torch.no_grad():
+        new = loaded.model.denoiser.net(x, c, with_word)
+        old = plain.model.denoiser.net(x, c, with_init)
+    assert float((new - old).abs().max()) > 0
+
+
+def test_textual_inversion_from_the_command_line_and_its_refusals(
+    base, images, other_bases, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "tt.safetensors"
+    args = ["finetune", str(base), "--method", "textual-inversion", "--images", str(images),
+            "--prompt", PROMPT, "--steps", "2", "--out", str(out)]  # fmt: skip
+    for extra, says in (
+        (["--token", "mono", "--init-word", WORD], "knows already"),
+        (["--token", "<v>", "--init-word", WORD], "at least two"),
+        (["--token", TOKEN], "needs --init-word"),
+        (["--token", TOKEN, "--init-word", "zebra"], "unknown words"),
+        (["--token", TOKEN, "--init-word", WORD, "--rank", "2"], "--rank applies"),
+        (["--token", TOKEN, "--init-word", WORD, "--targets", "q"], "--targets applies"),
+    ):
+        assert says in refused(monkeypatch, capsys, *args, *extra), extra
+    assert not out.exists()
+    code, stdout, err = run(monkeypatch, capsys, *args, "--token", TOKEN, "--init-word", WORD,
+                            "--quiet")  # fmt: skip
+    assert code == 0, err
+    assert "16 trained parameters" in stdout and out.is_file()
+    prompt = ["--prompt", "a red <tt> letter k", "--n", "2", "--out", str(tmp_path / "s")]
+    code, _, err = run(monkeypatch, capsys, "sample", str(base), "--embedding", str(out), *prompt)
+    assert code == 0, err
+    assert (tmp_path / "s.npz").is_file()
+    # without the embedding the word is unknown; on another base the file is refused
+    assert "unknown words" in refused(monkeypatch, capsys, "sample", str(base), *prompt)
+    for other, why in zip(other_bases, ("another architecture", "other weights"), strict=True):
+        assert why in refused(monkeypatch, capsys, "sample", str(other), "--embedding", str(out),
+                              *prompt)  # fmt: skip
+    lora = trained_adapter(base, images, tmp_path / "a.safetensors")
+    assert "not a difflab textual-inversion file" in refused(
+        monkeypatch, capsys, "sample", str(base), "--embedding", str(lora), *prompt
     )

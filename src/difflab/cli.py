@@ -195,6 +195,13 @@ def sample(
             "(their updates add up)."
         ),
     ] = None,
+    embedding: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="Text-to-image: a textual-inversion embedding from difflab finetune, "
+            "repeatable; its token is a word of --prompt."
+        ),
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Output stem (default RUN/samples).")] = None,
     format_: Annotated[
         str, typer.Option("--format", help="npz, or png: also one PNG per sample in OUT/.")
@@ -217,6 +224,8 @@ def sample(
         finetuning = _finetune_module()
         tokens = finetuning.apply_adapters(loaded, adapter)
         prompt = None if prompt is None else finetuning.read_prompt(prompt, tokens)
+    if embedding:
+        _finetune_module().apply_embeddings(loaded, embedding)
     options = _given(
         sampler=sampler, steps=steps, grid=grid, eta=eta, sampler_options=_pairs(opt),
         label=class_, guidance=guidance, convention=convention, classifier=classifier,
@@ -394,15 +403,17 @@ def distill(
 
 @app.command(
     help="Teach a text-to-image run a new concept from a folder of 32x32 RGB pictures "
-    "(seed 004, fine-tuning). --method lora: low-rank adapters (A Gaussian, B zero, scale "
-    "alpha/rank; Hugging Face peft) on the denoiser's attention projections, the base frozen, "
-    "trained with the run's objective on --prompt with --token in its {}; OUT is a small "
-    "safetensors file of the adapter alone, for difflab sample RUN --adapter OUT[:SCALE] and "
-    "difflab merge."
+    "(seed 004, fine-tuning). --method textual-inversion: a new word --token in the text "
+    "encoder's vocabulary, initialised from --init-word, its row alone trained; OUT holds that "
+    "row, for difflab sample RUN --embedding OUT. --method lora: low-rank adapters (A "
+    "Gaussian, B zero, scale alpha/rank; Hugging Face peft) on the denoiser's attention "
+    "projections, the base frozen; OUT is a small safetensors file of the adapter alone, for "
+    "difflab sample RUN --adapter OUT[:SCALE] and difflab merge. Both train with the run's "
+    "objective on --prompt with --token in its {}."
 )
 def finetune(
     run: Annotated[Path, typer.Argument(help="The text-to-image run folder.")],
-    method: Annotated[str, typer.Option(help="lora (the one built so far).")] = "lora",
+    method: Annotated[str, typer.Option(help="lora or textual-inversion.")] = "lora",
     images: Annotated[
         Path | None, typer.Option(help="Folder of the concept's 32x32 RGB pictures.")
     ] = None,
@@ -412,17 +423,24 @@ def finetune(
     token: Annotated[str | None, typer.Option(help="The concept's token, e.g. '<tt>'.")] = None,
     init_word: Annotated[
         str | None,
-        typer.Option(help="A word the run knows that an unknown token stands for (LoRA)."),
+        typer.Option(
+            help="LoRA: a word the run knows that an unknown token stands for; textual "
+            "inversion: the word whose row the new one starts from."
+        ),
     ] = None,
-    rank: Annotated[int, typer.Option(help="LoRA rank r.")] = 4,
+    rank: Annotated[int | None, typer.Option(help="LoRA rank r (4).")] = None,
     alpha: Annotated[
         float | None, typer.Option(help="LoRA alpha; the update is scaled alpha/r (default r).")
     ] = None,
     targets: Annotated[
-        str, typer.Option(help="Attention projections to adapt, a comma list of q,k,v,out.")
-    ] = "q,k,v,out",
+        str | None,
+        typer.Option(help="LoRA: attention projections to adapt, a comma list of q,k,v,out."),
+    ] = None,
     steps: Annotated[int | None, typer.Option(help="Training steps (200).")] = None,
-    lr: Annotated[float | None, typer.Option(help="Learning rate, AdamW (1e-3).")] = None,
+    lr: Annotated[
+        float | None,
+        typer.Option(help="Learning rate, AdamW (LoRA 1e-3, textual inversion 5e-3)."),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     out: Annotated[Path | None, typer.Option(help="The adapter file to write.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
@@ -432,21 +450,26 @@ def finetune(
     finetuning = _finetune_module()
     if method not in finetuning.METHODS:
         methods = ", ".join(finetuning.METHODS)
-        raise UserError(f"--method must be one of {methods} (textual inversion and DreamBooth "
-                        f"are not built yet), got {method!r}")  # fmt: skip
+        raise UserError(f"--method must be one of {methods} (DreamBooth is not built yet), "
+                        f"got {method!r}")  # fmt: skip
     for option, value in (("--images", images), ("--prompt", prompt), ("--token", token),
                           ("--out", out)):  # fmt: skip
         if value is None:
             raise UserError(f"difflab finetune needs {option}")
-    result = finetuning.finetune_lora(
-        run, images=images, prompt=prompt, token=token, out=out, rank=rank, targets=targets,
-        alpha=alpha, init_word=init_word, seed=seed, device=device, progress=not quiet,
-        **_given(steps=steps, lr=lr),
-    )  # fmt: skip
+    common = dict(images=images, prompt=prompt, token=token, out=out, init_word=init_word,
+                  seed=seed, device=device, progress=not quiet)  # fmt: skip
+    common |= _given(steps=steps, lr=lr)
+    lora_only = _given(rank=rank, targets=targets, alpha=alpha)
+    if method == "lora":
+        result = finetuning.finetune_lora(run, **common, **lora_only)
+    else:
+        if lora_only:
+            raise UserError(f"--{next(iter(lora_only))} applies to --method lora only")
+        result = finetuning.finetune_embedding(run, **common)
     typer.echo(f"trained {result.steps} steps in {result.seconds:.1f} s, final loss "
-               f"{result.final_loss:.4f}; {result.trainable:,} adapter parameters "
+               f"{result.final_loss:.4f}; {result.trainable:,} trained parameters "
                f"({result.trainable / result.base_params:.2%} of the base's "
-               f"{result.base_params:,})\nadapter: {result.path} "
+               f"{result.base_params:,})\nwrote {result.path} "
                f"({result.path.stat().st_size:,} bytes)")  # fmt: skip
 
 

@@ -1,6 +1,9 @@
-"""Teaching a trained text-to-image run a new concept with low-rank adapters (LoRA; seed 004,
-"Fine-tuning"; Hu et al. 2021): ``difflab finetune RUN --method lora``, ``difflab sample RUN
---adapter FILE[:SCALE]`` and ``difflab merge RUN --adapter FILE[:SCALE] --out MERGED``.
+"""Teaching a trained text-to-image run a new concept (seed 004, "Fine-tuning"): low-rank
+adapters (LoRA; Hu et al. 2021), ``difflab finetune RUN --method lora``, ``difflab sample RUN
+--adapter FILE[:SCALE]`` and ``difflab merge RUN --adapter FILE[:SCALE] --out MERGED``; and
+textual inversion (Gal et al. 2022), ``difflab finetune RUN --method textual-inversion`` and
+``difflab sample RUN --embedding FILE``: a new word in the text encoder's vocabulary whose row
+alone is trained (see :func:`finetune_embedding`).
 
 A LoRA adapter replaces each chosen linear map ``h = W x`` of the denoiser's attention by
 ``h = W x + (alpha / r) B A x`` with ``A`` ``(r, d_in)`` drawn from a Gaussian and ``B``
@@ -31,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import time
 import warnings
 from collections.abc import Sequence
@@ -63,14 +67,18 @@ from difflab.train.checkpoint import (
     write_config_file,
 )
 
-METHODS = ("lora",)
+METHODS = ("lora", "textual-inversion")
 TARGETS = ("q", "k", "v", "out")
 #: The ``format`` entry of an adapter file's metadata.
 ADAPTER_FORMAT = "difflab-lora-1"
+#: The ``format`` entry of a textual-inversion embedding file's metadata.
+EMBEDDING_FORMAT = "difflab-embedding-1"
 #: Concept images are glyph-sized RGB pictures.
 IMAGE_SHAPE = (3, 32, 32)
 DEFAULT_STEPS = 200
 DEFAULT_LR = 1e-3
+#: Textual inversion's learning rate when none is given (one row learns faster at a higher one).
+DEFAULT_EMBEDDING_LR = 5e-3
 
 
 # ================================================================================================
@@ -228,13 +236,14 @@ def read_adapter(path: Path) -> Adapter:
     return Adapter(tensors, meta, path)
 
 
-def check_base(adapter: Adapter, model: TextToImageModel, base_hash: str) -> None:
-    """Refuse an adapter made for another base: another architecture, or other weights."""
-    if adapter.meta["architecture"] != architecture(model):
-        raise UserError(f"{adapter.path} was made for a model of another architecture than "
-                        "this run's")  # fmt: skip
-    if adapter.meta["base"] != base_hash:
-        raise UserError(f"{adapter.path} was made for other weights than this run's (another "
+def check_base(meta: dict[str, str], path: Path, model: TextToImageModel, base_hash: str) -> None:
+    """Refuse a file (its ``meta``) made for another base: another architecture, or other
+    weights."""
+    if meta["architecture"] != architecture(model):
+        raise UserError(f"{path} was made for a model of another architecture than this "
+                        "run's")  # fmt: skip
+    if meta["base"] != base_hash:
+        raise UserError(f"{path} was made for other weights than this run's (another "
                         "training or step of the same architecture)")  # fmt: skip
 
 
@@ -273,7 +282,7 @@ def apply_adapters(run: Run, specs: Sequence[str]) -> dict[str, str]:
     for spec in specs:
         path, scale = parse_scale(spec)
         adapter = read_adapter(path)
-        check_base(adapter, model, base_hash)
+        check_base(adapter.meta, path, model, base_hash)
         adapters.append((adapter, scale))
     attach(net, adapters)
     return {a.meta["token"]: a.meta["word"] for a, _ in adapters if a.meta["word"]}
@@ -440,3 +449,165 @@ def merge(run_path: str | Path, specs: Sequence[str], out: str | Path) -> Path:
                     extra={"merged_adapters": list(specs)})  # fmt: skip
     write_config_file(out, ckpt.config)
     return out
+
+
+# ================================================================================================
+# Textual inversion
+# ================================================================================================
+
+
+def pseudo_word(token: str) -> str:
+    """The word a textual-inversion token is read as (``"<tt>"`` -> ``"tt"``): one run of at
+    least two letters or digits that the run's vocabulary does not hold."""
+    parts = re.findall(r"[A-Za-z0-9]+", token)
+    if len(parts) != 1 or len(parts[0]) < 2 or token.split() != [token]:
+        raise UserError(f"--token must read as one new word of at least two letters or digits "
+                        f"(such as <tt>), got {token!r}")  # fmt: skip
+    if _tokenizes(parts[0]):
+        raise UserError(f"the token {token!r} reads as {parts[0].lower()!r}, a word the run "
+                        "knows already: textual inversion adds a new one")  # fmt: skip
+    return parts[0].lower()
+
+
+def word_id(word: str) -> int:
+    """The vocabulary id of ``word``, a single word the run knows."""
+    try:
+        tokens = tokenize([word])[0][0]
+    except ValueError as e:
+        raise UserError(f"--init-word: {e}") from None
+    if int((tokens != 0).sum()) != 1:
+        raise UserError(f"--init-word must be one word of the vocabulary, got {word!r}")
+    return int(tokens[0])
+
+
+def add_rows(model: TextToImageModel, words: Sequence[str], rows: Tensor) -> None:
+    """Append ``rows`` ``(k, dim)`` to the text encoder's word embeddings as the pseudo-words
+    ``words`` (ids ``V, V + 1, ...`` after the ``V`` the model has); every existing row is kept
+    as it is."""
+    encoder = model.denoiser.net.encoder
+    old = encoder.words
+    if rows.shape[1:] != old.weight.shape[1:]:
+        raise UserError(f"the embedding has width {rows.shape[1]}, the run's text encoder "
+                        f"{old.weight.shape[1]}")  # fmt: skip
+    new = nn.Embedding(old.num_embeddings + len(rows), old.embedding_dim,
+                       padding_idx=old.padding_idx)  # fmt: skip
+    new = new.to(device=old.weight.device, dtype=old.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(torch.cat([old.weight, rows.to(old.weight)]))
+    encoder.words = new
+    model.added_words = (*model.added_words, *words)
+
+
+def apply_embeddings(run: Run, paths: Sequence[str | Path]) -> None:
+    """Add the pseudo-words of the embedding files ``paths`` to the loaded text-to-image
+    ``run`` after checking each was made for it."""
+    if run.recipe is not TEXT_TO_IMAGE:
+        raise UserError(f"--embedding applies to text-to-image runs, not to {run.recipe.name} runs")
+    model: TextToImageModel = run.model
+    base_hash = weights_hash(model.denoiser.net)
+    words, rows = [], []
+    for path in map(Path, paths):
+        meta, row = read_embedding(path)
+        check_base(meta, path, model, base_hash)
+        if meta["word"] in words:
+            raise UserError(f"two embeddings of the word {meta['word']!r}: give one")
+        words.append(meta["word"])
+        rows.append(row)
+    add_rows(model, words, torch.stack(rows))
+    model.denoiser.net.requires_grad_(False)
+
+
+def read_embedding(path: Path) -> tuple[dict[str, str], Tensor]:
+    """The metadata and the row ``(dim,)`` of a textual-inversion file."""
+    if not path.is_file():
+        raise UserError(f"no embedding file at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            row = f.get_tensor("embedding") if "embedding" in f.keys() else None  # noqa: SIM118
+    except PermissionError as e:
+        raise file_error(e, path) from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path} is not a readable embedding file: {e}") from None
+    if meta.get("format") != EMBEDDING_FORMAT or row is None or row.ndim != 1:
+        raise UserError(f"{path} is not a difflab textual-inversion file")
+    if {"base", "architecture", "word", "token"} - set(meta):
+        raise UserError(f"{path} has a damaged header")
+    return meta, row
+
+
+def finetune_embedding(
+    run_path: str | Path,
+    *,
+    images: str | Path,
+    prompt: str,
+    token: str,
+    init_word: str | None,
+    out: str | Path,
+    steps: int = DEFAULT_STEPS,
+    lr: float = DEFAULT_EMBEDDING_LR,
+    seed: int = 0,
+    device: str = "auto",
+    progress: bool = True,
+) -> FinetuneResult:
+    """Textual inversion (Gal et al. 2022; seed 004): add ``token`` as a new row of the text
+    encoder's vocabulary, initialised as ``init_word``'s row, and train that row alone (AdamW,
+    no weight decay; the gradient of every other row is masked to zero, so they stay
+    bit-identical) with the run's objective on the pictures of ``images`` captioned ``prompt``;
+    write the row alone to ``out``."""
+    steps, seed = positive_int("steps", steps), seed_value(seed)
+    if not (math.isfinite(lr) and lr > 0):
+        raise UserError("--lr must be a positive number")
+    if "{}" not in prompt:
+        raise UserError(f"--prompt must hold {{}} where the token goes, e.g. 'a {{}} letter A'; "
+                        f"got {prompt!r}")  # fmt: skip
+    word = pseudo_word(token)
+    if init_word is None:
+        raise UserError("textual inversion needs --init-word, the word the new row starts from")
+    start_id = word_id(init_word)
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder: give the embedding file's name")
+    try:
+        tokenize([prompt.replace("{}", token)], (word,))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    run = text_to_image_run(run_path, device)
+    model: TextToImageModel = run.model
+    x0 = concept_images(images).to(model.device)
+    if model.autoencoder is not None:
+        with torch.no_grad():
+            x0 = encode_means(model.autoencoder.net, x0) * model.autoencoder.latent_scale
+    net = model.denoiser.net
+    base_hash, base_params = weights_hash(net), sum(p.numel() for p in net.parameters())
+    add_rows(model, [word], net.encoder.words.weight[start_id : start_id + 1].detach().clone())
+    tokens = tokenize([prompt.replace("{}", token)], model.added_words)[0].to(model.device)
+    tokens = tokens.expand(len(x0), -1)
+    net.requires_grad_(False)
+    weight = net.encoder.words.weight
+    weight.requires_grad_(True)
+    new = len(weight) - 1
+    only_new = torch.zeros_like(weight[:, :1])
+    only_new[new] = 1
+    weight.register_hook(lambda grad: grad * only_new)
+    optimizer = torch.optim.AdamW([weight], lr=lr, weight_decay=0.0)
+    d = model.config.diffusion
+    objective = make_objective(d.prediction, d.weighting)
+    generator = torch.Generator(model.device).manual_seed(seed)
+    start, loss = time.perf_counter(), torch.zeros(())
+    for _ in tqdm(range(steps), desc="finetune (textual inversion)", disable=not progress):
+        loss = objective(model.denoiser, x0, {"tokens": tokens}, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    seconds = time.perf_counter() - start
+    meta = {"format": EMBEDDING_FORMAT, "method": "textual-inversion", "base": base_hash,
+            "architecture": architecture(model), "base_run": str(Path(run_path).resolve()),
+            "base_step": str(model.step), "token": token, "word": word,
+            "init_word": init_word, "prompt": prompt, "steps": str(steps), "lr": repr(lr),
+            "images": str(len(x0))}  # fmt: skip
+    row = weight[new].detach().cpu().clone()
+    if out.parent != Path():
+        make_folder(out.parent)
+    write_bytes(out, safetensors_bytes({"embedding": row}, metadata=meta))
+    return FinetuneResult(out, steps, seconds, row.numel(), base_params, float(loss.detach()))

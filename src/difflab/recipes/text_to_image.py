@@ -141,15 +141,17 @@ def _words(text: str) -> list[str]:
     return out
 
 
-def tokenize(texts: Sequence[str]) -> tuple[Tensor, Tensor]:
+def tokenize(texts: Sequence[str], added: Sequence[str] = ()) -> tuple[Tensor, Tensor]:
     """``(tokens, groups)``, both ``(N, MAX_TOKENS)`` long, left-aligned and padded: the token
     id of each word and the index in :data:`GROUPS` of the attribute it names (the words from
-    "on" to "background" name the background). Raises ``ValueError`` for unknown words and
-    captions longer than :data:`MAX_TOKENS` words."""
+    "on" to "background" name the background). ``added``: pseudo-words of textual inversion
+    (lower case), read as ids ``len(VOCAB), len(VOCAB) + 1, ...`` (group 0). Raises
+    ``ValueError`` for unknown words and captions longer than :data:`MAX_TOKENS` words."""
+    ids = {**_TOKEN, **{word: len(VOCAB) + i for i, word in enumerate(added)}}
     tokens, groups = [], []
     for text in texts:
         words = _words(text)
-        unknown = sorted({w for w in words if w not in _TOKEN})
+        unknown = sorted({w for w in words if w not in ids})
         if unknown:
             raise ValueError(
                 f"unknown words {unknown} in {text!r}; the captions use: {', '.join(WORDS[1:])}, "
@@ -160,7 +162,7 @@ def tokenize(texts: Sequence[str]) -> tuple[Tensor, Tensor]:
         background = words.index("on") if "on" in words else len(words)
         group = [_GROUP_OF.get(w, 0) if i < background else 6 for i, w in enumerate(words)]
         pad = [PAD] * (MAX_TOKENS - len(words))
-        tokens.append([_TOKEN[w] for w in words] + pad)
+        tokens.append([ids[w] for w in words] + pad)
         groups.append(group + pad)
     return (torch.tensor(tokens, dtype=torch.long).reshape(-1, MAX_TOKENS),
             torch.tensor(groups, dtype=torch.long).reshape(-1, MAX_TOKENS))  # fmt: skip
@@ -261,6 +263,8 @@ class TextToImageModel:
     step: int
     autoencoder: LoadedAutoencoder | None = None
     class_names: None = None
+    #: Pseudo-words of textual-inversion embeddings added to the text encoder's vocabulary.
+    added_words: tuple[str, ...] = ()
 
     @property
     def device(self) -> torch.device:
@@ -358,7 +362,11 @@ class TextToImageRecipe(Recipe):
         threshold, percentile = threshold_settings(threshold, percentile, s.threshold, model.shape)
         seed = s.seed if seed is None else seed_value(seed)
         per_prompt = -(-n // len(prompts))
-        tokens = _tokens(prompts).repeat_interleave(per_prompt, dim=0)[:n].to(model.device)
+        tokens = (
+            _tokens(prompts, model.added_words)
+            .repeat_interleave(per_prompt, dim=0)[:n]
+            .to(model.device)
+        )
         empty = torch.full((1, MAX_TOKENS), PAD, dtype=torch.long, device=model.device)
         den = guided_denoiser(model, guidance=guidance, convention=convention,
                               threshold=threshold, percentile=percentile,
@@ -443,9 +451,9 @@ class TextToImageRecipe(Recipe):
 EVAL_CHUNK = 250
 
 
-def _tokens(prompts: list[str]) -> Tensor:
+def _tokens(prompts: list[str], added: tuple[str, ...] = ()) -> Tensor:
     try:
-        return tokenize(prompts)[0]
+        return tokenize(prompts, added)[0]
     except ValueError as e:
         raise UserError(str(e)) from None
 

@@ -162,8 +162,8 @@ def weights_hash(net: nn.Module) -> str:
     left out."""
     digest = hashlib.sha256()
     for name, tensor in sorted(base_state(net).items()):
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{t.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
 

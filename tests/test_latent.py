@@ -15,6 +15,7 @@ from cli_run import run
 
 import difflab
 from difflab.data.images import digits_split
+from difflab.recipes import load_config
 from difflab.recipes.autoencoder import encode_means
 
 TINY_AE = ["data.name=digits", "data.held_out=0.2", "autoencoder.channels=8",
@@ -145,3 +146,11 @@ def test_a_missing_or_changed_autoencoder_is_refused_at_load(runs, tmp_path, mon
     shutil.rmtree(ae)
     code, _, err = run(monkeypatch, capsys, "sample", str(latent), "--n", "2")
     assert code == 2 and f"the autoencoder of this latent model, {ae}, is missing" in err, err
+
+
+def test_an_image_preset_becomes_a_v_prediction_latent_config_unless_told_otherwise(runs):
+    ae = f"latent.autoencoder={runs / 'ae'}"
+    assert load_config("glyphs", [ae], recipe="latent")[1].diffusion.prediction == "v"
+    told = load_config("glyphs", [ae, "diffusion.prediction=eps"], recipe="latent")[1]
+    assert told.diffusion.prediction == "eps"
+    assert load_config("glyphs", [], recipe="image")[1].diffusion.prediction == "eps"

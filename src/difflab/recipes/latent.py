@@ -9,9 +9,14 @@ kind, class conditioning with dropout) on
     z_0 = latent_scale * mu(x),
 
 whose standard deviation is 1 on the autoencoder's training data (``latent_scale`` is the one
-the autoencoder measured and stored in its checkpoint). ``model.kind=mlp`` sees each latent
-flattened to a vector. The run records the autoencoder's absolute path, step and latent scale,
-and refuses to load when the autoencoder is missing or has changed since.
+the autoencoder measured and stored in its checkpoint). On an image preset (``--recipe latent``
+on ``glyphs``) the prediction becomes ``v`` unless the user asks for another: latents are not
+bounded, so no x_0 threshold can catch the eps-prediction's estimate ``x_0 = (z_t - sigma_t
+eps) / alpha_t``, which multiplies the network's eps error by ``1 / alpha_t`` (2 * 10^4 at the
+cosine schedule's ``t = 1``; a trained eps model's sampled latents came out with a standard
+deviation of 2,000), while ``x_0 = alpha_t z_t - sigma_t v`` stays bounded. ``model.kind=mlp``
+sees each latent flattened to a vector. The run records the autoencoder's absolute path, step
+and latent scale, and refuses to load when the autoencoder is missing or has changed since.
 
 Sampling draws latents with any sampler and classifier-free guidance exactly as the image recipe
 does (no x_0 threshold: latents are not bounded, so ``--threshold`` does not apply; nor does
@@ -29,7 +34,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -180,6 +185,7 @@ class LatentRecipe(ImageRecipe):
     config_type = LatentConfig
     preset = "glyphs"
     demo = Recipe.demo  # no demo of its own (the image recipe's is the digits demo)
+    adopted: ClassVar[dict[str, dict[str, Any]]] = {"diffusion": {"prediction": "v"}}
 
     def training_data(self, cfg: LatentConfig) -> tuple[ArrayData, dict[str, Any]]:
         """``latent_scale * mu(x)`` of the training split and the autoencoder's record."""

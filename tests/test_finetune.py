@@ -379,7 +379,7 @@ def test_bad_finetune_input_is_refused_in_one_line_and_nothing_is_written(
         (["--images", str(tmp_path / "missing")], "does not exist"),
         (["--images", str(unreadable)], "cannot read image"),
         (["--images", str(large)], "64x64"),
-        (["--images", str(images), "--method", "dreambooth"], "--method"),
+        (["--images", str(images), "--method", "bogus"], "--method"),
         (["--images", str(images), "--targets", "k"], "k and v"),
         (["--images", str(images), "--rank", "0"], "rank"),
         (["--images", str(images), "--alpha", "-1"], "--alpha"),
@@ -504,3 +504,75 @@ def test_textual_inversion_from_the_command_line_and_its_refusals(
     assert "not a difflab textual-inversion file" in refused(
         monkeypatch, capsys, "sample", str(base), "--embedding", str(lora), *prompt
     )
+
+
+# ------------------------------------------------------------------ DreamBooth
+
+CLASS_PROMPT = "a letter A"
+
+
+def test_class_pictures_come_from_the_frozen_base_with_the_same_seed(base):
+    model = load(base, "cpu").model
+    first = ft.class_images(model, CLASS_PROMPT, 3, seed=4)
+    again = ft.class_images(load(base, "cpu").model, CLASS_PROMPT, 3, seed=4)
+    assert torch.equal(first, again)
+    assert torch.equal(first, load(base, "cpu").sample(3, prompt=CLASS_PROMPT, seed=4).x)
+    assert not torch.equal(first, ft.class_images(model, CLASS_PROMPT, 3, seed=5))
+
+
+def test_the_dreambooth_loss_is_its_two_terms_and_without_prior_plain_fine_tuning(base):
+    model = load(base, "cpu").model
+    objective = make_objective(model.config.diffusion.prediction)
+    x, _, _ = inputs()
+    x = x.clamp(-1, 1)
+    instance = (x, t2i.tokenize(["a mono letter A"] * 3)[0])
+    prior = (x.flip(0), t2i.tokenize([CLASS_PROMPT] * 3)[0])
+    total, l_inst, l_prior = ft.dreambooth_loss(objective, model.denoiser, instance, prior, 0.7,
+                                                torch.Generator().manual_seed(9))  # fmt: skip
+    # the terms, each computed alone with the generator in the same state
+    g = torch.Generator().manual_seed(9)
+    want_inst = objective(model.denoiser, instance[0], {"tokens": instance[1]}, g)
+    want_prior = objective(model.denoiser, prior[0], {"tokens": prior[1]}, g)
+    assert torch.equal(l_inst, want_inst) and torch.equal(l_prior, want_prior)
+    assert float(l_prior.detach()) > 0
+    torch.testing.assert_close(total, want_inst + 0.7 * want_prior, rtol=1e-6, atol=0)
+    # prior weight 0: exactly the instance loss, the plain fine-tuning objective
+    plain, _, zero = ft.dreambooth_loss(objective, model.denoiser, instance, prior, 0.0,
+                                        torch.Generator().manual_seed(9))  # fmt: skip
+    assert torch.equal(plain, want_inst) and float(zero) == 0
+
+
+def test_dreambooth_from_the_command_line(base, images, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "db"
+    args = ["finetune", str(base), "--method", "dreambooth", "--images", str(images),
+            "--prompt", PROMPT, "--token", "stix", "--steps", "2", "--out", str(out)]  # fmt: skip
+    for extra, says in (
+        ([], "needs --class-prompt"),
+        (["--class-prompt", CLASS_PROMPT, "--prior-weight", "-1"], "--prior-weight"),
+        (["--class-prompt", CLASS_PROMPT, "--num-class-images", "0"], "--num-class-images"),
+        (["--class-prompt", "a zebra"], "does not know"),
+        (["--class-prompt", CLASS_PROMPT, "--rank", "2"], "--rank applies"),
+        (["--class-prompt", CLASS_PROMPT, "--init-word", "mono"], "--init-word"),
+    ):
+        assert says in refused(monkeypatch, capsys, *args, *extra), extra
+    assert "--class-prompt applies" in refused(
+        monkeypatch, capsys, *[a if a != "dreambooth" else "lora" for a in args],
+        "--class-prompt", CLASS_PROMPT, "--init-word", "mono",
+    )  # fmt: skip
+    unknown = [a if a != "stix" else TOKEN for a in args]
+    assert "identifier" in refused(monkeypatch, capsys, *unknown, "--class-prompt", CLASS_PROMPT)
+    assert not out.exists()
+    code, _, err = run(monkeypatch, capsys, *args, "--class-prompt", CLASS_PROMPT,
+                       "--num-class-images", "3", "--lr", "1e-3", "--quiet")  # fmt: skip
+    assert code == 0, err
+    tuned = load(out, "cpu").model.denoiser.net.state_dict()
+    before = load(base, "cpu").model.denoiser.net.state_dict()
+    assert tuned.keys() == before.keys()
+    # the text encoder frozen, the denoiser tuned
+    assert all(torch.equal(tuned[k], v) for k, v in before.items() if k.startswith("encoder."))
+    assert any(not torch.equal(tuned[k], v) for k, v in before.items() if k.startswith("net."))
+    code, _, err = run(monkeypatch, capsys, "sample", str(out), "--prompt", "a stix letter A",
+                       "--n", "2", "--out", str(tmp_path / "s"))  # fmt: skip
+    assert code == 0, err
+    assert "not an empty folder" in refused(monkeypatch, capsys, *args, "--class-prompt",
+                                            CLASS_PROMPT)  # fmt: skip

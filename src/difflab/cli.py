@@ -409,11 +409,14 @@ def distill(
     "Gaussian, B zero, scale alpha/rank; Hugging Face peft) on the denoiser's attention "
     "projections, the base frozen; OUT is a small safetensors file of the adapter alone, for "
     "difflab sample RUN --adapter OUT[:SCALE] and difflab merge. Both train with the run's "
-    "objective on --prompt with --token in its {}."
+    "objective on --prompt with --token in its {}. --method dreambooth: the whole denoiser "
+    "fine-tuned on --prompt with a known word as identifier, with the prior-preservation loss "
+    "on --num-class-images pictures of --class-prompt the frozen run draws first; OUT is a "
+    "new run folder."
 )
 def finetune(
     run: Annotated[Path, typer.Argument(help="The text-to-image run folder.")],
-    method: Annotated[str, typer.Option(help="lora or textual-inversion.")] = "lora",
+    method: Annotated[str, typer.Option(help="lora, textual-inversion or dreambooth.")] = "lora",
     images: Annotated[
         Path | None, typer.Option(help="Folder of the concept's 32x32 RGB pictures.")
     ] = None,
@@ -436,10 +439,24 @@ def finetune(
         str | None,
         typer.Option(help="LoRA: attention projections to adapt, a comma list of q,k,v,out."),
     ] = None,
+    class_prompt: Annotated[
+        str | None,
+        typer.Option(help="DreamBooth: the class caption of the prior-preservation pictures."),
+    ] = None,
+    num_class_images: Annotated[
+        int | None,
+        typer.Option(help="DreamBooth: class pictures the frozen run draws first (16)."),
+    ] = None,
+    prior_weight: Annotated[
+        float | None,
+        typer.Option(help="DreamBooth: weight lambda of the prior-preservation loss (1; 0: off)."),
+    ] = None,
     steps: Annotated[int | None, typer.Option(help="Training steps (200).")] = None,
     lr: Annotated[
         float | None,
-        typer.Option(help="Learning rate, AdamW (LoRA 1e-3, textual inversion 5e-3)."),
+        typer.Option(
+            help="Learning rate, AdamW (LoRA 1e-3, textual inversion 5e-3, DreamBooth 5e-5)."
+        ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     out: Annotated[Path | None, typer.Option(help="The adapter file to write.")] = None,
@@ -450,8 +467,7 @@ def finetune(
     finetuning = _finetune_module()
     if method not in finetuning.METHODS:
         methods = ", ".join(finetuning.METHODS)
-        raise UserError(f"--method must be one of {methods} (DreamBooth is not built yet), "
-                        f"got {method!r}")  # fmt: skip
+        raise UserError(f"--method must be one of {methods}, got {method!r}")
     for option, value in (("--images", images), ("--prompt", prompt), ("--token", token),
                           ("--out", out)):  # fmt: skip
         if value is None:
@@ -460,12 +476,21 @@ def finetune(
                   seed=seed, device=device, progress=not quiet)  # fmt: skip
     common |= _given(steps=steps, lr=lr)
     lora_only = _given(rank=rank, targets=targets, alpha=alpha)
+    dreambooth_only = _given(class_prompt=class_prompt, num_class_images=num_class_images,
+                             prior_weight=prior_weight)  # fmt: skip
+    for only, name in ((lora_only, "lora"), (dreambooth_only, "dreambooth")):
+        if only and method != name:
+            option = "--" + next(iter(only)).replace("_", "-")
+            raise UserError(f"{option} applies to --method {name} only")
     if method == "lora":
         result = finetuning.finetune_lora(run, **common, **lora_only)
-    else:
-        if lora_only:
-            raise UserError(f"--{next(iter(lora_only))} applies to --method lora only")
+    elif method == "textual-inversion":
         result = finetuning.finetune_embedding(run, **common)
+    else:
+        if common.pop("init_word") is not None:
+            raise UserError("--init-word does not apply to DreamBooth: its identifier --token "
+                            "is a word the run knows")  # fmt: skip
+        result = finetuning.finetune_dreambooth(run, **common, **dreambooth_only)
     typer.echo(f"trained {result.steps} steps in {result.seconds:.1f} s, final loss "
                f"{result.final_loss:.4f}; {result.trainable:,} trained parameters "
                f"({result.trainable / result.base_params:.2%} of the base's "

@@ -3,7 +3,9 @@ adapters (LoRA; Hu et al. 2021), ``difflab finetune RUN --method lora``, ``diffl
 --adapter FILE[:SCALE]`` and ``difflab merge RUN --adapter FILE[:SCALE] --out MERGED``; and
 textual inversion (Gal et al. 2022), ``difflab finetune RUN --method textual-inversion`` and
 ``difflab sample RUN --embedding FILE``: a new word in the text encoder's vocabulary whose row
-alone is trained (see :func:`finetune_embedding`).
+alone is trained (see :func:`finetune_embedding`); and DreamBooth (Ruiz et al. 2023), ``difflab
+finetune RUN --method dreambooth``: the whole denoiser tuned with the prior-preservation loss
+(see :func:`finetune_dreambooth`).
 
 A LoRA adapter replaces each chosen linear map ``h = W x`` of the denoiser's attention by
 ``h = W x + (alpha / r) B A x`` with ``A`` ``(r, d_in)`` drawn from a Gaussian and ``B``
@@ -40,6 +42,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
@@ -67,7 +70,7 @@ from difflab.train.checkpoint import (
     write_config_file,
 )
 
-METHODS = ("lora", "textual-inversion")
+METHODS = ("lora", "textual-inversion", "dreambooth")
 TARGETS = ("q", "k", "v", "out")
 #: The ``format`` entry of an adapter file's metadata.
 ADAPTER_FORMAT = "difflab-lora-1"
@@ -432,21 +435,31 @@ def merge(run_path: str | Path, specs: Sequence[str], out: str | Path) -> Path:
     ``W <- W + sum_i s_i (alpha_i / r_i) B_i A_i``, and write an ordinary run folder ``out``
     (the run's config and step, the merged weights) that samples as the run with the adapters
     on. ``out`` must be new or empty."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"--out {out} exists and is not an empty folder: choose a new folder")
+    out = new_folder(out)
     run = text_to_image_run(run_path, "cpu")
     apply_adapters(run, specs)
     net = run.model.denoiser.net
     for module in net.modules():
         if isinstance(module, LoraLayer):
             module.merge(adapter_names=list(module.active_adapters))
-    merged = base_state(net)
+    return write_run(run_path, base_state(net), out, {"merged_adapters": list(specs)})
+
+
+def new_folder(out: str | Path) -> Path:
+    """``out``, refused unless it is a new or empty folder."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--out {out} exists and is not an empty folder: choose a new folder")
+    return out
+
+
+def write_run(run_path: str | Path, state: dict[str, Tensor], out: Path, extra: dict) -> Path:
+    """An ordinary run folder ``out`` of ``run_path``'s config and step with the weights
+    ``state`` (no optimizer state)."""
     ckpt = load_checkpoint(run_path)
     make_folder(out)
-    save_checkpoint(out / FILENAME, config=ckpt.config, step=ckpt.step, model=merged,
-                    ema=merged, optimizer=None, rng={},
-                    extra={"merged_adapters": list(specs)})  # fmt: skip
+    save_checkpoint(out / FILENAME, config=ckpt.config, step=ckpt.step, model=state, ema=state,
+                    optimizer=None, rng={}, extra=extra)  # fmt: skip
     write_config_file(out, ckpt.config)
     return out
 
@@ -611,3 +624,127 @@ def finetune_embedding(
         make_folder(out.parent)
     write_bytes(out, safetensors_bytes({"embedding": row}, metadata=meta))
     return FinetuneResult(out, steps, seconds, row.numel(), base_params, float(loss.detach()))
+
+
+# ================================================================================================
+# DreamBooth
+# ================================================================================================
+
+#: DreamBooth's learning rate when none is given (the whole denoiser trains).
+DEFAULT_DREAMBOOTH_LR = 5e-5
+
+
+def class_images(model: TextToImageModel, class_prompt: str, n: int, seed: int) -> Tensor:
+    """The ``n`` prior-preservation pictures ``x_class`` that the frozen base draws for
+    ``class_prompt`` with ``seed`` (its own sampling settings): the same seed, the same
+    pictures."""
+    with torch.no_grad():
+        return TEXT_TO_IMAGE.sample(model, n, prompt=class_prompt, seed=seed).x
+
+
+def dreambooth_loss(
+    objective: Any,
+    denoiser: Any,
+    instance: tuple[Tensor, Tensor],
+    prior: tuple[Tensor, Tensor] | None,
+    prior_weight: float,
+    generator: torch.Generator,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(L, L_instance, L_prior)`` with ``L = L_instance + lambda L_prior`` (Ruiz et al. 2023;
+    seed 004): ``L_instance`` the run's objective on the concept pictures and their caption
+    "a [V] <class>", ``L_prior`` the same objective on the class pictures ``x_class`` and the
+    class caption (``lambda ||x_theta(z', c_class) - x_class||^2`` in the objective's
+    weighting). The instance term draws its noise and times first; with ``lambda = 0`` (or no
+    class pictures) the prior term is not computed and ``L`` is plain fine-tuning's loss."""
+    x, tokens = instance
+    l_instance = objective(denoiser, x, {"tokens": tokens}, generator)
+    if prior is None or prior_weight == 0:
+        return l_instance, l_instance, torch.zeros_like(l_instance)
+    l_prior = objective(denoiser, prior[0], {"tokens": prior[1]}, generator)
+    return l_instance + prior_weight * l_prior, l_instance, l_prior
+
+
+def finetune_dreambooth(
+    run_path: str | Path,
+    *,
+    images: str | Path,
+    prompt: str,
+    token: str,
+    out: str | Path,
+    class_prompt: str | None = None,
+    num_class_images: int = 16,
+    prior_weight: float = 1.0,
+    steps: int = DEFAULT_STEPS,
+    lr: float = DEFAULT_DREAMBOOTH_LR,
+    seed: int = 0,
+    device: str = "auto",
+    progress: bool = True,
+) -> FinetuneResult:
+    """DreamBooth: fine-tune the whole denoiser (the text encoder stays frozen) on the pictures
+    of ``images`` captioned ``prompt`` with the identifier ``token`` (a word the run knows,
+    rarely used, as the paper's rare tokens) in its ``{}``, with the class-specific
+    prior-preservation loss on ``num_class_images`` pictures the frozen run first draws for
+    ``class_prompt`` (:func:`dreambooth_loss`); write the result as an ordinary run ``out``."""
+    steps, seed = positive_int("steps", steps), seed_value(seed)
+    if not (math.isfinite(lr) and lr > 0):
+        raise UserError("--lr must be a positive number")
+    if not (math.isfinite(prior_weight) and prior_weight >= 0):
+        raise UserError(f"--prior-weight must be a number >= 0, got {prior_weight}")
+    if prior_weight > 0:
+        positive_int("num_class_images", num_class_images)
+        if class_prompt is None:
+            raise UserError("DreamBooth with a prior weight needs --class-prompt (the class "
+                            "without the identifier, e.g. 'a letter A')")  # fmt: skip
+    if "{}" not in prompt:
+        raise UserError(f"--prompt must hold {{}} where the token goes, e.g. 'a {{}} letter A'; "
+                        f"got {prompt!r}")  # fmt: skip
+    if token.split() != [token] or not _tokenizes(token):
+        raise UserError(f"DreamBooth's identifier must be one word the run knows (it tunes the "
+                        f"denoiser, not the vocabulary), got {token!r}")  # fmt: skip
+    caption = prompt.replace("{}", token)
+    for text in (caption, class_prompt or ""):
+        if not _tokenizes(text):
+            raise UserError(f"the caption {text!r} has words the run does not know")
+    out = new_folder(out)
+    run = text_to_image_run(run_path, device)
+    model: TextToImageModel = run.model
+    x_instance = concept_images(images).to(model.device)
+    prior = None
+    if prior_weight > 0:
+        x_class = class_images(model, class_prompt, num_class_images, seed).to(model.device)
+        prior = (_to_model_space(model, x_class),
+                 tokenize([class_prompt])[0].to(model.device).expand(len(x_class), -1))  # fmt: skip
+    instance = (_to_model_space(model, x_instance),
+                tokenize([caption])[0].to(model.device).expand(len(x_instance), -1))  # fmt: skip
+    net = model.denoiser.net
+    base_params = sum(p.numel() for p in net.parameters())
+    net.requires_grad_(False)
+    net.net.requires_grad_(True)
+    params = [p for p in net.net.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    d = model.config.diffusion
+    objective = make_objective(d.prediction, d.weighting)
+    generator = torch.Generator(model.device).manual_seed(seed)
+    start, loss = time.perf_counter(), torch.zeros(())
+    for _ in tqdm(range(steps), desc="finetune (dreambooth)", disable=not progress):
+        loss = dreambooth_loss(objective, model.denoiser, instance, prior, prior_weight,
+                               generator)[0]  # fmt: skip
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    seconds = time.perf_counter() - start
+    extra = {"dreambooth": {"token": token, "prompt": prompt, "class_prompt": class_prompt,
+                            "num_class_images": num_class_images if prior else 0,
+                            "prior_weight": prior_weight, "steps": steps, "lr": lr}}  # fmt: skip
+    state = {k: v.detach() for k, v in net.state_dict().items()}
+    write_run(run_path, state, out, extra)
+    return FinetuneResult(out, steps, seconds, sum(p.numel() for p in params), base_params,
+                          float(loss.detach()))  # fmt: skip
+
+
+def _to_model_space(model: TextToImageModel, x: Tensor) -> Tensor:
+    """Pictures as the run's denoiser learns them: themselves, or ``latent_scale * mu(x)``."""
+    if model.autoencoder is None:
+        return x
+    with torch.no_grad():
+        return encode_means(model.autoencoder.net, x) * model.autoencoder.latent_scale

@@ -5,7 +5,8 @@ Rows (1,000 class-conditional samples each by default, 100 per class, seed 0):
 - DPM-Solver++(2M) on the teacher, no training;
 - progressive distillation of the teacher (``difflab distill TEACHER --to-steps 1``): the
   student of each halving at its own step count (8, 4, 2, 1);
-- rectified flow: a flow trained like the teacher (``--recipe flow``), sampled by Euler; then
+- rectified flow: a flow trained like the teacher, for as many steps (``--recipe flow``),
+  sampled by Euler; then
   one reflow (``--method reflow``), Euler; then the reflowed flow distilled progressively;
 - consistency distillation of the teacher (``--method consistency``, ``--cd-steps`` training
   steps), sampled in 1 step and by multistep consistency sampling in 2, 4 and 8;
@@ -21,14 +22,20 @@ follows the teacher's own trajectories, so its distance to the reference can fal
 any independent draw; the row "teacher, DDIM 50 steps, another seed" measures that floor for
 stochastic samplers (multistep consistency sampling re-noises).
 
+``--guidance W`` measures guided distillation: the reference, the floor and DPM-Solver++ are
+sampled with classifier-free guidance ``W``, and the distillations fix ``W`` in the student
+(``difflab distill --guidance W``); only the two distillation rows apply then.
+
 Usage::
 
     python benchmarks/bench_fewstep.py --teacher runs/demo [--work runs/bench-fewstep]
-        [--n-per-class 100] [--train-steps 300] [--reflow-steps 1000] [--flow-minutes 2.7]
+        [--n-per-class 100] [--train-steps 300] [--reflow-steps 1000] [--flow-steps N]
         [--cd-steps 1000] [--ct-steps 1000] [--ct-minutes 0] [--rows progressive,flow,...]
+        [--guidance 0]
 
 ``--teacher`` is a digits run of the image recipe (the ``make demo`` checkpoint, or
-``difflab train digits``); the flow is trained with the same preset for ``--flow-minutes``.
+``difflab train digits``); the flow is trained with the same preset for ``--flow-steps``
+(default: as many as the teacher had).
 The students are written under ``--work`` (re-using those already there; a re-used one's
 time is printed as 0). ``--rows`` picks the method rows (``progressive``, ``flow``,
 ``consistency-distillation``, ``consistency-training``; default all); the DPM-Solver++(2M) row
@@ -72,16 +79,19 @@ def main() -> None:
     parser.add_argument("--n-per-class", type=int, default=100)
     parser.add_argument("--train-steps", type=int, default=300, help="per halving")
     parser.add_argument("--reflow-steps", type=int, default=1000)
-    parser.add_argument("--flow-minutes", type=float, default=2.7)
+    parser.add_argument("--flow-steps", type=int, default=0, help="0: the teacher's")
     parser.add_argument("--cd-steps", type=int, default=1000)
     parser.add_argument("--ct-steps", type=int, default=1000)
     parser.add_argument("--ct-minutes", type=float, default=0.0, help="0: no limit")
     parser.add_argument("--rows", default=",".join(ROWS), help="comma list of " + ", ".join(ROWS))
+    parser.add_argument("--guidance", type=float, default=0.0)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     rows = args.rows.split(",")
     if unknown := set(rows) - set(ROWS):
         parser.error(f"unknown rows {', '.join(sorted(unknown))}: choose from {', '.join(ROWS)}")
+    if args.guidance and (unguided := set(rows) - {"progressive", "consistency-distillation"}):
+        parser.error(f"--guidance applies to the distillation rows only, not {', '.join(unguided)}")
     labels = torch.arange(10).repeat_interleave(args.n_per_class)
     judge = load_digits_classifier()
     teacher = difflab.load(args.teacher, args.device)
@@ -89,7 +99,10 @@ def main() -> None:
     def draw(run, seed: int = 0, **options) -> torch.Tensor:
         return run.sample(len(labels), label=labels, seed=seed, **options).x.clamp(-1, 1).cpu()
 
-    reference = draw(teacher, sampler="ddim", steps=50)
+    def draw_teacher(seed: int = 0, **options) -> torch.Tensor:
+        return draw(teacher, seed, guidance=args.guidance, **options)
+
+    reference = draw_teacher(sampler="ddim", steps=50)
     ref_features = judge.features(reference)
     data_features = judge.features(load_dataset("digits").x)
 
@@ -102,15 +115,16 @@ def main() -> None:
         return f"{to_reference:.2f} / {pixels:.2f} / {100 * accuracy:.0f}% / {to_data:.2f}"
 
     lines = [
-        f"Teacher {args.teacher}: DDIM 50 steps is the reference ({row(reference)} on itself). "
+        f"Teacher {args.teacher}, guidance {args.guidance}: DDIM 50 steps is the reference "
+        f"({row(reference)} on itself). "
         "Cells: FD features / FD pixels to the reference / accuracy / FD features to the data.",
         "",
         "| method | 1 call | 2 calls | 4 calls | 8 calls | training time |",
         "|---|---|---|---|---|---|",
     ]
-    floor = row(draw(teacher, seed=1, sampler="ddim", steps=50))
+    floor = row(draw_teacher(seed=1, sampler="ddim", steps=50))
     lines.append(f"| teacher, DDIM 50 steps, another seed | {floor} (50 calls) | | | | 0 |")
-    cells = [row(draw(teacher, sampler="dpmpp_2m", steps=k)) for k in CALLS]
+    cells = [row(draw_teacher(sampler="dpmpp_2m", steps=k)) for k in CALLS]
     lines.append(f"| DPM-Solver++(2M) on the teacher | {' | '.join(cells)} | 0 |")
 
     work = args.work
@@ -121,7 +135,7 @@ def main() -> None:
     if "consistency-distillation" in rows:
         cd = work / "consistency-distillation"
         seconds = _timed_distill(args.teacher, cd, method="consistency",
-                                 train_steps=args.cd_steps)  # fmt: skip
+                                 train_steps=args.cd_steps, guidance=args.guidance)  # fmt: skip
         student = difflab.load(cd / "consistency", args.device)
         cells = [row(draw(student, steps=k)) for k in CALLS]
         lines.append(f"| consistency distillation ({args.cd_steps} steps) | {' | '.join(cells)} "
@@ -144,8 +158,8 @@ def main() -> None:
 
 def _progressive_row(args, draw, row) -> str:
     pd = args.work / "progressive"
-    seconds = _timed_distill(args.teacher, pd, method="progressive", to_steps=1,
-                             from_steps=16, train_steps=args.train_steps)  # fmt: skip
+    seconds = _timed_distill(args.teacher, pd, method="progressive", to_steps=1, from_steps=16,
+                             train_steps=args.train_steps, guidance=args.guidance)  # fmt: skip
     cells = [row(draw(difflab.load(pd / f"steps-{k}", args.device))) for k in CALLS]
     return f"| progressive distillation (16 -> 1) | {' | '.join(cells)} | {seconds:.0f} s |"
 
@@ -155,12 +169,14 @@ def _flow_rows(args, draw, row) -> list[str]:
     flow = work / "flow"
     start = time.perf_counter()
     if not is_run(flow):
-        difflab.train("digits", [f"train.out={flow}", f"train.max_minutes={args.flow_minutes}"],
+        steps = args.flow_steps or difflab.load(args.teacher).step
+        difflab.train("digits", [f"train.out={flow}", f"train.steps={steps}"],
                       recipe="flow", progress=False)  # fmt: skip
     flow_seconds = time.perf_counter() - start
     flow_run = difflab.load(flow, args.device)
     cells = [row(draw(flow_run, sampler="euler", steps=k)) for k in CALLS]
-    lines.append(f"| rectified flow, Euler | {' | '.join(cells)} | {flow_seconds:.0f} s |")
+    lines.append(f"| rectified flow ({flow_run.step} steps), Euler | {' | '.join(cells)} "
+                 f"| {flow_seconds:.0f} s |")  # fmt: skip
     reflow_dir = work / "reflow"
     seconds = _timed_distill(flow, reflow_dir, method="reflow", train_steps=args.reflow_steps)
     reflowed = difflab.load(reflow_dir / "reflow-1", args.device)

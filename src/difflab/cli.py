@@ -306,6 +306,10 @@ def evaluate(
     sampler: Annotated[str | None, typer.Option(help="Evaluations that sample: sampler.")] = None,
     steps: Annotated[int | None, typer.Option(help="Evaluations that sample: steps.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    judge: Annotated[
+        Path | None,
+        typer.Option(help="Text, latent-text runs: an ar run whose perplexity judges samples."),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
 ) -> None:
@@ -315,7 +319,7 @@ def evaluate(
     loaded = difflab.load(run, device)
     options = _given(n=n, method=method, t_samples=t_samples, ode_steps=ode_steps,
                      probes=probes, guidance=guidance, sampler=sampler, steps=steps,
-                     seed=seed)  # fmt: skip
+                     seed=seed, judge=judge)  # fmt: skip
     typer.echo(loaded.evaluate(progress=not quiet, **options).summary)
 
 

@@ -130,18 +130,27 @@ def embedding_diffusion_loss(
     )
     if noise_mask is not None:
         x_t = torch.where(noise_mask.repeat(2, 1)[..., None], x_t, torch.cat([emb, emb]))
-    cond = None
-    if net.self_condition:
-        with torch.no_grad():
-            first = denoiser(x_t, t).x0
-        keep = torch.rand(2 * B, generator=generator, device=device) < 0.5
-        cond = {"self_cond": torch.where(keep[:, None, None], first, torch.zeros_like(first))}
+    cond = self_conditioning_input(denoiser, x_t, t, generator) if net.self_condition else None
     x0_hat = denoiser(x_t, t, cond).x0
     x0_mse = _mean((x0_hat[:B] - x0).square().mean(-1), noised)
     embedding = _mean((emb - x0_hat[B:]).square().mean(-1), noised)
     logits = net.rounding_logits(x0)
     rounding = _mean(F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none"), counted)
     return EmbeddingLoss(x0_mse + embedding + rounding, x0_mse, embedding, rounding)
+
+
+def self_conditioning_input(
+    denoiser: DenoiserFn, x_t: Tensor, t: Tensor, generator: torch.Generator | None = None
+) -> dict[str, Tensor]:
+    """Self-conditioning while training (Chen et al. 2023): the ``cond`` of the network call
+    that is trained, ``{"self_cond": x0_prev}`` with, per row of ``x_t``, ``x0_prev = 0`` with
+    probability 1/2 and otherwise the denoiser's own first estimate of ``x_0`` from the same
+    ``x_t`` (computed without gradient)."""
+    with torch.no_grad():
+        first = denoiser(x_t, t).x0
+    keep = torch.rand(x_t.shape[0], generator=generator, device=x_t.device) < 0.5
+    keep = keep.view(-1, *[1] * (x_t.ndim - 1))
+    return {"self_cond": torch.where(keep, first, torch.zeros_like(first))}
 
 
 def nearest_embedding(x: Tensor, embeddings: Tensor) -> Tensor:

@@ -19,9 +19,11 @@ Sahoo et al. 2024, D3PM Austin et al. 2021, UDLM Schiff et al. 2025, GIDD von Ru
 ``ar``              the same transformer with a causal mask, next-token cross-entropy
 ``diffusion-lm``    Gaussian diffusion on learned word embeddings, rounding (Li et al. 2022)
 ``diffuseq``        the same on ``[source; target]`` rows, target only (Gong et al. 2023)
+``latent-text``     Gaussian diffusion on a text autoencoder's latents (LD4LG, COSMOS)
 ==================  =====================================================================
 
-The last two are the ``gaussian`` kinds (:mod:`~difflab.recipes.text.continuous`).
+The last three are the ``gaussian`` kinds (:mod:`~difflab.recipes.text.continuous`,
+:mod:`~difflab.recipes.text.latent_text`).
 
 The package: :mod:`~difflab.recipes.text.config` (the config and its migration from difflab
 0.1), :mod:`~difflab.recipes.text.train` (data, tokenizer, network, process, loss),
@@ -50,7 +52,7 @@ from difflab.recipes import (
     recipe_of_run,
 )
 from difflab.recipes.image import num_classes_of
-from difflab.recipes.text import continuous
+from difflab.recipes.text import continuous, latent_text
 from difflab.recipes.text.config import KINDS, TextConfig, migrate
 from difflab.recipes.text.control import control_guidance
 from difflab.recipes.text.demo import DEMO_FILES, mdlm_versus_ar
@@ -112,6 +114,8 @@ class TextRecipe(Recipe):
                 return load_tokenizer(out / TOKENIZER_FILE)
             return build_tokenizer(cfg.data, train_split.documents)
 
+        if cfg.diffusion.kind == latent_text.KIND and not resume:
+            latent_text.check_fresh(out)
         tokenizer = distributed.from_main(tokenizer_of_run)
         tokens, loss_mask, labels = pack_split(train_split, tokenizer, cfg.data.length)
         if len(tokens) == 1 and not bool(loss_mask.all()):
@@ -122,11 +126,16 @@ class TextRecipe(Recipe):
         torch.manual_seed(cfg.train.seed)  # network initialisation
         net = self.build(cfg, meta)
         tensors = (tokens, loss_mask) if labels is None else (tokens, loss_mask, labels)
+        if cfg.diffusion.lines:
+            tensors = continuous.line_rows(train_split.documents, tokenizer, cfg.data.length)
+        if cfg.diffusion.kind == latent_text.KIND:
+            if not resume:
+                save_tokenizer(tokenizer, out / TOKENIZER_FILE)
+            return latent_text.train(cfg, net, process, tensors, meta, out, resume=resume,
+                                     progress=progress)  # type: ignore[arg-type]  # fmt: skip
         if cfg.diffusion.kind == "diffuseq":
             task = continuous.task_rows(train_split.documents, tokenizer, cfg.data.length)
             tensors = (task.tokens, task.loss_mask, task.noise_mask)
-        elif cfg.diffusion.lines:
-            tensors = continuous.line_rows(train_split.documents, tokenizer, cfg.data.length)
         loss = make_loss(cfg, process, num_classes_of(meta))
         trainer = Trainer(net, loss, tensors, cfg.train, meta, out)
         if not resume and distributed.is_main():
@@ -205,6 +214,12 @@ class TextRecipe(Recipe):
                 sampler=sampler, label=label, guidance=guidance, seed=seed,
             )  # fmt: skip
             return Samples(texts=decode(model, samples))
+        if model.kind == latent_text.KIND:
+            return Samples(texts=latent_text.sample_texts(
+                model, n, prompt=prompt, length=length, steps=steps, sampler=sampler,
+                clamp=clamp, seed=seed, others={"temperature": temperature, "top_p": top_p,
+                                                "label": label, "guidance": guidance},
+            ))  # fmt: skip
         if model.config.diffusion.gaussian:
             return Samples(texts=continuous.sample_texts(
                 model, n, prompt=prompt, length=length, steps=steps, sampler=sampler,
@@ -225,12 +240,27 @@ class TextRecipe(Recipe):
         n: int = 256,
         seed: int = 0,
         t_samples: int | None = None,
+        judge: str | Path | None = None,
         progress: bool = True,
     ) -> Evaluation:
         """Nats per token, perplexity (bound) and bits per character on ``n`` held-out rows,
         ``t_samples`` draws of the noise level each (diffusion kinds; :mod:`.evaluate`). The
         ``gaussian`` kinds: their loss terms, and ``diffuseq`` its task score
-        (:func:`.continuous.score_held_out`)."""
+        (:func:`.continuous.score_held_out`); ``latent-text`` its latent loss, autoencoder
+        reconstruction and the quality of its samples, their perplexity under the ``ar`` run
+        ``judge`` when given (:func:`.latent_text.score_held_out`)."""
+        if judge is not None and model.kind != latent_text.KIND:
+            raise UserError(f"--judge applies to diffusion.kind={latent_text.KIND} runs, not "
+                            f"{model.kind}")  # fmt: skip
+        if model.kind == latent_text.KIND:
+            judge_model = None
+            if judge is not None:
+                judge_model = self.load(Path(judge), str(model.device))
+                latent_text.check_judge(model, judge_model)
+            held = load_splits(model.config.data)[1]
+            return latent_text.score_held_out(model, held.documents, n=n, seed=seed,
+                                              t_samples=t_samples,
+                                              judge=judge_model and judge_model.net)  # fmt: skip
         if model.config.diffusion.gaussian:
             held = load_splits(model.config.data)[1]
             return continuous.score_held_out(model, held.documents, n=n, seed=seed,

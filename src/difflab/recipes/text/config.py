@@ -50,6 +50,7 @@ KINDS = {
     "ar": Kind(None, None, time_conditioning=False),
     "diffusion-lm": Kind("gaussian", "sqrt"),
     "diffuseq": Kind("gaussian", "sqrt"),
+    "latent-text": Kind("gaussian", "cosine-logsnr"),
     "block": Kind("masked", "log-linear", time_conditioning=False),
 }
 #: The schedules (:mod:`difflab.gaussian.schedules`) and samplers
@@ -163,8 +164,11 @@ class TextDiffusionConfig:
     network predicts, ``x0``, ``eps`` or ``v`` (empty: ``x0``); ``self_condition``, the network
     also reads its previous estimate of ``x_0`` (empty: off); ``lines`` (``diffusion-lm``),
     rows of 1 to 4 whole lines ending in ``<eos>`` rather than the packed stream (empty: off;
-    needed for length control, :mod:`.control`); their ``schedule`` is one of
-    :data:`GAUSSIAN_SCHEDULES` (empty: Diffusion-LM's ``sqrt``). ``block_size``: tokens per
+    needed for length control, :mod:`.control`; ``latent-text`` takes it too); their
+    ``schedule`` is one of :data:`GAUSSIAN_SCHEDULES` (empty: Diffusion-LM's ``sqrt``;
+    ``cosine-logsnr`` for ``latent-text``, whose latents are not word vectors). ``latent-text``
+    (:mod:`.latent_text`) has no ``embed_dim`` (its latents are sized in the ``latent_text``
+    section) and is self-conditioned unless ``self_condition=false``. ``block_size``: tokens per
     block of ``kind=block`` (block diffusion, :mod:`difflab.discrete.block`; a divisor of
     ``data.length``; empty: 4)."""
 
@@ -207,10 +211,10 @@ class TextDiffusionConfig:
             "hybrid_lambda": kind.discrete_time,
             "p_uniform": kind.process == "hybrid",
             "stratified": diffusion and not kind.discrete_time,
-            "embed_dim": self.gaussian,
+            "embed_dim": self.gaussian and self.kind != "latent-text",
             "prediction": self.gaussian,
             "self_condition": self.gaussian,
-            "lines": self.kind == "diffusion-lm",
+            "lines": self.kind in ("diffusion-lm", "latent-text"),
             "block_size": self.kind == "block",
         }
 
@@ -253,6 +257,34 @@ class TextDiffusionConfig:
     def schedule_options(self) -> dict[str, Any]:
         """The keyword options of the schedule (``T`` where it takes it)."""
         return given(T=self.T) if self.discrete_schedule else {}
+
+
+@dataclass
+class LatentTextSection:
+    """``diffusion.kind=latent-text`` only (:mod:`.latent_text`), each empty for its default:
+    ``latents``, the ``K`` latent vectors of a row (``data.length / 4``, at least 1); ``dim``,
+    their width ``d`` (16); ``ae_depth``, blocks of the encoder and of the decoder (2);
+    ``ae_steps``, steps of the autoencoder stage (1000); ``ae_noise``, the largest standard
+    deviation of the Gaussian noise on the unit-std latents while the autoencoder trains (each
+    row draws its own, uniform in ``[0, ae_noise]``; 0.2); ``ae_mask``, the probability that a
+    latent vector is zeroed while it trains (0.1)."""
+
+    latents: int | None = None
+    dim: int | None = None
+    ae_depth: int | None = None
+    ae_steps: int | None = None
+    ae_noise: float | None = None
+    ae_mask: float | None = None
+
+    def validate(self) -> None:
+        for key in ("latents", "ae_depth", "ae_steps"):
+            value = getattr(self, key)
+            check(value is None or value >= 1, f"latent_text.{key} must be at least 1")
+        check(self.dim is None or self.dim >= 2, "latent_text.dim must be at least 2 (each "
+              "latent vector is layer-normalised)")  # fmt: skip
+        check(self.ae_noise is None or self.ae_noise >= 0, "latent_text.ae_noise must be >= 0")
+        check(self.ae_mask is None or 0 <= self.ae_mask < 1, "latent_text.ae_mask must be in "
+              "[0, 1)")  # fmt: skip
 
 
 @dataclass
@@ -309,10 +341,17 @@ class TextConfig:
     diffusion: TextDiffusionConfig = field(default_factory=TextDiffusionConfig)
     train: TextTrainConfig = field(default_factory=TextTrainConfig)
     sample: TextSampleConfig = field(default_factory=TextSampleConfig)
+    latent_text: LatentTextSection = field(default_factory=LatentTextSection)
 
     def validate(self) -> TextConfig:
-        for section in (self.data, self.model, self.diffusion, self.train, self.sample):
+        for section in (self.data, self.model, self.diffusion, self.train, self.sample,
+                        self.latent_text):  # fmt: skip
             section.validate()
+        for key, value in vars(self.latent_text).items():
+            check(
+                value is None or self.diffusion.kind == "latent-text",
+                f"latent_text.{key} applies to diffusion.kind=latent-text only",
+            )
         ar, s = self.diffusion.kind == "ar", self.sample
         check(
             not (ar and self.model.time_conditioning),
@@ -350,6 +389,10 @@ class TextConfig:
             )
             return
         where = f"diffusion.kind={d.kind}"
+        check(
+            s.clamp is None or d.kind != "latent-text",
+            f"sample.clamp does not apply to {where} (its latents are not word vectors)",
+        )
         check(
             s.sampler is None or s.sampler in GAUSSIAN_SAMPLERS,
             f"sample.sampler must be one of {', '.join(GAUSSIAN_SAMPLERS)} for {where}",

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 import difflab.recipes.text.continuous as continuous
+import difflab.recipes.text.latent_text as latent_text
 from difflab.config import to_dict
 from difflab.data.text import (
     BOS_ID,
@@ -163,7 +164,10 @@ def build_process(d: TextDiffusionConfig, vocab_size: int) -> TokenProcess | Sch
 def build_net(cfg: TextConfig, vocab_size: int, num_classes: int | None) -> nn.Module:
     """The transformer: bidirectional for diffusion, causal for ``ar``. The causal model's
     context has one more position, for the ``<bos>`` it reads before the ``L`` tokens of a row.
-    The ``gaussian`` kinds: the embedding and its denoiser (:func:`.continuous.build_net`)."""
+    The ``gaussian`` kinds: the embedding and its denoiser (:func:`.continuous.build_net`);
+    ``latent-text`` the autoencoder and its denoiser (:func:`.latent_text.build_net`)."""
+    if cfg.diffusion.kind == latent_text.KIND:
+        return latent_text.build_net(cfg, vocab_size)
     if cfg.diffusion.gaussian:
         return continuous.build_net(cfg, vocab_size)
     m, causal = cfg.model, cfg.diffusion.kind == "ar"

@@ -2,20 +2,24 @@
 TEncDM, Shabalin et al. 2024; COSMOS, Meshchaninov et al. 2025; seeds 000 and 003).
 
 :class:`TextAutoencoder` maps a row of ``L`` tokens to a FIXED number ``K`` of latent vectors of
-width ``d`` and back, non-autoregressively:
+width ``d`` (``K`` divides ``L``; ``g = L / K`` tokens per latent) and back, non-autoregressively:
 
-- the encoder reads ``[q_1 .. q_K; E(w_1) .. E(w_L)]`` (``K`` learned query vectors before the
-  embedded tokens) with bidirectional transformer blocks and keeps the ``K`` query outputs,
-  projected to ``d`` and layer-normalised without affine parameters:
-  ``z_k = LN(W h_k)``, so every latent vector has mean 0 and standard deviation 1 over its
-  ``d`` coordinates (the diffusion model sees latents of one known size whatever the training
-  did to the encoder);
-- the decoder reads ``[W' z_1 .. W' z_K; p_1 .. p_L]`` (``L`` learned position queries after the
-  projected latents) with bidirectional blocks and turns the ``L`` position outputs into logits
-  over the vocabulary, every position at once: ``p(w_i | z) = softmax(W_out h_{K+i})``.
+- the encoder embeds the tokens, mixes them with bidirectional transformer blocks over the whole
+  row, and pools each run of ``g`` consecutive positions into one latent by a learned linear map
+  of their concatenated features, layer-normalised without affine parameters:
+  ``z_k = LN(W [h_{g(k-1)+1}; ..; h_{gk}])``, so every latent vector has mean 0 and standard
+  deviation 1 over its ``d`` coordinates (the diffusion model sees latents of one known size
+  whatever the training did to the encoder);
+- the decoder unpools each latent into ``g`` position features (``W'`` z_k split in ``g``),
+  mixes them with bidirectional blocks over the row and turns every position into logits over
+  the vocabulary at once: ``p(w_i | z) = softmax(W_out h_i)``.
 
-Both use the blocks of :mod:`difflab.nets.transformer` (rotary positions over the ``K + L``
-slots, adaLN-Zero modulation from learned constants: no condition vector).
+Each latent thus starts from its own ``g`` tokens (a code the two linear maps learn in a few
+hundred steps) and the blocks let it carry context of the whole row. Learned queries
+cross-attending to the row (a Perceiver-style encoder) were tried first: at this library's sizes
+they stayed at the unigram loss for hundreds of steps, the pooled code did not. The blocks are
+those of :mod:`difflab.nets.transformer` (rotary positions, adaLN-Zero modulation from learned
+constants: no condition vector).
 
 :class:`LatentTextNet` holds the frozen autoencoder, the stored latent scale ``s`` (the
 diffusion model's data is ``z_0 = s z``, unit standard deviation on the training rows) and the
@@ -58,7 +62,7 @@ class TextAutoencoder(nn.Module):
     Args:
         vocab_size: ``V``.
         length: ``L``, the tokens of a row (a row of another length is refused).
-        latents: ``K``, the latent vectors of a row.
+        latents: ``K``, the latent vectors of a row, a divisor of ``L``.
         dim: ``d``, the width of a latent vector (at least 2: it is layer-normalised).
         width, depth, num_heads, mlp_ratio, dropout: each of the two transformers (``depth``
             blocks each; ``width / num_heads`` even).
@@ -79,33 +83,33 @@ class TextAutoencoder(nn.Module):
         super().__init__()
         if dim < 2:
             raise ValueError(f"a latent vector needs at least 2 coordinates, got {dim}")
+        if length % latents:
+            raise ValueError(f"{latents} latents must divide the row's {length} tokens")
         self.vocab_size, self.length, self.latents, self.dim = vocab_size, length, latents, dim
+        self.group, self.width = length // latents, width
         self.embed = nn.Embedding(vocab_size, width)
-        self.queries = nn.Parameter(0.02 * torch.randn(latents, width))
         self.encoder = _Stack(width, depth, num_heads, mlp_ratio, dropout)
-        self.to_latent = nn.Linear(width, dim)
+        self.to_latent = nn.Linear(self.group * width, dim)
         self.latent_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.from_latent = nn.Linear(dim, width)
-        self.positions = nn.Parameter(0.02 * torch.randn(length, width))
+        self.from_latent = nn.Linear(dim, self.group * width)
         self.decoder = _Stack(width, depth, num_heads, mlp_ratio, dropout)
         self.to_logits = nn.Linear(width, vocab_size)
-        nn.init.normal_(self.embed.weight, std=0.02)
 
     def encode(self, tokens: Tensor) -> Tensor:
-        """``z = LN(W h_{1..K})``, ``(B, K, d)``, each vector of mean 0 and std 1."""
+        """``z_k = LN(W [h_{g(k-1)+1}; ..; h_{gk}])``, ``(B, K, d)``, each of mean 0, std 1."""
         batch, length = tokens.shape
         if length != self.length:
             raise ValueError(f"rows have {length} tokens; this autoencoder reads {self.length}")
-        h = torch.cat([self.queries.expand(batch, -1, -1), self.embed(tokens)], dim=1)
-        return self.latent_norm(self.to_latent(self.encoder(h)[:, : self.latents]))
+        h = self.encoder(self.embed(tokens)).reshape(batch, self.latents, -1)
+        return self.latent_norm(self.to_latent(h))
 
     def decode(self, z: Tensor) -> Tensor:
         """Logits ``(B, L, V)`` of every position of the row given its latents ``z (B, K, d)``."""
         if z.shape[1:] != (self.latents, self.dim):
             raise ValueError(f"latents of shape {tuple(z.shape[1:])}; this decoder reads "
                              f"{(self.latents, self.dim)}")  # fmt: skip
-        h = torch.cat([self.from_latent(z), self.positions.expand(z.shape[0], -1, -1)], dim=1)
-        return self.to_logits(self.decoder(h)[:, self.latents :])
+        h = self.from_latent(z).reshape(z.shape[0], self.length, self.width)
+        return self.to_logits(self.decoder(h))
 
 
 class LatentTextNet(nn.Module):

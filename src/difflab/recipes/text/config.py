@@ -262,7 +262,8 @@ class TextDiffusionConfig:
 @dataclass
 class LatentTextSection:
     """``diffusion.kind=latent-text`` only (:mod:`.latent_text`), each empty for its default:
-    ``latents``, the ``K`` latent vectors of a row (``data.length / 4``, at least 1); ``dim``,
+    ``latents``, the ``K`` latent vectors of a row, a divisor of ``data.length`` (the largest
+    divisor at most ``data.length / 4``: four tokens or more per latent); ``dim``,
     their width ``d`` (16); ``ae_depth``, blocks of the encoder and of the decoder (2);
     ``ae_steps``, steps of the autoencoder stage (1000); ``ae_noise``, the largest standard
     deviation of the Gaussian noise on the unit-std latents while the autoencoder trains (each
@@ -347,6 +348,12 @@ class TextConfig:
         for section in (self.data, self.model, self.diffusion, self.train, self.sample,
                         self.latent_text):  # fmt: skip
             section.validate()
+        latents = self.latent_text.latents
+        check(
+            latents is None or self.data.length % latents == 0,
+            f"latent_text.latents={latents} must divide data.length={self.data.length} (each "
+            "latent pools a run of data.length / latents tokens)",
+        )
         for key, value in vars(self.latent_text).items():
             check(
                 value is None or self.diffusion.kind == "latent-text",

@@ -5,7 +5,8 @@ Meshchaninov et al. 2025; seeds 000 and 003).
 One run, two stages (``difflab train text-shakespeare diffusion.kind=latent-text``):
 
 1. **The autoencoder** (:class:`~difflab.nets.text_autoencoder.TextAutoencoder`: ``K`` latent
-   vectors of width ``d`` per row, decoded non-autoregressively) trains for
+   vectors of width ``d`` per row, each pooled from ``L / K`` tokens after transformer blocks
+   over the row, decoded non-autoregressively) trains for
    ``latent_text.ae_steps`` steps on the run's rows with the cross-entropy of the decoded
    tokens, into ``RUN/autoencoder/``. Its latents are corrupted while it trains, COSMOS-style,
    so that the decoder reads the imperfect latents a diffusion sampler ends with:
@@ -30,8 +31,8 @@ One run, two stages (``difflab train text-shakespeare diffusion.kind=latent-text
    rows' clean latents under the trained (EMA) encoder and stored with the weights; the
    encoder's layer norm makes it close to 1 already, the measurement makes it exact on the
    training data. **Diffusion** then trains on ``z_0 = s E(w)`` (each batch encoded as it is
-   drawn) with the autoencoder frozen: ``z_t = alpha_t z_0 + sigma_t eps`` with a schedule of the library
-   (``diffusion.schedule``, empty: ``cosine-logsnr``), a parameterization
+   drawn) with the autoencoder frozen: ``z_t = alpha_t z_0 + sigma_t eps`` with a schedule of
+   the library (``diffusion.schedule``, empty: ``cosine-logsnr``), a parameterization
    (``diffusion.prediction``, empty: ``x0``) and the plain MSE of that parameterization
    (:func:`~difflab.gaussian.objectives.loss_fn`), the denoiser an
    :class:`~difflab.nets.embedding_transformer.EmbeddingTransformer` over the ``K`` latents,
@@ -73,8 +74,8 @@ from difflab.gaussian.schedules import Schedule
 from difflab.nets.embedding_transformer import EmbeddingTransformer
 from difflab.nets.text_autoencoder import LatentTextNet, TextAutoencoder
 from difflab.recipes import Evaluation, flag, positive_int, seed_value
-from difflab.recipes.text.continuous import line_rows
 from difflab.recipes.text.config import DEFAULT_PREDICTION, GAUSSIAN_SAMPLERS, TextConfig
+from difflab.recipes.text.continuous import line_rows
 from difflab.train.checkpoint import FILENAME, load_checkpoint
 from difflab.train.trainer import Trainer, TrainResult
 
@@ -118,13 +119,18 @@ def options(cfg: TextConfig) -> LatentOptions:
         return default if value is None else value
 
     return LatentOptions(
-        latents=pick(s.latents, max(1, cfg.data.length // TOKENS_PER_LATENT)),
+        latents=pick(s.latents, default_latents(cfg.data.length)),
         dim=pick(s.dim, DEFAULT_DIM),
         ae_depth=pick(s.ae_depth, DEFAULT_AE_DEPTH),
         ae_steps=pick(s.ae_steps, DEFAULT_AE_STEPS),
         ae_noise=pick(s.ae_noise, DEFAULT_AE_NOISE),
         ae_mask=pick(s.ae_mask, DEFAULT_AE_MASK),
     )
+
+
+def default_latents(length: int) -> int:
+    """The largest divisor of ``length`` at most ``length / TOKENS_PER_LATENT`` (at least 1)."""
+    return max(k for k in range(1, max(1, length // TOKENS_PER_LATENT) + 1) if length % k == 0)
 
 
 def prediction(cfg: TextConfig) -> str:
@@ -262,8 +268,9 @@ def make_latent_loss(cfg: TextConfig, schedule: Schedule, autoencoder: TextAutoe
 def check_fresh(out: Path) -> None:
     """A run that stopped in its autoencoder stage is continued with ``--resume`` only."""
     if (out / AUTOENCODER_FOLDER / FILENAME).exists():
-        raise UserError(f"{out / AUTOENCODER_FOLDER} holds the autoencoder stage of an earlier "
-                        "run: pass --resume to continue it or choose another train.out")  # fmt: skip
+        raise UserError(f"{out / AUTOENCODER_FOLDER} holds the autoencoder stage of an "
+                        "earlier run: pass --resume to continue it or choose another "
+                        "train.out")  # fmt: skip
 
 
 def train(
@@ -463,4 +470,3 @@ def check_judge(model: Any, judge: Any) -> None:
         for i in range(model.tokenizer.vocab_size)
     ):
         raise UserError("--judge must have the same tokenizer as the run it judges")
-

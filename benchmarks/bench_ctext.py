@@ -1,14 +1,18 @@
 """Benchmark of continuous diffusion for text (issue 16) against MDLM and the AR baseline.
 
-1. Language modelling: Diffusion-LM (with and without self-conditioning), MDLM and AR, the same
-   transformer width and depth, each trained for the same wall-clock budget (``--minutes``) on
-   the built-in Shakespeare (characters). Held out: the NELBO of MDLM (a bound) and the exact NLL
-   of AR; Diffusion-LM has no bound here (its loss terms are given instead). The training-loss
-   curve at quarters of each run. Generation of ``--n`` passages of the context: Diffusion-LM
+1. Language modelling: Diffusion-LM (with and without self-conditioning), latent-text, MDLM and
+   AR, the same transformer width and depth, each trained for the same wall-clock budget
+   (``--minutes``; latent-text: its autoencoder stage of ``--ae-steps`` steps and its diffusion
+   stage together) on the built-in Shakespeare (characters). Held out: the NELBO of MDLM (a
+   bound) and the exact NLL of AR; Diffusion-LM has no bound here (its loss terms are given
+   instead). The training-loss curve at quarters of each run (latent-text: its diffusion
+   stage). Generation of ``--n`` passages of the context: Diffusion-LM
    with and without clamping, MDLM and AR; generative perplexity under the AR model, unigram
    entropy, distinct-2/3, and for Diffusion-LM the in-vocabulary rate before rounding: the
    share of final vectors ``x_0,i`` within half the distance from their nearest embedding to
-   that embedding's nearest other embedding (unambiguously one word).
+   that embedding's nearest other embedding (unambiguously one word). Latent-text has no bound
+   either: its held-out latent loss and its autoencoder's reconstruction of the held-out rows
+   (exact rows, tokens) are given.
 2. DiffuSeq on the task ``unshuffle`` (restore a line from its shuffled words) against an AR
    model of the same size trained for the same time on the same rows (loss on the target half,
    decoded greedily after the source half): corpus chrF of ``--task-rows`` held-out lines,
@@ -16,8 +20,9 @@
    floor.
 
 Usage: ``OMP_NUM_THREADS=1 python benchmarks/bench_ctext.py --minutes 2 [--out runs/bench-ctext]``
-(about ``6 x minutes`` of training plus sampling); prints markdown for docs/BENCHMARKS.md and
-writes it to ``OUT/bench_ctext.md``.
+(about ``7 x minutes`` of training plus sampling; ``--models latent-text`` trains latent-text
+and the AR judge only, and runs already in ``--out`` are reused); prints markdown for
+docs/BENCHMARKS.md and writes it to ``OUT/bench_ctext.md``.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from difflab.evaluate.text_metrics import (
 )
 from difflab.gaussian.embedding import nearest_embedding
 from difflab.recipes import load_config
-from difflab.recipes.text import RECIPE
+from difflab.recipes.text import RECIPE, latent_text
 from difflab.recipes.text.continuous import (
     corpus_chrf,
     sample_rows,
@@ -66,6 +71,7 @@ from difflab.train.trainer import Trainer
 LM_RUNS = {
     "diffusion-lm": ["diffusion.kind=diffusion-lm"],
     "diffusion-lm + self-cond": ["diffusion.kind=diffusion-lm", "diffusion.self_condition=true"],
+    "latent-text": ["diffusion.kind=latent-text"],
     "mdlm": ["diffusion.kind=mdlm", "model.time_conditioning=true"],  # adaLN as the others
     "ar": ["diffusion.kind=ar"],
 }
@@ -121,6 +127,10 @@ def quality(tokens: torch.Tensor, ar) -> list[str]:
 def language_models(args: argparse.Namespace) -> list[str]:
     models, seconds = {}, {}
     for name, overrides in LM_RUNS.items():
+        if name not in args.models and name != "ar":  # the AR model judges the others
+            continue
+        if name == "latent-text":
+            overrides = [*overrides, f"latent_text.ae_steps={args.ae_steps}"]
         run = args.out / name.replace(" + ", "-")
         seconds[name] = train(config(args, run, args.length, *overrides))
         models[name] = RECIPE.load(run, "cpu")
@@ -131,7 +141,12 @@ def language_models(args: argparse.Namespace) -> list[str]:
     ]
     for name, model in models.items():
         metrics = RECIPE.evaluate(model, n=args.eval_rows, seed=0, progress=False).metrics
-        if metrics["bound"] is False and "rounding" in metrics:
+        if "reconstruction_exact" in metrics:
+            held = (f"latent loss {metrics['latent_loss']:.3f}; autoencoder: "
+                    f"{metrics['reconstruction_exact']:.3f} of rows, "
+                    f"{metrics['reconstruction_accuracy']:.3f} of tokens exact; "
+                    "no bound")  # fmt: skip
+        elif metrics["bound"] is False and "rounding" in metrics:
             held = (f"loss {metrics['loss']:.3f} (x0 {metrics['x0_mse']:.3f}, emb "
                     f"{metrics['embedding']:.3f}, round {metrics['rounding']:.3f}); "
                     "no bound")  # fmt: skip
@@ -153,6 +168,8 @@ def language_models(args: argparse.Namespace) -> list[str]:
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name in ("diffusion-lm", "diffusion-lm + self-cond"):
+        if name not in models:
+            continue
         for clamp in (True, False):
             start = time.perf_counter()
             tokens, x0 = sample_rows(models[name], args.n, steps=args.steps, sampler="ddim",
@@ -161,7 +178,16 @@ def language_models(args: argparse.Namespace) -> list[str]:
             rate = in_vocabulary(x0, models[name].net.embed.weight.detach())
             lines.append(f"| {name} | ddim, clamp {'on' if clamp else 'off'} | {took:.1f} | "
                          + " | ".join(quality(tokens, ar)) + f" | {rate:.3f} |")  # fmt: skip
+    if "latent-text" in models:
+        start = time.perf_counter()
+        tokens = latent_text.sample_tokens(models["latent-text"], args.n, steps=args.steps,
+                                           sampler="ddim", seed=0)  # fmt: skip
+        took = time.perf_counter() - start
+        lines.append(f"| latent-text | ddim, self-cond | {took:.1f} | "
+                     + " | ".join(quality(tokens, ar)) + " | - |")  # fmt: skip
     for name, options in [("mdlm", {"steps": args.steps, "sampler": "cached"}), ("ar", {})]:
+        if name not in models:
+            continue
         start = time.perf_counter()
         samples = generate_tokens(models[name], args.n, length=args.length, seed=0, **options)
         took = time.perf_counter() - start
@@ -262,9 +288,24 @@ def main() -> None:
     parser.add_argument("--task-rows", type=int, default=128)
     parser.add_argument("--parts", default="lm,seq2seq")
     parser.add_argument(
+        "--models",
+        default=",".join(LM_RUNS),
+        help="language models of part 1, comma-separated (ar is always trained)",
+    )
+    parser.add_argument(
+        "--ae-steps",
+        type=int,
+        default=150,
+        help="latent-text: steps of its autoencoder stage (within --minutes)",
+    )
+    parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="any other config override"
     )
     args = parser.parse_args()
+    args.models = args.models.split(",")
+    unknown = [m for m in args.models if m not in LM_RUNS]
+    if unknown:
+        parser.error(f"unknown --models {', '.join(unknown)}: choose from {', '.join(LM_RUNS)}")
     lines = [
         f"## Continuous text diffusion benchmark ({platform.machine()}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__})",

@@ -41,12 +41,16 @@ def base(tmp_path_factory) -> Path:
     return train_base(tmp_path_factory.mktemp("base") / "run")
 
 
-@pytest.fixture(scope="module")
-def images(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("concept")
+def concept_folder(folder: Path) -> Path:
+    """``folder`` with six glyphs of the training split as PNG files."""
     for i, picture in enumerate(generate("train", 6, seed=5).images):
         Image.fromarray(np.asarray(picture)).save(folder / f"{i}.png")
     return folder
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    return concept_folder(tmp_path_factory.mktemp("concept"))
 
 
 def trained_adapter(base: Path, images: Path, out: Path, **options) -> Path:
@@ -551,7 +555,7 @@ def test_dreambooth_from_the_command_line(base, images, tmp_path, monkeypatch, c
         (["--class-prompt", CLASS_PROMPT, "--prior-weight", "-1"], "--prior-weight"),
         (["--class-prompt", CLASS_PROMPT, "--num-class-images", "0"], "--num-class-images"),
         (["--class-prompt", "a zebra"], "does not know"),
-        (["--class-prompt", CLASS_PROMPT, "--rank", "2"], "--rank applies"),
+        (["--class-prompt", CLASS_PROMPT, "--targets", "q"], "give --rank too"),
         (["--class-prompt", CLASS_PROMPT, "--init-word", "mono"], "--init-word"),
     ):
         assert says in refused(monkeypatch, capsys, *args, *extra), extra

@@ -416,7 +416,9 @@ def distill(
     "objective on --prompt with --token in its {}. --method dreambooth: the whole denoiser "
     "fine-tuned on --prompt with a known word as identifier, with the prior-preservation loss "
     "on --num-class-images pictures of --class-prompt the frozen run draws first; OUT is a "
-    "new run folder."
+    "new run folder; --train-text-encoder tunes the text encoder too. --method dreambooth "
+    "--rank R: DreamBooth-LoRA, adapters trained with that loss (--train-text-encoder: on the "
+    "text encoder's feed-forward maps too); OUT is an adapter file as LoRA's."
 )
 def finetune(
     run: Annotated[Path, typer.Argument(help="The text-to-image run folder.")],
@@ -435,7 +437,9 @@ def finetune(
             "inversion: the word whose row the new one starts from."
         ),
     ] = None,
-    rank: Annotated[int | None, typer.Option(help="LoRA rank r (4).")] = None,
+    rank: Annotated[
+        int | None, typer.Option(help="LoRA rank r (4); with dreambooth: DreamBooth-LoRA.")
+    ] = None,
     alpha: Annotated[
         float | None, typer.Option(help="LoRA alpha; the update is scaled alpha/r (default r).")
     ] = None,
@@ -455,6 +459,13 @@ def finetune(
         float | None,
         typer.Option(help="DreamBooth: weight lambda of the prior-preservation loss (1; 0: off)."),
     ] = None,
+    train_text_encoder: Annotated[
+        bool,
+        typer.Option(
+            "--train-text-encoder",
+            help="DreamBooth: tune the text encoder too (with --rank: adapters on it).",
+        ),
+    ] = False,
     steps: Annotated[int | None, typer.Option(help="Training steps (200).")] = None,
     lr: Annotated[
         float | None,
@@ -463,7 +474,10 @@ def finetune(
         ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    out: Annotated[Path | None, typer.Option(help="The adapter file to write.")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="The adapter or embedding file, or DreamBooth's new run folder."),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
 ) -> None:
@@ -482,10 +496,11 @@ def finetune(
     lora_only = _given(rank=rank, targets=targets, alpha=alpha)
     dreambooth_only = _given(class_prompt=class_prompt, num_class_images=num_class_images,
                              prior_weight=prior_weight)  # fmt: skip
-    for only, name in ((lora_only, "lora"), (dreambooth_only, "dreambooth")):
-        if only and method != name:
+    dreambooth_only |= {"train_text_encoder": True} if train_text_encoder else {}
+    for only, names in ((lora_only, ("lora", "dreambooth")), (dreambooth_only, ("dreambooth",))):
+        if only and method not in names:
             option = "--" + next(iter(only)).replace("_", "-")
-            raise UserError(f"{option} applies to --method {name} only")
+            raise UserError(f"{option} applies to --method {' or '.join(names)} only")
     if method == "lora":
         result = finetuning.finetune_lora(run, **common, **lora_only)
     elif method == "textual-inversion":
@@ -494,7 +509,7 @@ def finetune(
         if common.pop("init_word") is not None:
             raise UserError("--init-word does not apply to DreamBooth: its identifier --token "
                             "is a word the run knows")  # fmt: skip
-        result = finetuning.finetune_dreambooth(run, **common, **dreambooth_only)
+        result = finetuning.finetune_dreambooth(run, **common, **lora_only, **dreambooth_only)
     typer.echo(f"trained {result.steps} steps in {result.seconds:.1f} s, final loss "
                f"{result.final_loss:.4f}; {result.trainable:,} trained parameters "
                f"({result.trainable / result.base_params:.2%} of the base's "

@@ -4,8 +4,10 @@ adapters (LoRA; Hu et al. 2021), ``difflab finetune RUN --method lora``, ``diffl
 textual inversion (Gal et al. 2022), ``difflab finetune RUN --method textual-inversion`` and
 ``difflab sample RUN --embedding FILE``: a new word in the text encoder's vocabulary whose row
 alone is trained (see :func:`finetune_embedding`); and DreamBooth (Ruiz et al. 2023), ``difflab
-finetune RUN --method dreambooth``: the whole denoiser tuned with the prior-preservation loss
-(see :func:`finetune_dreambooth`).
+finetune RUN --method dreambooth``: the whole denoiser (``--train-text-encoder``: and the text
+encoder) tuned with the prior-preservation loss, or with ``--rank`` LoRA adapters trained with
+that loss (DreamBooth-LoRA; see :func:`finetune_dreambooth`). All three work on latent runs
+too: the concept's pictures are encoded to ``latent_scale * mu(x)`` first.
 
 A LoRA adapter replaces each chosen linear map ``h = W x`` of the denoiser's attention by
 ``h = W x + (alpha / r) B A x`` with ``A`` ``(r, d_in)`` drawn from a Gaussian and ``B``
@@ -19,7 +21,9 @@ Targets (``--targets``, any of ``q,k,v,out``): the projections of the U-Net's or
 blocks. The cross-attention computes ``q`` from the image and ``k, v`` from the caption in one
 ``kv`` map, so ``k`` and ``v`` are adapted together; the self-attention computes ``q, k, v`` in
 one ``qkv`` map, adapted when all three are named; ``out`` is both blocks' output projection.
-The text encoder stays as it is.
+The text encoder stays as it is, except in DreamBooth-LoRA with ``--train-text-encoder``,
+which adapts its feed-forward maps too (:func:`encoder_projection_names` says why not its
+attention).
 
 The new token: LoRA changes the denoiser, not the vocabulary, so a token the run does not know
 ("<tt>") stands for a word it knows, ``--init-word`` ("mono"): the prompt is read with that word
@@ -28,11 +32,13 @@ the pair, and sampling with the adapter reads the token the same way.
 
 An adapter file is a safetensors file of the ``lora_A``/``lora_B`` tensors alone, with its
 metadata: the method, the base run's architecture and a hash of its weights (an adapter is
-refused on any other base), the targets, rank, alpha, token, word and prompt.
+refused on any other base), the targets, rank, alpha, whether the text encoder is adapted,
+token, word and prompt.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -205,16 +211,32 @@ class Adapter:
         return tuple(self.meta["targets"].split(","))
 
     def lora_config(self, net: nn.Module) -> LoraConfig:
-        return lora_config(net, self.targets, int(self.meta["rank"]), float(self.meta["alpha"]))
+        return lora_config(net, self.targets, int(self.meta["rank"]), float(self.meta["alpha"]),
+                           self.meta.get("text_encoder") == "true")  # fmt: skip
 
 
-def lora_config(net: nn.Module, targets: Sequence[str], rank: int, alpha: float) -> LoraConfig:
-    """peft's config of rank-``rank`` adapters on ``targets`` of ``net``: ``A`` Gaussian, ``B``
-    zero (``init_lora_weights="gaussian"``), scale ``alpha / rank``."""
+def encoder_projection_names(net: nn.Module) -> list[str]:
+    """The full names of the text encoder's feed-forward maps (``linear1``, ``linear2`` of each
+    layer): the linear maps of the encoder that an adapter can reach. Its attention is
+    ``nn.MultiheadAttention``, which computes ``q, k, v`` and the output projection from its
+    weight tensors inside ``F.multi_head_attention_forward`` without calling them as modules, so
+    an adapter wrapped around them would never run."""
+    return [f"{name}.{child}" for name, module in net.named_modules()
+            if isinstance(module, nn.TransformerEncoderLayer)
+            for child in ("linear1", "linear2")]  # fmt: skip
+
+
+def lora_config(
+    net: nn.Module, targets: Sequence[str], rank: int, alpha: float, text_encoder: bool = False
+) -> LoraConfig:
+    """peft's config of rank-``rank`` adapters on ``targets`` of ``net`` (and on the text
+    encoder's feed-forward maps when ``text_encoder``): ``A`` Gaussian, ``B`` zero
+    (``init_lora_weights="gaussian"``), scale ``alpha / rank``."""
     names = projection_names(net, targets)
     if not names:
         raise UserError("the network has no attention projection to adapt: its config has no "
                         "attention blocks")  # fmt: skip
+    names += encoder_projection_names(net) if text_encoder else []
     return LoraConfig(r=rank, lora_alpha=alpha, target_modules=names, lora_dropout=0.0,
                       init_lora_weights="gaussian", bias="none")  # fmt: skip
 
@@ -252,7 +274,9 @@ def check_base(meta: dict[str, str], path: Path, model: TextToImageModel, base_h
 
 def attach(net: nn.Module, adapters: Sequence[tuple[Adapter, float]]) -> None:
     """Wrap ``net``'s targets with the adapters at their scales, all active together (their
-    updates add up), every parameter frozen."""
+    updates add up), every parameter frozen. The text encoder's adapters are folded into its
+    weights at once: in eval mode without gradients ``nn.TransformerEncoderLayer`` runs a fused
+    kernel that reads ``linear1.weight`` and ``linear2.weight`` directly, past any wrapper."""
     for i, (adapter, _) in enumerate(adapters):
         with warnings.catch_warnings():  # several adapters in one network are what we want
             warnings.filterwarnings("ignore", "Already found a `peft_config`", UserWarning)
@@ -270,6 +294,9 @@ def attach(net: nn.Module, adapters: Sequence[tuple[Adapter, float]]) -> None:
             for i, (_, scale) in enumerate(adapters):
                 if f"adapter{i}" in module.lora_A:
                     module.set_scale(f"adapter{i}", scale)
+    for module in net.encoder.modules():
+        if isinstance(module, LoraLayer):
+            module.merge(adapter_names=list(module.active_adapters))
     net.requires_grad_(False)
 
 
@@ -311,12 +338,19 @@ TRAINED = "lora"
 
 
 def add_lora(
-    net: nn.Module, targets: Sequence[str], rank: int, alpha: float, seed: int
+    net: nn.Module,
+    targets: Sequence[str],
+    rank: int,
+    alpha: float,
+    seed: int,
+    text_encoder: bool = False,
 ) -> list[nn.Parameter]:
-    """Wrap ``net``'s ``targets`` with a new adapter :data:`TRAINED` (``A ~ N(0, 1 / r^2)``
-    drawn with ``seed``, ``B = 0``), freeze every other parameter, and return the adapter's."""
+    """Wrap ``net``'s ``targets`` (and the text encoder's feed-forward maps when
+    ``text_encoder``) with a new adapter :data:`TRAINED` (``A ~ N(0, 1 / r^2)`` drawn with
+    ``seed``, ``B = 0``), freeze every other parameter, and return the adapter's."""
     torch.manual_seed(seed)
-    inject_adapter_in_model(lora_config(net, targets, rank, alpha), net, adapter_name=TRAINED)
+    config = lora_config(net, targets, rank, alpha, text_encoder)
+    inject_adapter_in_model(config, net, adapter_name=TRAINED)
     for name, p in net.named_parameters():
         p.requires_grad_(f".{TRAINED}." in name and ".lora_" in name)
     return [p for p in net.parameters() if p.requires_grad]
@@ -386,10 +420,7 @@ def finetune_lora(
     word = caption_word(prompt, token, init_word)
     run = text_to_image_run(run_path, device)
     model: TextToImageModel = run.model
-    x0 = concept_images(images).to(model.device)
-    if model.autoencoder is not None:  # latent runs learn latent_scale * mu(x)
-        with torch.no_grad():
-            x0 = encode_means(model.autoencoder.net, x0) * model.autoencoder.latent_scale
+    x0 = _to_model_space(model, concept_images(images).to(model.device))
     tokens = tokenize([prompt.replace("{}", word or token)])[0].to(model.device)
     tokens = tokens.expand(len(x0), -1)
 
@@ -409,20 +440,25 @@ def finetune_lora(
         optimizer.step()
     net.eval()
     seconds = time.perf_counter() - start
+    meta = {"method": "lora", "base": base_hash, "architecture": architecture(model),
+            "base_run": str(Path(run_path).resolve()), "base_step": str(model.step),
+            "targets": ",".join(chosen), "rank": str(rank), "alpha": repr(alpha),
+            "text_encoder": "false", "token": token, "word": word, "prompt": prompt,
+            "steps": str(steps), "lr": repr(lr), "images": str(len(x0))}  # fmt: skip
+    write_adapter(net, out, meta)
+    return FinetuneResult(out, steps, seconds, sum(p.numel() for p in params), base_params,
+                          float(loss.detach()))  # fmt: skip
+
+
+def write_adapter(net: nn.Module, out: Path, meta: dict[str, str]) -> None:
+    """Write the trained adapter :data:`TRAINED` of ``net`` alone to ``out`` with ``meta``."""
     tensors = {
         k: v.detach().cpu().contiguous()
         for k, v in get_peft_model_state_dict(net, adapter_name=TRAINED).items()
     }
-    meta = {"format": ADAPTER_FORMAT, "method": "lora", "base": base_hash,
-            "architecture": architecture(model), "base_run": str(Path(run_path).resolve()),
-            "base_step": str(model.step), "targets": ",".join(chosen), "rank": str(rank),
-            "alpha": repr(alpha), "token": token, "word": word, "prompt": prompt,
-            "steps": str(steps), "lr": repr(lr), "images": str(len(x0))}  # fmt: skip
     if out.parent != Path():
         make_folder(out.parent)
-    write_bytes(out, safetensors_bytes(tensors, metadata=meta))
-    return FinetuneResult(out, steps, seconds, sum(p.numel() for p in params), base_params,
-                          float(loss.detach()))  # fmt: skip
+    write_bytes(out, safetensors_bytes(tensors, metadata={"format": ADAPTER_FORMAT, **meta}))
 
 
 # ================================================================================================
@@ -440,7 +476,7 @@ def merge(run_path: str | Path, specs: Sequence[str], out: str | Path) -> Path:
     apply_adapters(run, specs)
     net = run.model.denoiser.net
     for module in net.modules():
-        if isinstance(module, LoraLayer):
+        if isinstance(module, LoraLayer) and not module.merged:  # the encoder's are already
             module.merge(adapter_names=list(module.active_adapters))
     return write_run(run_path, base_state(net), out, {"merged_adapters": list(specs)})
 
@@ -587,10 +623,7 @@ def finetune_embedding(
         raise UserError(str(e)) from None
     run = text_to_image_run(run_path, device)
     model: TextToImageModel = run.model
-    x0 = concept_images(images).to(model.device)
-    if model.autoencoder is not None:
-        with torch.no_grad():
-            x0 = encode_means(model.autoencoder.net, x0) * model.autoencoder.latent_scale
+    x0 = _to_model_space(model, concept_images(images).to(model.device))
     net = model.denoiser.net
     base_hash, base_params = weights_hash(net), sum(p.numel() for p in net.parameters())
     add_rows(model, [word], net.encoder.words.weight[start_id : start_id + 1].detach().clone())
@@ -635,11 +668,15 @@ DEFAULT_DREAMBOOTH_LR = 5e-5
 
 
 def class_images(model: TextToImageModel, class_prompt: str, n: int, seed: int) -> Tensor:
-    """The ``n`` prior-preservation pictures ``x_class`` that the frozen base draws for
-    ``class_prompt`` with ``seed`` (its own sampling settings): the same seed, the same
-    pictures."""
+    """The ``n`` prior-preservation targets ``x_class`` that the frozen base draws for
+    ``class_prompt`` with ``seed`` (its own sampling settings), in the space its denoiser
+    learns: pictures, or for a latent run the latents it draws, not decoded (and encoded
+    again). The same seed, the same targets."""
+    latent = model.autoencoder is not None
+    frozen = dataclasses.replace(model, autoencoder=None)
     with torch.no_grad():
-        return TEXT_TO_IMAGE.sample(model, n, prompt=class_prompt, seed=seed).x
+        return TEXT_TO_IMAGE.sample(frozen, n, prompt=class_prompt, seed=seed,
+                                    threshold="none" if latent else None).x  # fmt: skip
 
 
 def dreambooth_loss(
@@ -674,18 +711,39 @@ def finetune_dreambooth(
     class_prompt: str | None = None,
     num_class_images: int = 16,
     prior_weight: float = 1.0,
+    rank: int | None = None,
+    targets: str | None = None,
+    alpha: float | None = None,
+    train_text_encoder: bool = False,
     steps: int = DEFAULT_STEPS,
-    lr: float = DEFAULT_DREAMBOOTH_LR,
+    lr: float | None = None,
     seed: int = 0,
     device: str = "auto",
     progress: bool = True,
 ) -> FinetuneResult:
-    """DreamBooth: fine-tune the whole denoiser (the text encoder stays frozen) on the pictures
-    of ``images`` captioned ``prompt`` with the identifier ``token`` (a word the run knows,
-    rarely used, as the paper's rare tokens) in its ``{}``, with the class-specific
-    prior-preservation loss on ``num_class_images`` pictures the frozen run first draws for
-    ``class_prompt`` (:func:`dreambooth_loss`); write the result as an ordinary run ``out``."""
+    """DreamBooth: tune ``run_path``'s denoiser on the pictures of ``images`` captioned
+    ``prompt`` with the identifier ``token`` (a word the run knows, rarely used, as the paper's
+    rare tokens) in its ``{}``, with the class-specific prior-preservation loss on
+    ``num_class_images`` targets the frozen run first draws for ``class_prompt``
+    (:func:`dreambooth_loss`).
+
+    Without ``rank`` the whole denoiser trains (with ``train_text_encoder`` the whole text
+    encoder too) and ``out`` is a new run folder. With ``rank`` (DreamBooth-LoRA) only rank-
+    ``rank`` adapters on ``targets`` train (with ``train_text_encoder`` adapters on the text
+    encoder's feed-forward maps too, :func:`encoder_projection_names`), the base frozen, and
+    ``out`` is an adapter file as ``finetune_lora`` writes, for ``--adapter`` and ``merge``.
+    Every input is checked before anything is written."""
     steps, seed = positive_int("steps", steps), seed_value(seed)
+    lora = rank is not None
+    if not lora and (targets is not None or alpha is not None):
+        raise UserError("--targets and --alpha apply to DreamBooth-LoRA: give --rank too")
+    if lora:
+        rank = positive_int("rank", rank)
+        alpha = float(rank if alpha is None else alpha)
+        if not (math.isfinite(alpha) and alpha > 0):
+            raise UserError("--alpha must be a positive number")
+        chosen = parse_targets("q,k,v,out" if targets is None else targets)
+    lr = (DEFAULT_LR if lora else DEFAULT_DREAMBOOTH_LR) if lr is None else lr
     if not (math.isfinite(lr) and lr > 0):
         raise UserError("--lr must be a positive number")
     if not (math.isfinite(prior_weight) and prior_weight >= 0):
@@ -705,39 +763,60 @@ def finetune_dreambooth(
     for text in (caption, class_prompt or ""):
         if not _tokenizes(text):
             raise UserError(f"the caption {text!r} has words the run does not know")
-    out = new_folder(out)
+    if lora:
+        out = Path(out)
+        if out.is_dir():
+            raise UserError(f"--out {out} is a folder: DreamBooth-LoRA writes an adapter file")
+    else:
+        out = new_folder(out)
     run = text_to_image_run(run_path, device)
     model: TextToImageModel = run.model
     x_instance = concept_images(images).to(model.device)
     prior = None
     if prior_weight > 0:
         x_class = class_images(model, class_prompt, num_class_images, seed).to(model.device)
-        prior = (_to_model_space(model, x_class),
-                 tokenize([class_prompt])[0].to(model.device).expand(len(x_class), -1))  # fmt: skip
+        prior = (x_class, tokenize([class_prompt])[0].to(model.device).expand(len(x_class), -1))
     instance = (_to_model_space(model, x_instance),
                 tokenize([caption])[0].to(model.device).expand(len(x_instance), -1))  # fmt: skip
     net = model.denoiser.net
-    base_params = sum(p.numel() for p in net.parameters())
-    net.requires_grad_(False)
-    net.net.requires_grad_(True)
-    params = [p for p in net.net.parameters()]
+    base_hash, base_params = weights_hash(net), sum(p.numel() for p in net.parameters())
+    if lora:
+        params = add_lora(net, chosen, rank, alpha, seed, train_text_encoder)
+    else:
+        net.requires_grad_(False)
+        tuned = [net.net, net.encoder] if train_text_encoder else [net.net]
+        params = [p for module in tuned for p in module.parameters()]
+        for p in params:
+            p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     d = model.config.diffusion
     objective = make_objective(d.prediction, d.weighting)
     generator = torch.Generator(model.device).manual_seed(seed)
     start, loss = time.perf_counter(), torch.zeros(())
+    net.train()  # (no dropout anywhere; and no fused encoder kernel that would skip adapters)
     for _ in tqdm(range(steps), desc="finetune (dreambooth)", disable=not progress):
         loss = dreambooth_loss(objective, model.denoiser, instance, prior, prior_weight,
                                generator)[0]  # fmt: skip
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+    net.eval()
     seconds = time.perf_counter() - start
-    extra = {"dreambooth": {"token": token, "prompt": prompt, "class_prompt": class_prompt,
-                            "num_class_images": num_class_images if prior else 0,
-                            "prior_weight": prior_weight, "steps": steps, "lr": lr}}  # fmt: skip
-    state = {k: v.detach() for k, v in net.state_dict().items()}
-    write_run(run_path, state, out, extra)
+    settings = {"token": token, "prompt": prompt, "class_prompt": class_prompt,
+                "num_class_images": num_class_images if prior else 0,
+                "prior_weight": prior_weight, "train_text_encoder": train_text_encoder,
+                "steps": steps, "lr": lr}  # fmt: skip
+    if lora:
+        meta = {k: str(v) for k, v in settings.items() if k != "train_text_encoder"}
+        meta |= {"method": "dreambooth-lora", "base": base_hash,
+                 "architecture": architecture(model), "base_run": str(Path(run_path).resolve()),
+                 "base_step": str(model.step), "targets": ",".join(chosen), "rank": str(rank),
+                 "alpha": repr(alpha), "text_encoder": str(train_text_encoder).lower(),
+                 "word": "", "images": str(len(x_instance))}  # fmt: skip
+        write_adapter(net, out, meta)
+    else:
+        state = {k: v.detach() for k, v in net.state_dict().items()}
+        write_run(run_path, state, out, {"dreambooth": settings})
     return FinetuneResult(out, steps, seconds, sum(p.numel() for p in params), base_params,
                           float(loss.detach()))  # fmt: skip
 

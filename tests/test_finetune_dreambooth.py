@@ -1,0 +1,227 @@
+"""DreamBooth-LoRA and DreamBooth with the text encoder tuned (issue 15): one training step
+against its oracle (AdamW's first step moves each trained parameter by ``-lr g / (|g| + eps)``
+with ``g`` the gradient of ``L_instance + lambda L_prior`` computed here alone, and leaves every
+other parameter as it was), the adapter file with the text encoder's adapters folded by hand,
+merge, the command line and its refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from cli_run import run
+from safetensors import safe_open
+from test_finetune import (
+    CLASS_PROMPT,
+    assert_same,
+    concept_folder,
+    folded,
+    outputs,
+    randomised,
+    refused,
+    train_base,
+)
+
+from difflab.gaussian.objectives import make_objective
+from difflab.recipes import finetune as ft
+from difflab.recipes import load
+from difflab.recipes import text_to_image as t2i
+from difflab.recipes.autoencoder import encode_means
+
+PROMPT, IDENTIFIER = "a {} letter A", "stix"
+LR, LAMBDA, CLASS_IMAGES, SEED = 1e-3, 0.6, 3, 2
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    return train_base(tmp_path_factory.mktemp("base") / "run")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    return concept_folder(tmp_path_factory.mktemp("concept"))
+
+
+def one_step(base: Path, images: Path, out: Path, **options) -> ft.FinetuneResult:
+    return ft.finetune_dreambooth(base, images=images, prompt=PROMPT, token=IDENTIFIER, out=out,
+                                  class_prompt=CLASS_PROMPT, num_class_images=CLASS_IMAGES,
+                                  prior_weight=LAMBDA, steps=1, lr=LR, seed=SEED,
+                                  progress=False, **options)  # fmt: skip
+
+
+def oracle_gradients(base: Path, images: Path, lora: dict | None, text_encoder: bool):
+    """The base network (with fresh adapters as ``finetune_dreambooth`` draws them when
+    ``lora``), its parameters before the step, and the gradient of ``L_instance + lambda
+    L_prior`` on the run's own objective, the class targets drawn by the frozen base."""
+    model = load(base, "cpu").model
+    x_class = ft.class_images(model, CLASS_PROMPT, CLASS_IMAGES, SEED)
+    x = in_model_space(model, ft.concept_images(images))
+    net = model.denoiser.net
+    if lora is not None:
+        params = ft.add_lora(net, ft.parse_targets(lora["targets"]), lora["rank"],
+                             float(lora["rank"]), SEED, text_encoder)  # fmt: skip
+    else:
+        net.requires_grad_(False)
+        params = [*net.net.parameters(), *(net.encoder.parameters() if text_encoder else ())]
+        for p in params:
+            p.requires_grad_(True)
+    before = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    objective = make_objective(model.config.diffusion.prediction, model.config.diffusion.weighting)
+    instance = (x, t2i.tokenize([PROMPT.format(IDENTIFIER)])[0].expand(len(x), -1))
+    prior = (x_class, t2i.tokenize([CLASS_PROMPT])[0].expand(len(x_class), -1))
+    net.train()
+    g = torch.Generator().manual_seed(SEED)
+    l_instance = objective(model.denoiser, instance[0], {"tokens": instance[1]}, g)
+    l_prior = objective(model.denoiser, prior[0], {"tokens": prior[1]}, g)
+    (l_instance + LAMBDA * l_prior).backward()
+    grads = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+    assert {id(p) for p in params} == {id(p) for p in net.parameters() if p.grad is not None}
+    return net, before, grads
+
+
+def in_model_space(model: t2i.TextToImageModel, x: torch.Tensor) -> torch.Tensor:
+    """Pictures as a run's denoiser learns them: themselves, or ``latent_scale * mu(x)``."""
+    if model.autoencoder is None:
+        return x
+    with torch.no_grad():
+        return encode_means(model.autoencoder.net, x) * model.autoencoder.latent_scale
+
+
+def adam_first_step(before: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """AdamW's first step without weight decay: ``m_hat = g``, ``v_hat = g^2``."""
+    return before - LR * grad / (grad.abs() + 1e-8)
+
+
+# ------------------------------------------------------------------ DreamBooth-LoRA
+
+
+def test_dreambooth_lora_takes_the_two_term_loss_step_on_the_adapters_alone(base, images,
+                                                                            tmp_path):  # fmt: skip
+    for text_encoder in (False, True):
+        out = tmp_path / f"db{text_encoder}.safetensors"
+        result = one_step(base, images, out, rank=2, targets="q,k,v,out",
+                          train_text_encoder=text_encoder)  # fmt: skip
+        net, _, grads = oracle_gradients(base, images, {"rank": 2, "targets": "q,k,v,out"},
+                                         text_encoder)  # fmt: skip
+        # Only the adapters get gradients; the text encoder's only when asked for.
+        assert grads and all(".lora_" in n for n in grads)
+        on_encoder = {n for n in grads if n.startswith("encoder.")}
+        adapted = {n.split(".lora_")[0] for n in on_encoder}
+        assert adapted == (set(ft.encoder_projection_names(net)) if text_encoder else set())
+        assert adapted or not text_encoder
+        assert result.trainable == sum(g.numel() for g in grads.values())
+        with safe_open(str(out), framework="pt") as f:
+            meta = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        assert meta["method"] == "dreambooth-lora"
+        assert meta["text_encoder"] == str(text_encoder).lower()
+        assert (meta["token"], meta["word"], meta["prior_weight"]) == (IDENTIFIER, "", str(LAMBDA))
+        assert tensors.keys() == {n.replace(f".{ft.TRAINED}.", ".") for n in grads}
+        state = net.state_dict()
+        for name, g in grads.items():
+            want = adam_first_step(state[name].detach(), g)
+            got = tensors[name.replace(f".{ft.TRAINED}.", ".")]
+            if "lora_B" in name:  # B = 0 before; a 3-step base's gradients are small, but
+                assert float(got.abs().max()) > 1e-3 * LR  # not lost in Adam's eps
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-10)
+
+
+def test_a_dreambooth_lora_adapter_with_its_text_encoder_samples_and_merges_as_folded(
+    base, images, tmp_path
+):
+    trained = one_step(base, images, tmp_path / "db.safetensors", rank=3, targets="q,out",
+                       train_text_encoder=True).path  # fmt: skip
+    adapter = randomised(trained, tmp_path / "r.safetensors", 3)
+    assert any(k.startswith("encoder.") for k in ft.read_adapter(adapter).tensors)
+    plain = outputs(load(base, "cpu").model.denoiser.net)
+    loaded = load(base, "cpu")
+    assert ft.apply_adapters(loaded, [f"{adapter}:0.7"]) == {}  # a known identifier: no word
+    # outputs() runs without gradients in eval mode: the encoder's fused kernel path
+    assert_same(outputs(loaded.model.denoiser.net), outputs(folded(base, [(adapter, 0.7)])), plain)
+    # and the text encoder's own states are those of its hand-folded weights
+    tokens = t2i.tokenize(["a stix letter A", "a red bold serif capital G"])[0]
+    nets = (loaded.model.denoiser.net, folded(base, [(adapter, 0.7)]),
+            load(base, "cpu").model.denoiser.net)  # fmt: skip
+    with torch.no_grad():
+        assert_same(*(net.encoder(tokens)[0] for net in nets))
+    merged = ft.merge(base, [f"{adapter}:0.7"], tmp_path / "merged")
+    prompt = dict(prompt="a stix letter A", seed=1)
+    with_adapter = load(base, "cpu")
+    ft.apply_adapters(with_adapter, [f"{adapter}:0.7"])
+    assert_same(load(merged, "cpu").sample(3, **prompt).x, with_adapter.sample(3, **prompt).x,
+                load(base, "cpu").sample(3, **prompt).x)  # fmt: skip
+
+
+# ------------------------------------------------------------------ DreamBooth, text encoder tuned
+
+
+def test_dreambooth_with_the_text_encoder_takes_the_step_on_denoiser_and_encoder(
+    base, images, tmp_path
+):
+    out = one_step(base, images, tmp_path / "db", train_text_encoder=True).path
+    net, before, grads = oracle_gradients(base, images, None, text_encoder=True)
+    tuned = load(out, "cpu").model.denoiser.net.state_dict()
+    assert tuned.keys() == before.keys()
+    assert any(k.startswith("encoder.") for k in grads) and any(k.startswith("net.") for k in grads)
+    for name, value in before.items():
+        if name in grads:
+            torch.testing.assert_close(tuned[name], adam_first_step(value, grads[name]),
+                                       rtol=1e-4, atol=1e-10)  # fmt: skip
+        else:  # buffers only
+            assert torch.equal(tuned[name], value), name
+    # without the flag the text encoder stays bit-identical (test_finetune's CLI test), and
+    # every parameter of the network is either the denoiser's or the encoder's
+    assert {n.split(".")[0] for n, _ in net.named_parameters()} == {"net", "encoder"}
+
+
+# ------------------------------------------------------------------ the command line
+
+
+def test_dreambooth_lora_from_the_command_line_and_its_refusals(base, images, tmp_path,
+                                                                monkeypatch, capsys):  # fmt: skip
+    out = tmp_path / "db.safetensors"
+    args = ["finetune", str(base), "--method", "dreambooth", "--images", str(images),
+            "--prompt", PROMPT, "--token", IDENTIFIER, "--class-prompt", CLASS_PROMPT,
+            "--num-class-images", "2", "--steps", "2", "--out", str(out)]  # fmt: skip
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for extra, says in (
+        (["--targets", "q"], "give --rank too"),
+        (["--alpha", "2"], "give --rank too"),
+        (["--rank", "0"], "rank"),
+        (["--rank", "2", "--targets", "k"], "k and v"),
+        (["--rank", "2", "--alpha", "0"], "--alpha"),
+        (["--rank", "2", "--out", str(folder)], "writes an adapter file"),
+    ):
+        assert says in refused(monkeypatch, capsys, *args, *extra), extra
+    assert not out.exists() and not any(folder.iterdir())
+    for method in ("lora", "textual-inversion"):
+        other = ["finetune", str(base), "--method", method, "--images", str(images), "--prompt",
+                 PROMPT, "--token", "<tt>", "--init-word", "mono", "--out", str(out),
+                 "--train-text-encoder"]  # fmt: skip
+        err = refused(monkeypatch, capsys, *other)
+        assert "--train-text-encoder applies to --method dreambooth only" in err
+    assert not out.exists()
+
+    code, stdout, err = run(monkeypatch, capsys, *args, "--rank", "2", "--targets", "q,out",
+                            "--train-text-encoder", "--quiet")  # fmt: skip
+    assert code == 0, err
+    assert "trained parameters" in stdout and out.is_file()
+    meta = ft.read_adapter(out).meta
+    assert (meta["method"], meta["targets"], meta["text_encoder"]) == ("dreambooth-lora", "q,out",
+                                                                       "true")  # fmt: skip
+    sample = ["--prompt", "a stix letter A", "--n", "2"]
+    code, _, err = run(monkeypatch, capsys, "sample", str(base), "--adapter", f"{out}:0.5",
+                       *sample, "--out", str(tmp_path / "s"))  # fmt: skip
+    assert code == 0, err
+    code, _, err = run(monkeypatch, capsys, "merge", str(base), "--adapter", str(out), "--out",
+                       str(tmp_path / "merged"))  # fmt: skip
+    assert code == 0, err
+    # plain DreamBooth with the text encoder: a run folder whose encoder moved
+    code, _, err = run(monkeypatch, capsys, *args[:-1], str(tmp_path / "full"),
+                       "--train-text-encoder", "--lr", "1e-3", "--quiet")  # fmt: skip
+    assert code == 0, err
+    tuned = load(tmp_path / "full", "cpu").model.denoiser.net.state_dict()
+    before = load(base, "cpu").model.denoiser.net.state_dict()
+    assert any(not torch.equal(tuned[k], v) for k, v in before.items() if k.startswith("encoder."))

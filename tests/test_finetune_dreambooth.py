@@ -218,6 +218,17 @@ def test_dreambooth_lora_from_the_command_line_and_its_refusals(base, images, tm
     code, _, err = run(monkeypatch, capsys, "merge", str(base), "--adapter", str(out), "--out",
                        str(tmp_path / "merged"))  # fmt: skip
     assert code == 0, err
+    # an embedding of the same base goes with it, though the adapter changed the text encoder
+    word = tmp_path / "tt.safetensors"
+    ft.finetune_embedding(base, images=images, prompt=PROMPT, token="<tt>", init_word="mono",
+                          out=word, steps=1, progress=False)  # fmt: skip
+    code, _, err = run(monkeypatch, capsys, "sample", str(base), "--adapter", str(out),
+                       "--embedding", str(word), "--prompt", "a <tt> stix letter A", "--n", "2",
+                       "--out", str(tmp_path / "both"))  # fmt: skip
+    assert code == 0, err
+    loaded = load(base, "cpu")
+    ft.apply_embeddings(loaded, [word])
+    ft.apply_adapters(loaded, [str(out)])  # in the other order too
     # plain DreamBooth with the text encoder: a run folder whose encoder moved
     code, _, err = run(monkeypatch, capsys, *args[:-1], str(tmp_path / "full"),
                        "--train-text-encoder", "--lr", "1e-3", "--quiet")  # fmt: skip

@@ -177,6 +177,13 @@ def weights_hash(net: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def loaded_hash(net: nn.Module) -> str:
+    """:func:`weights_hash` of the base ``net`` was loaded as, remembered once adapters or
+    words are added (they change its weights: folded text-encoder adapters, new rows), so the
+    files applied after them are checked against the base too."""
+    return getattr(net, "difflab_base_hash", None) or weights_hash(net)
+
+
 def base_state(net: nn.Module) -> dict[str, Tensor]:
     """``net``'s state without adapter tensors, under the names of the plain network (peft's
     ``x.base_layer.weight`` read as ``x.weight``); with merged adapters, the merged weights."""
@@ -307,7 +314,7 @@ def apply_adapters(run: Run, specs: Sequence[str]) -> dict[str, str]:
         raise UserError(f"--adapter applies to text-to-image runs, not to {run.recipe.name} runs")
     model: TextToImageModel = run.model
     net = model.denoiser.net
-    base_hash = weights_hash(net)
+    base_hash = loaded_hash(net)
     adapters = []
     for spec in specs:
         path, scale = parse_scale(spec)
@@ -315,6 +322,7 @@ def apply_adapters(run: Run, specs: Sequence[str]) -> dict[str, str]:
         check_base(adapter.meta, path, model, base_hash)
         adapters.append((adapter, scale))
     attach(net, adapters)
+    net.difflab_base_hash = base_hash
     return {a.meta["token"]: a.meta["word"] for a, _ in adapters if a.meta["word"]}
 
 
@@ -553,7 +561,7 @@ def apply_embeddings(run: Run, paths: Sequence[str | Path]) -> None:
     if run.recipe is not TEXT_TO_IMAGE:
         raise UserError(f"--embedding applies to text-to-image runs, not to {run.recipe.name} runs")
     model: TextToImageModel = run.model
-    base_hash = weights_hash(model.denoiser.net)
+    base_hash = loaded_hash(model.denoiser.net)
     words, rows = [], []
     for path in map(Path, paths):
         meta, row = read_embedding(path)
@@ -564,6 +572,7 @@ def apply_embeddings(run: Run, paths: Sequence[str | Path]) -> None:
         rows.append(row)
     add_rows(model, words, torch.stack(rows))
     model.denoiser.net.requires_grad_(False)
+    model.denoiser.net.difflab_base_hash = base_hash
 
 
 def read_embedding(path: Path) -> tuple[dict[str, str], Tensor]:

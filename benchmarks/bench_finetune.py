@@ -1,0 +1,410 @@
+"""Benchmark of fine-tuning a trained glyphs text-to-image run on two concepts held out of its
+training (issue 15; seed 004, "Fine-tuning"): the Computer Modern typewriter font as a style
+(token ``<tt>``) and the Greek capital Omega as a subject ("a [V] letter"), 8 training pictures
+each rendered by :mod:`difflab.data.glyphs`, taught by each method: LoRA, textual inversion,
+DreamBooth with and without prior preservation, DreamBooth-LoRA.
+
+What the glyphs judge can read: its character head knows the 62 Latin classes and its family
+head was trained on the six families of the training split, so it can name neither concept (the
+typewriter family's logit was never trained; no Greek class exists). Concept fidelity is read by
+two linear probes (logistic regression) on the judge's frozen 128-d features, trained here on
+real rendered glyphs: typewriter (the ``concepts`` split's Latin glyphs) against the six
+training families, and Omega (any Greek-capable family) against Latin glyphs and the other Greek
+letters; their accuracies on held-out real glyphs are printed with the results, and the base
+run's own rate on the same prompts is the floor each method is compared with.
+
+Per concept and method: concept fidelity (the probe's share of samples of the concept prompts),
+prompt fidelity (the judge's glyph colour, background colour and weight against the prompt, on
+the coloured concept prompts), prior drift (the judged Frechet distance to real test glyphs and
+the mean prompt adherence over the six heads on 10 ordinary prompts without the token, before
+and after: textual inversion leaves those outputs bit-identical by construction and is not
+resampled), trainable parameters, file size and fine-tuning time. Then two LoRAs (the font and
+a pink-on-purple colour style) at 0.5 / 0.5 against each alone, and a grid of prompts x
+methods.
+
+Usage (one thread; every size is an option, the defaults are the short run of BENCHMARKS.md):
+``OMP_NUM_THREADS=1 python benchmarks/bench_finetune.py --base runs/t2i-latent-v --out
+runs/bench/finetune``. Writes ``OUT/results.json``, ``OUT/grid.png`` and the concept folders,
+adapters, embeddings and DreamBooth runs under ``OUT``; prints markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from difflab.data.glyphs import (
+    CHARACTERS,
+    COLOUR_NAMES,
+    COLOUR_PAIRS,
+    GREEK,
+    glyphs_dataset,
+    render,
+    sample_attributes,
+)
+from difflab.evaluate.frechet import frechet_distance_from_samples
+from difflab.evaluate.glyphs_judge import glyphs_to_tensor, load_glyphs_judge
+from difflab.recipes import finetune as ft
+from difflab.recipes import load
+from difflab.recipes.text_to_image import prompt_adherence
+from difflab.viz.images import save_grid
+
+SUBJECT_CHAR = "Ω"
+CONCEPTS = {
+    # name: training prompt template, LoRA / textual-inversion token and word, DreamBooth
+    # identifier and class prompt, prompts of the evaluation ({} where the token goes)
+    "typewriter": {
+        "prompt": "a {} capital A",
+        "token": "<tt>",
+        "init_word": "mono",
+        "identifier": "mono",
+        "class_prompt": "a capital A",
+        "plain": ["a {} capital A"],
+        "coloured": [
+            "a red {} capital A on a white background",
+            "a yellow {} capital A on a blue background",
+        ],
+    },
+    "omega": {
+        "prompt": "a {} letter",
+        "token": "<om>",
+        "init_word": "O",
+        "identifier": "O",
+        "class_prompt": "a letter",
+        "plain": ["a {} letter"],
+        "coloured": [
+            "a red {} letter on a white background",
+            "a yellow {} letter on a blue background",
+        ],
+    },
+}
+#: Ordinary prompts without any token: the prior each method should keep.
+ORDINARY = (
+    "a red bold serif capital G on a white background",
+    "a green italic sans letter q on a black background",
+    "a large yellow mono digit 7 on a purple background",
+    "a white stix capital R on a blue background",
+    "a small orange bold cm roman letter k on a white background",
+    "a black cm sans capital W on a pink background",
+    "a blue mono capital A on a yellow background",
+    "a pink sans digit 3 on a green background",
+    "a purple serif letter e on a pale blue background",
+    "a white bold mono capital M on a red background",
+)
+METHODS = ("lora", "textual-inversion", "dreambooth", "dreambooth-no-prior", "dreambooth-lora")
+
+
+# ------------------------------------------------------------------ pictures of the concepts
+
+OMEGA = CHARACTERS.index(SUBJECT_CHAR)
+GREEK_LABELS = np.arange(len(CHARACTERS) - len(GREEK), len(CHARACTERS))
+
+
+def rendered(kind: str, n: int, seed: int) -> np.ndarray:
+    """``n`` rendered glyphs (uint8 ``(n, 32, 32, 3)``) of ``kind``: ``typewriter`` (Latin
+    characters in the typewriter family, the ``concepts`` split's), ``typewriter-A`` (its
+    capital A), ``omega`` (Omega in a family that has it), ``greek`` (the other Greek letters),
+    ``pink-A`` (a capital A of the training families, pink on purple)."""
+    rng = np.random.default_rng([seed, 7])
+    split = "train" if kind == "pink-A" else "concepts"
+    labels, attributes = sample_attributes(4 * n + 64, rng, split)
+    greek = labels >= GREEK_LABELS[0]
+    keep = greek if kind in ("omega", "greek") else ~greek
+    labels, attributes = labels[keep][:n], {k: v[keep][:n] for k, v in attributes.items()}
+    if kind in ("typewriter-A", "pink-A"):
+        labels[:] = CHARACTERS.index("A")
+    elif kind == "omega":
+        labels[:] = OMEGA
+    elif kind == "greek":
+        labels = rng.choice(GREEK_LABELS[GREEK_LABELS != OMEGA], n)
+    if kind == "pink-A":
+        pair = (COLOUR_NAMES.index("pink"), COLOUR_NAMES.index("purple"))
+        assert any(tuple(p) == pair for p in COLOUR_PAIRS)
+        attributes["colour"][:], attributes["background"][:] = pair
+    assert len(labels) == n
+    return render(labels, attributes)
+
+
+def write_folder(images: np.ndarray, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, picture in enumerate(images):
+        Image.fromarray(picture).save(folder / f"{i}.png")
+    return folder
+
+
+# ------------------------------------------------------------------ the probes
+
+
+class Probe:
+    """Logistic regression on the judge's standardised features (L2 1e-3, L-BFGS)."""
+
+    def __init__(self, judge, positives: torch.Tensor, negatives: torch.Tensor):
+        self.judge = judge
+        f = torch.cat([judge.features(positives), judge.features(negatives)]).double()
+        y = torch.cat([torch.ones(len(positives)), torch.zeros(len(negatives))]).double()
+        self.mean, self.std = f.mean(0), f.std(0) + 1e-6
+        z = (f - self.mean) / self.std
+        w = torch.zeros(z.shape[1] + 1, dtype=torch.float64, requires_grad=True)
+        optimizer = torch.optim.LBFGS([w], max_iter=500, line_search_fn="strong_wolfe")
+
+        def closure():
+            optimizer.zero_grad()
+            logits = z @ w[:-1] + w[-1]
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y)
+            loss = loss + 1e-3 * w[:-1].square().sum()
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        self.w = w.detach()
+
+    def says(self, x: torch.Tensor) -> torch.Tensor:
+        z = (self.judge.features(x).double() - self.mean) / self.std
+        return (z @ self.w[:-1] + self.w[-1]) > 0
+
+
+def probes(judge, n: int) -> tuple[dict[str, Probe], dict[str, dict[str, float]]]:
+    """The typewriter and Omega probes (trained on ``n`` positives against ``n`` training-split
+    glyphs, plus ``n / 2`` other Greek letters for Omega), and their true- and false-positive
+    rates on as many held-out real glyphs (other seeds, the test split)."""
+    latin = {0: glyphs_dataset("train").images[:n], 1: glyphs_dataset("test").images[:n]}
+    made, checks = {}, {}
+    for concept in ("typewriter", "omega"):
+        sets = []
+        for k in (0, 1):
+            negatives = [latin[k]]
+            if concept == "omega":
+                negatives.append(rendered("greek", n // 2, 20 + k))
+            sets.append((glyphs_to_tensor(rendered(concept, n, 10 + k)),
+                         glyphs_to_tensor(np.concatenate(negatives))))  # fmt: skip
+        probe = made[concept] = Probe(judge, *sets[0])
+        pos, neg = sets[1]
+        checks[concept] = {"true_positive": float(probe.says(pos).double().mean()),
+                           "false_positive": float(probe.says(neg).double().mean()),
+                           "held_out": [len(pos), len(neg)]}  # fmt: skip
+    return made, checks
+
+
+# ------------------------------------------------------------------ fine-tuning and sampling
+
+
+def finetune(method: str, concept: dict, base: Path, images: Path, out: Path, a) -> dict:
+    """Teach ``concept`` to ``base`` by ``method``; what it wrote, its size, time and trained
+    parameters."""
+    common = dict(images=images, prompt=concept["prompt"], steps=a.steps, seed=a.seed,
+                  device="cpu", progress=False)  # fmt: skip
+    dreambooth = dict(token=concept["identifier"], class_prompt=concept["class_prompt"],
+                      num_class_images=a.class_images, **common)  # fmt: skip
+    wall, cpu = time.perf_counter(), time.process_time()
+    if method == "lora":
+        result = ft.finetune_lora(base, token=concept["token"], init_word=concept["init_word"],
+                                  rank=a.rank, lr=a.lora_lr, out=out.with_suffix(".safetensors"),
+                                  **common)  # fmt: skip
+    elif method == "textual-inversion":
+        result = ft.finetune_embedding(base, token=concept["token"], lr=a.ti_lr,
+                                       init_word=concept["init_word"],
+                                       out=out.with_suffix(".safetensors"), **common)  # fmt: skip
+    elif method == "dreambooth-lora":
+        result = ft.finetune_dreambooth(base, rank=a.rank, lr=a.lora_lr,
+                                        out=out.with_suffix(".safetensors"),
+                                        **dreambooth)  # fmt: skip
+    else:
+        weight = 0.0 if method == "dreambooth-no-prior" else 1.0
+        result = ft.finetune_dreambooth(base, prior_weight=weight, lr=a.db_lr, out=out,
+                                        **dreambooth)  # fmt: skip
+    path = result.path
+    size = (path / "checkpoint.safetensors" if path.is_dir() else path).stat().st_size
+    return {"path": str(path), "bytes": size, "trainable": result.trainable,
+            "base_params": result.base_params, "seconds": time.perf_counter() - wall,
+            "cpu_seconds": time.process_time() - cpu, "final_loss": result.final_loss}  # fmt: skip
+
+
+def tuned(method: str, base: Path, record: dict | None, concept: dict | None):
+    """The run to sample and the word its concept prompts carry."""
+    if record is None:
+        return load(base, "cpu"), concept["identifier"] if concept else None
+    if method in ("lora", "dreambooth-lora"):
+        run = load(base, "cpu")
+        words = ft.apply_adapters(run, [record["path"]])
+        return run, words.get(concept["token"], concept["identifier"]) if concept else None
+    if method == "textual-inversion":
+        run = load(base, "cpu")
+        ft.apply_embeddings(run, [record["path"]])
+        return run, concept["token"]
+    return load(record["path"], "cpu"), concept["identifier"]
+
+
+def draw(run, prompts: list[str], per_prompt: int, seed: int, a) -> torch.Tensor:
+    """``per_prompt`` samples of each prompt, grouped by prompt."""
+    return run.sample(per_prompt * len(prompts), prompt=prompts, seed=seed, steps=a.sample_steps,
+                      guidance=a.guidance).x.float()  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--base", type=Path, default=Path("runs/t2i-latent-v"))
+    p.add_argument("--out", type=Path, default=Path("runs/bench/finetune"))
+    p.add_argument("--images", type=int, default=8, help="training pictures per concept")
+    p.add_argument("--steps", type=int, default=200, help="fine-tuning steps of every method")
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--lora-lr", type=float, default=2e-3, help="LoRA and DreamBooth-LoRA")
+    p.add_argument("--ti-lr", type=float, default=1e-2, help="textual inversion")
+    p.add_argument("--db-lr", type=float, default=1e-4, help="DreamBooth")
+    p.add_argument("--class-images", type=int, default=8)
+    p.add_argument("--samples", type=int, default=12, help="samples per concept prompt")
+    p.add_argument("--drift-samples", type=int, default=6, help="samples per ordinary prompt")
+    p.add_argument("--sample-steps", type=int, default=10, help="DPM-Solver++(2M) steps")
+    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--probe-n", type=int, default=600, help="real glyphs per probe class")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    if a.out.exists():
+        shutil.rmtree(a.out)
+    a.out.mkdir(parents=True)
+    start_wall, start_cpu = time.perf_counter(), time.process_time()
+    judge = load_glyphs_judge()
+    probe, probe_checks = probes(judge, a.probe_n)
+    real = judge.features(glyphs_to_tensor(glyphs_dataset("test").images[:1000]))
+    folders = {
+        "typewriter": write_folder(rendered("typewriter-A", a.images, 1), a.out / "typewriter"),
+        "omega": write_folder(rendered("omega", a.images, 2), a.out / "omega"),
+        "pink": write_folder(rendered("pink-A", a.images, 3), a.out / "pink"),
+    }
+
+    def drift(run) -> dict:
+        x = draw(run, list(ORDINARY), a.drift_samples, a.seed + 1, a)
+        prompts = [q for q in ORDINARY for _ in range(a.drift_samples)]
+        adherence = prompt_adherence(judge, x, prompts)
+        return {"fd": frechet_distance_from_samples(judge.features(x), real),
+                "adherence": float(np.mean(list(adherence.values()))), **adherence}  # fmt: skip
+
+    def concept_metrics(run, word: str, concept: dict, name: str) -> tuple[dict, torch.Tensor]:
+        templates = [*concept["plain"], *concept["coloured"]]
+        x = draw(run, [t.format(word) for t in templates], a.samples, a.seed, a)
+        coloured = x[len(concept["plain"]) * a.samples :]
+        asked = [t.format("") for t in concept["coloured"] for _ in range(a.samples)]
+        shares = prompt_adherence(judge, coloured, asked)
+        return {"concept": float(probe[name].says(x).double().mean()),
+                "concept_coloured": float(probe[name].says(coloured).double().mean()),
+                **{k: shares[k] for k in ("colour", "background", "weight")}}, x  # fmt: skip
+
+    results: dict = {"probes": probe_checks, "settings": vars(a) | {"base": str(a.base),
+                                                                    "out": str(a.out)}}  # fmt: skip
+    base_run, _ = tuned("base", a.base, None, None)
+    results["base_drift"] = drift(base_run)
+    again = draw(base_run, list(ORDINARY), a.drift_samples, a.seed + 2, a)
+    results["base_drift_other_seeds_fd"] = frechet_distance_from_samples(judge.features(again),
+                                                                         real)  # fmt: skip
+    rows: dict[str, list[torch.Tensor]] = {m: [] for m in ("base", *METHODS)}
+    for name, concept in CONCEPTS.items():
+        record: dict = {}
+        metrics, x = concept_metrics(base_run, concept["identifier"], concept, name)
+        record["base"] = {"metrics": metrics}
+        rows["base"].append(grid_part(x, a.samples))
+        for method in METHODS:
+            print(f"{name}: {method} ...", flush=True)
+            made = finetune(method, concept, a.base, folders[name], a.out / f"{name}-{method}", a)
+            run, word = tuned(method, a.base, made, concept)
+            made["metrics"], x = concept_metrics(run, word, concept, name)
+            if method != "textual-inversion":  # its other outputs are provably unchanged
+                made["drift"] = drift(run)
+            rows[method].append(grid_part(x, a.samples))
+            record[method] = made
+            print(json.dumps(made), flush=True)
+        results[name] = record
+    results["combined"] = combined(a, folders, judge, probe["typewriter"])
+    grid = torch.cat([torch.cat(rows[m], 0) for m in ("base", *METHODS)])
+    save_grid(grid, a.out / "grid.png", nrow=len(grid) // (1 + len(METHODS)))
+    results["wall_seconds"] = time.perf_counter() - start_wall
+    results["cpu_seconds"] = time.process_time() - start_cpu
+    results["machine"] = f"{platform.machine()}, torch {torch.__version__}"
+    (a.out / "results.json").write_text(json.dumps(results, indent=1))
+    print(tables(results))
+
+
+def grid_part(x: torch.Tensor, per_prompt: int) -> torch.Tensor:
+    """Two samples of the plain prompt and of the first coloured one (of one method)."""
+    return torch.cat([x[:2], x[per_prompt : per_prompt + 2]])
+
+
+def combined(a, folders: dict, judge, typewriter: Probe) -> dict:
+    """Two LoRAs, the font (<tt>) and the pink-on-purple colour style (<op>), both standing
+    for "mono" in "a {} capital A", each alone at 1 and together at 0.5 / 0.5: the share of
+    "a <tt> capital A" samples in the typewriter font, in pink, on purple."""
+    paths = {"typewriter": a.out / "typewriter-lora.safetensors",  # trained above
+             "pink": a.out / "pink-lora.safetensors"}  # fmt: skip
+    ft.finetune_lora(a.base, images=folders["pink"], prompt="a {} capital A", token="<op>",
+                     init_word="mono", rank=a.rank, lr=a.lora_lr, steps=a.steps, seed=a.seed,
+                     out=paths["pink"], device="cpu", progress=False)  # fmt: skip
+    shares = {}
+    for label, specs in (
+        ("font alone", [f"{paths['typewriter']}:1"]),
+        ("colour alone", [f"{paths['pink']}:1"]),
+        ("both at 0.5 / 0.5", [f"{paths['typewriter']}:0.5", f"{paths['pink']}:0.5"]),
+        ("both at 1 / 1", [f"{paths['typewriter']}:1", f"{paths['pink']}:1"]),
+    ):
+        run = load(a.base, "cpu")
+        ft.apply_adapters(run, specs)
+        x = draw(run, ["a mono capital A"], 2 * a.samples, a.seed, a)
+        read = judge.predict(x)
+        shares[label] = {
+            "typewriter": float(typewriter.says(x).double().mean()),
+            "pink": float((read["colour"] == COLOUR_NAMES.index("pink")).double().mean()),
+            "purple": float((read["background"] == COLOUR_NAMES.index("purple")).double().mean()),
+        }
+    return shares
+
+
+def tables(r: dict) -> str:
+    """Markdown tables of the results."""
+    lines = ["| concept | method | concept fidelity (probe) | prompt fidelity: colour / "
+             "background / weight | prior drift: FD before -> after (relative) | adherence "
+             "before -> after | trainable params | file | time (CPU s) |",
+             "|---|---|---:|---|---|---|---:|---:|---:|"]  # fmt: skip
+    before = r["base_drift"]
+    for name in CONCEPTS:
+        for method in ("base", *METHODS):
+            m = r[name][method]
+            q = m["metrics"]
+            fidelity = (f"{q['colour']:.0%} / {q['background']:.0%} / "
+                        f"{q['weight']:.0%}")  # fmt: skip
+            if method == "base":
+                lines.append(f"| {name} | base (no fine-tuning) | {q['concept']:.0%} | "
+                             f"{fidelity} | {before['fd']:.0f} | {before['adherence']:.1%} "
+                             "| | | |")  # fmt: skip
+                continue
+            if "drift" in m:
+                d = m["drift"]
+                drift = (f"{before['fd']:.0f} -> {d['fd']:.0f} "
+                         f"({d['fd'] / before['fd'] - 1:+.0%})")  # fmt: skip
+                adherence = f"{before['adherence']:.1%} -> {d['adherence']:.1%}"
+            else:
+                drift, adherence = "unchanged (bit-identical)", "unchanged"
+            share = m["trainable"] / m["base_params"]
+            lines.append(f"| {name} | {method} | {q['concept']:.0%} | {fidelity} | {drift} | "
+                         f"{adherence} | {m['trainable']:,} ({share:.2%}) | {m['bytes']:,} B | "
+                         f"{m['cpu_seconds']:.0f} |")  # fmt: skip
+    lines += ["", "| LoRAs on 'a <tt> capital A' | typewriter (probe) | pink | purple "
+              "background |", "|---|---:|---:|---:|"]  # fmt: skip
+    for label, s in r["combined"].items():
+        lines.append(f"| {label} | {s['typewriter']:.0%} | {s['pink']:.0%} | {s['purple']:.0%} |")
+    checks = r["probes"]
+    lines += ["", "probes on held-out real glyphs: " + "; ".join(
+        f"{k} true positives {v['true_positive']:.1%}, false positives {v['false_positive']:.1%}"
+        for k, v in checks.items())]  # fmt: skip
+    lines.append(f"base FD at other seeds (noise): {r['base_drift_other_seeds_fd']:.0f}; "
+                 f"wall {r['wall_seconds']:.0f} s, CPU {r['cpu_seconds']:.0f} s")  # fmt: skip
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -129,7 +129,7 @@ class TextRecipe(Recipe):
         if cfg.diffusion.lines:
             tensors = continuous.line_rows(train_split.documents, tokenizer, cfg.data.length)
         if cfg.diffusion.kind == latent_text.KIND:
-            if not resume:
+            if not resume and distributed.is_main():
                 save_tokenizer(tokenizer, out / TOKENIZER_FILE)
             return latent_text.train(cfg, net, process, tensors, meta, out, resume=resume,
                                      progress=progress)  # type: ignore[arg-type]  # fmt: skip

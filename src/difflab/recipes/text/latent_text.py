@@ -292,12 +292,14 @@ def train(
     ae_meta = {**meta, "recipe": "text-autoencoder"}  # not a run to sample: a stage of one
     start = time.perf_counter()
     ae_saved = (ae_out / FILENAME).exists()
-    if not (ae_saved and load_checkpoint(ae_out).step >= o.ae_steps):
-        Trainer(net.autoencoder, autoencoder_loss(o), rows, ae_train, ae_meta, ae_out).fit(
-            resume=resume and ae_saved, progress=progress
-        )
+    if ae_saved and load_checkpoint(ae_out).step >= o.ae_steps:
+        ema = load_checkpoint(ae_out).ema
+    else:
+        ae_trainer = Trainer(net.autoencoder, autoencoder_loss(o), rows, ae_train, ae_meta, ae_out)
+        ae_trainer.fit(resume=resume and ae_saved, progress=progress)
+        ema = ae_trainer.ema_state()  # every process holds it (rank 0 wrote the checkpoint)
     ae_seconds = time.perf_counter() - start
-    net.autoencoder.load_state_dict(load_checkpoint(ae_out).ema)
+    net.autoencoder.load_state_dict(ema)
     net.autoencoder.requires_grad_(False).eval()
     scale = measure_latent_scale(net, rows[0])
     net.latent_scale.fill_(scale)

@@ -11,6 +11,15 @@
    (``--drafter-width``, ``--drafter-depth``, trained for ``--minutes``; ``--draft-length``,
    both exact drafter modes), the AR model alone timed at the same batch: tokens per second,
    generative perplexity under the AR model, acceptance rate and mean tokens per verification.
+3. ``cost``: the time of one training step (forward and backward, batch and context as above,
+   the best of ``--cost-repeats``) of AR, MDLM and block diffusion's two streams, the latter
+   with the whole last layer run for both streams (as before the ``outputs`` cut) and for the
+   ``x_t`` stream alone.
+
+``--parts`` picks among ``likelihood`` (1, the models trained), ``generation`` (2) and ``cost``
+(3); ``--block-mask-range BETA,OMEGA`` trains the block runs with that
+``diffusion.mask_range`` (empty: the block kind's default). ``--adapt-minutes 0`` leaves the
+adapted model out.
 
 Usage: ``python benchmarks/bench_bridges.py --minutes 2 [--out runs/bench-bridges]``; prints
 markdown for docs/BENCHMARKS.md and writes it to ``OUT/bench_bridges.md``.
@@ -21,11 +30,17 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
+import time
 from pathlib import Path
 
 import torch
 from bench_text import _quality, _timed
 
+from difflab.discrete.block import block_diffusion_loss
+from difflab.discrete.objectives import continuous_time_loss
+from difflab.discrete.process import MaskedProcess
+from difflab.discrete.schedules import make_token_schedule
+from difflab.nets.transformer import TextTransformer
 from difflab.recipes import load_config
 from difflab.recipes.adapt import RECIPE as ADAPT
 from difflab.recipes.text import RECIPE as TEXT
@@ -124,6 +139,44 @@ def generation_table(models: dict, drafter, args: argparse.Namespace) -> list[st
     return rows
 
 
+def cost_table(args: argparse.Namespace) -> list[str]:
+    """Milliseconds per training step (forward and backward, the best of ``--cost-repeats``)."""
+    vocab = 90  # the characters of the built-in corpus with the special tokens
+    process = MaskedProcess(vocab, vocab - 1, make_token_schedule("log-linear"))
+    torch.manual_seed(0)
+    size = {"width": args.width, "depth": args.depth, "num_heads": args.heads}
+    ar = TextTransformer(vocab, args.length, causal=True, **size)
+    net = TextTransformer(vocab, args.length, time_conditioning=False, **size)
+    x = torch.randint(0, vocab - 1, (args.batch_size, args.length))
+
+    def whole_last_layer(*a, outputs=None, **k):  # the two streams' logits, then x_t's kept
+        return net(*a, **k)[:, :outputs]
+
+    def ar_step():
+        logits = ar(x[:, :-1])
+        torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:]).backward()
+
+    steps = {"autoregressive": ar_step,
+             "MDLM": lambda: continuous_time_loss(net, process, x).loss.backward()}  # fmt: skip
+    for size in args.block_sizes:
+        steps[f"block L = {size}, whole last layer"] = lambda s=size: block_diffusion_loss(
+            whole_last_layer, process, x, s).loss.backward()  # fmt: skip
+        steps[f"block L = {size}, last layer x_t only"] = lambda s=size: block_diffusion_loss(
+            net, process, x, s).loss.backward()  # fmt: skip
+    best = {name: float("inf") for name in steps}
+    for _ in range(args.cost_repeats):  # interleaved: a busy spell hits every row alike
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            best[name] = min(best[name], time.perf_counter() - start)
+    rows = [f"| training step | ms (best of {args.cost_repeats}) | vs MDLM | vs AR |",
+            "| --- | ---: | ---: | ---: |"]  # fmt: skip
+    for name, seconds in best.items():
+        rows.append(f"| {name} | {1000 * seconds:.0f} | {seconds / best['MDLM']:.2f} | "
+                    f"{seconds / best['autoregressive']:.2f} |")  # fmt: skip
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=2.0, help="training budget per model")
@@ -149,34 +202,52 @@ def main() -> None:
     parser.add_argument("--mdlm-steps", type=int, default=64)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--skip-train", action="store_true", help="reuse the runs in --out")
+    parser.add_argument("--parts", type=lambda s: s.split(","),
+                        default=["likelihood", "generation"])  # fmt: skip
+    parser.add_argument("--block-mask-range", default=None, help="BETA,OMEGA of the block runs")
+    parser.add_argument("--cost-repeats", type=int, default=5)
     args = parser.parse_args()
     args.adapt_minutes = args.minutes if args.adapt_minutes is None else args.adapt_minutes
 
-    models = {"ar": train_text(args, "ar", "diffusion.kind=ar")}
-    models["mdlm"] = train_text(args, "mdlm", "diffusion.kind=mdlm")
-    models["adapted (AR + adaptation time)"] = adapt_ar(args, models["ar"][1])
-    for size in args.block_sizes:
-        models[f"block L={size}"] = train_text(args, f"block-{size}", "diffusion.kind=block",
-                                               f"diffusion.block_size={size}")  # fmt: skip
-    drafter, _ = train_text(args, "drafter", "diffusion.kind=mdlm", width=args.drafter_width,
-                            depth=args.drafter_depth)  # fmt: skip
     lines = [
         f"## Bridges benchmark ({platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__})",
         "",
         f"Command: `python benchmarks/bench_bridges.py {' '.join(sys.argv[1:])}`",
-        "",
-        f"Likelihood on the held-out plays, {args.minutes:g} min of training per model "
-        f"(adapted: the AR run plus {args.adapt_minutes:g} min of adaptation), context "
-        f"{args.length}, batch {args.batch_size}, width {args.width}, depth {args.depth}:",
-        "",
-        *likelihood_table(models, args),
-        "",
-        f"Generation of {args.gen_length} tokens per passage (temperature 1; generative "
-        f"perplexity of the first {args.length} tokens under the AR model):",
-        "",
-        *generation_table(models, drafter, args),
     ]
+    if "cost" in args.parts:
+        lines += ["", f"Training step, batch {args.batch_size}, context {args.length}, width "
+                  f"{args.width}, depth {args.depth}:", "", *cost_table(args)]  # fmt: skip
+    if "likelihood" in args.parts or "generation" in args.parts:
+        models = {"ar": train_text(args, "ar", "diffusion.kind=ar")}
+        models["mdlm"] = train_text(args, "mdlm", "diffusion.kind=mdlm")
+        if args.adapt_minutes > 0:
+            models["adapted (AR + adaptation time)"] = adapt_ar(args, models["ar"][1])
+        clip = [] if args.block_mask_range is None else [
+            f"diffusion.mask_range=[{args.block_mask_range}]"]  # fmt: skip
+        for size in args.block_sizes:
+            models[f"block L={size}"] = train_text(
+                args, f"block-{size}", "diffusion.kind=block", f"diffusion.block_size={size}", *clip
+            )
+    if "likelihood" in args.parts:
+        lines += [
+            "",
+            f"Likelihood on the held-out plays, {args.minutes:g} min of training per model "
+            f"(adapted: the AR run plus {args.adapt_minutes:g} min of adaptation), context "
+            f"{args.length}, batch {args.batch_size}, width {args.width}, depth {args.depth}:",
+            "",
+            *likelihood_table(models, args),
+        ]
+    if "generation" in args.parts:
+        drafter, _ = train_text(args, "drafter", "diffusion.kind=mdlm", width=args.drafter_width,
+                                depth=args.drafter_depth)  # fmt: skip
+        lines += [
+            "",
+            f"Generation of {args.gen_length} tokens per passage (temperature 1; generative "
+            f"perplexity of the first {args.length} tokens under the AR model):",
+            "",
+            *generation_table(models, drafter, args),
+        ]
     report = "\n".join(lines) + "\n"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_bridges.md").write_text(report)

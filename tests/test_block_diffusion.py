@@ -15,9 +15,10 @@ from difflab.discrete.block import (
     block_causal_mask,
     block_diffusion_loss,
     block_sample,
+    clip_times,
     two_stream_mask,
 )
-from difflab.discrete.objectives import continuous_time_loss
+from difflab.discrete.objectives import continuous_time_loss, draw_times
 from difflab.discrete.process import MaskedProcess
 from difflab.discrete.schedules import make_token_schedule
 from difflab.nets.transformer import TextTransformer
@@ -83,8 +84,8 @@ def test_blocks_of_one_fully_masked_are_the_autoregressive_loss():
     embed[MASK] = embed[BOS_ID]
     embed[:, MASK] = -1e4  # the mask is never predicted (SUBS leaves it out)
 
-    def two_streams(x, t, cond, attn_mask=None, positions=None):
-        return attn_mask.double() @ embed.double()[x]
+    def two_streams(x, t, cond, attn_mask=None, positions=None, outputs=None):
+        return (attn_mask.double() @ embed.double()[x])[:, :outputs]
 
     def autoregressive(inputs, cond=None):
         n = inputs.shape[1]
@@ -111,6 +112,58 @@ def test_each_block_sees_what_the_sampler_shows_it(size):
         mask = block_causal_mask(read.shape[1], size)
         alone = net(read, attn_mask=mask)[:, start:]
         torch.testing.assert_close(both[:, start : start + size], alone, rtol=1e-4, atol=1e-5)
+    only = net(torch.cat([x_t, x0], 1), attn_mask=two_stream_mask(LENGTH, size),
+               positions=torch.arange(LENGTH).repeat(2), outputs=LENGTH)  # fmt: skip
+    torch.testing.assert_close(only, both, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [4, LENGTH])
+def test_clipped_loss_is_the_integrand_at_times_in_range(size):
+    """With ``mask_range`` the loss is the bound's integrand at times ``beta + (omega - beta) u``
+    (the same noise, the same weight), every block's time lies in ``(beta, omega]``, and one
+    block per row shows the batch still stratified over the range."""
+    net, x0, p, r = network(), data(8), process(), (0.3, 0.8)
+    clipped = block_diffusion_loss(net, p, x0, size, mask_range=r,
+                                   generator=torch.Generator().manual_seed(5))  # fmt: skip
+    g = torch.Generator().manual_seed(5)
+    t = clip_times(draw_times(8 * LENGTH // size, generator=g).view(8, -1), r)
+    assert bool((t > 0.3).all() and (t <= 0.8).all())
+    given = block_diffusion_loss(net, p, x0, size, t=t, generator=g)
+    torch.testing.assert_close(clipped.token_nelbo, given.token_nelbo, rtol=0, atol=0)
+    torch.testing.assert_close(clipped.t, t.mean(1), rtol=0, atol=0)
+    if size == LENGTH:
+        strata = ((clipped.t - 0.3) / 0.5 * 8).ceil().long().sort().values
+        assert torch.equal(strata, torch.arange(1, 9))
+    full = block_diffusion_loss(net, p, x0, size, mask_range=(0.0, 1.0),
+                                generator=torch.Generator().manual_seed(5))  # fmt: skip
+    plain = block_diffusion_loss(net, p, x0, size, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(full.token_nelbo, plain.token_nelbo, rtol=0, atol=0)
+
+
+def test_clipped_masks_only_rates_in_range():
+    """Under the log-linear schedule the time is the mask rate: over many blocks of 16 tokens,
+    the masked fraction of each lies within binomial reach of ``[0.3, 0.8]`` and its mean is
+    0.55 (the range's middle), 5 standard errors apart at most."""
+    seen = []
+
+    def recorder(x, t, cond, attn_mask=None, positions=None, outputs=None):
+        seen.append(x[:, :LENGTH] == MASK)
+        return torch.zeros(x.shape[0], outputs, VOCAB)
+
+    x0 = data(4000)
+    block_diffusion_loss(recorder, process(), x0, LENGTH, mask_range=(0.3, 0.8),
+                         generator=torch.Generator().manual_seed(0))  # fmt: skip
+    rate = seen[0].double().mean(1)
+    assert float(rate.min()) > 0.3 - 5 * (0.3 * 0.7 / LENGTH) ** 0.5
+    assert float(rate.max()) < 0.8 + 5 * (0.8 * 0.2 / LENGTH) ** 0.5
+    # Var = E[t(1-t)]/16 + Var(t) for t ~ U[0.3, 0.8]
+    var = (0.55 - (0.55**2 + 0.5**2 / 12)) / LENGTH + 0.5**2 / 12
+    assert abs(float(rate.mean()) - 0.55) < 5 * (var / 4000) ** 0.5
+    with pytest.raises(ValueError, match="not both"):
+        block_diffusion_loss(recorder, process(), x0, LENGTH, mask_range=(0.3, 0.8),
+                             t=torch.ones(4000, 1))  # fmt: skip
+    with pytest.raises(ValueError, match="0 <= beta < omega <= 1"):
+        clip_times(torch.ones(3), (0.8, 0.3))
 
 
 @pytest.mark.parametrize(("size", "prompt"), [(4, 6), (1, 0), (16, 3), (5, 2)])
@@ -153,6 +206,19 @@ def test_recipe_trains_samples_and_evaluates(block_run, tmp_path, monkeypatch, c
     assert code == 0, err
 
 
+def test_the_bound_is_unchanged_by_the_training_range(block_run):
+    """The run trained with the default clipped range [0.3, 0.8]; its evaluation is the
+    full-range bound whatever the range recorded in its config."""
+    run = difflab.load(block_run)
+    model = run.model
+    assert model.config.mask_range == (0.3, 0.8)
+    before = run.evaluate(n=8, seed=3).metrics
+    model.config.diffusion.mask_range = [0.0, 1.0]
+    assert model.config.mask_range == (0.0, 1.0)
+    after = run.evaluate(n=8, seed=3).metrics
+    assert before["nats_per_token"] == after["nats_per_token"]
+
+
 T = ["--quiet", "train.max_minutes=0.01"]
 REFUSALS = [
     (["train", "text-tiny", "diffusion.kind=block", "diffusion.block_size=5", *T],
@@ -166,6 +232,17 @@ REFUSALS = [
     (["train", "text-tiny", "diffusion.kind=block", "sample.sampler=cached", *T],
      "sample.sampler does not apply to diffusion.kind=block"),
     (["sample", "{run}", "--sampler", "cached"], "--sampler does not apply to block runs"),
+    (["train", "text-tiny", "diffusion.mask_range=[0.3,0.8]", *T],
+     "diffusion.mask_range does not apply to diffusion.kind=mdlm"),
+    (["train", "text-tiny", "diffusion.kind=block", "diffusion.schedule=cosine",
+      "diffusion.mask_range=[0.3,0.8]", *T],
+     "diffusion.mask_range does not apply to diffusion.kind=block with the cosine schedule"),
+    (["train", "text-tiny", "diffusion.kind=block", "diffusion.mask_range=[0.8,0.3]", *T],
+     "diffusion.mask_range must be [beta, omega] with 0 <= beta < omega <= 1"),
+    (["train", "text-tiny", "diffusion.kind=block", "diffusion.mask_range=[0.3]", *T],
+     "diffusion.mask_range must be [beta, omega]"),
+    (["train", "text-tiny", "diffusion.kind=block", "diffusion.mask_range=[0,1.5]", *T],
+     "diffusion.mask_range must be [beta, omega]"),
 ]  # fmt: skip
 
 

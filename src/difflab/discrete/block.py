@@ -10,10 +10,20 @@ before it). ``L' = 1`` makes every block one token: at ``t = 1`` (all masked, we
 ``-alpha'_1 / (1 - alpha_1)``) the bound is the autoregressive cross-entropy; ``L' = L`` is one
 block, MDLM's bound.
 
+Training may clip the times (BD3-LM's "clipped" schedule): ``t_b ~ U[beta, omega]`` instead of
+``U(0, 1]``, with the same weight ``-alpha'_t / (1 - alpha_t)``. Under the log-linear schedule
+(``alpha_t = 1 - t``, block diffusion's) ``t`` is the mask rate, so the network trains only on
+blocks with ``beta`` to ``omega`` of their tokens masked: the near-clean blocks (weight ``1/t``
+large, few masked tokens) and the all-masked ones, whose terms vary most between draws, are left
+out, which lowers the variance of the gradient for small blocks. The clipped loss is the
+integrand's mean over ``[beta, omega]``, not a bound; the bound (evaluation) keeps ``U(0, 1]``.
+
 Training is vectorised over all blocks in one network call (BD3-LM's two streams): the network
 reads ``[x_t, x_0]`` (``2L`` tokens, both at positions ``0..L-1``) under :func:`two_stream_mask`,
 so that the noisy block ``b`` sees itself and the clean blocks before it, and each clean block
-sees the clean blocks up to itself; the logits of the ``x_t`` stream give ``x_theta``.
+sees the clean blocks up to itself; the logits of the ``x_t`` stream give ``x_theta`` (the
+last layer computes the queries, MLP and logits of that stream alone: the clean stream's outputs
+there are read by nothing).
 
 Sampling (:func:`block_sample`) draws block after block: the clean blocks so far sit in a
 key/value cache (their keys and values under the block-causal mask, as in training), the next
@@ -41,9 +51,11 @@ from difflab.discrete.samplers import (
 
 
 class BlockTokenModel(Protocol):
-    """``model(x (B, T), t, cond, attn_mask=..., positions=..., cache=...) -> logits (B, T, V)``:
-    a bidirectional :class:`~difflab.nets.transformer.TextTransformer` that takes an attention
-    mask and positions (training) or a key/value cache (sampling)."""
+    """``model(x (B, T), t, cond, attn_mask=..., positions=..., outputs=..., cache=...) ->
+    logits (B, T or outputs, V)``: a bidirectional
+    :class:`~difflab.nets.transformer.TextTransformer` that takes an attention mask, positions
+    and the number of leading tokens whose logits are wanted (training) or a key/value cache
+    (sampling)."""
 
     def __call__(self, x: Tensor, t: Any = None, cond: Any = None, **options: Any) -> Tensor: ...
 
@@ -79,11 +91,14 @@ def block_diffusion_loss(
     cond: Any = None,
     t: Tensor | None = None,
     stratified: bool = True,
+    mask_range: tuple[float, float] | None = None,
     generator: torch.Generator | None = None,
 ) -> DiscreteLoss:
     """The block bound of the module docstring for ``x0 (B, L)`` in one network call.
     ``t`` ``(B, L / block_size)``: each block's time (default: drawn stratified over all the
-    batch's blocks). ``DiscreteLoss.t`` holds the mean time per row."""
+    batch's blocks, from ``U(0, 1]`` or, with ``mask_range = (beta, omega)``, from
+    ``U[beta, omega]``: the clipped training loss, module docstring). ``DiscreteLoss.t`` holds
+    the mean time per row."""
     if not isinstance(process, MaskedProcess):
         raise ValueError("block diffusion needs the masked process")
     B, L = x0.shape
@@ -93,19 +108,33 @@ def block_diffusion_loss(
     if t is None:
         t = draw_times(B * blocks, stratified=stratified, generator=generator, device=x0.device)
         t = t.view(B, blocks)
+        if mask_range is not None:
+            t = clip_times(t, mask_range)
+    elif mask_range is not None:
+        raise ValueError("give the times t or a mask_range to draw them from, not both")
     t_token = t.double().repeat_interleave(block_size, dim=1)  # (B, L)
     u = torch.rand(x0.shape, generator=generator, device=x0.device, dtype=torch.float64)
     x_t = torch.where(u < process.alpha(t_token), x0, process.mask_id)
     positions = torch.arange(L, device=x0.device).repeat(2)
     mask = two_stream_mask(L, block_size, x0.device)
-    logits = model(torch.cat([x_t, x0], dim=1), None, cond, attn_mask=mask, positions=positions)
-    log_x0 = process.x0_log_probs(logits[:, :L].float(), x_t)
+    logits = model(torch.cat([x_t, x0], dim=1), None, cond, attn_mask=mask, positions=positions,
+                   outputs=L)  # fmt: skip
+    log_x0 = process.x0_log_probs(logits.float(), x_t)
     tiny = torch.finfo(torch.float64).tiny
     weight = -process.alpha_prime(t_token) / (1.0 - process.alpha(t_token)).clamp_min(tiny)
     nll = -log_x0.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
     rate = torch.where(x_t == process.mask_id, weight.to(nll.dtype) * nll, torch.zeros_like(nll))
     nelbo = rate + process.prior_kl(x0).to(rate.dtype)
     return _reduce(nelbo, nelbo, loss_mask, t.float().mean(1))
+
+
+def clip_times(t: Tensor, mask_range: tuple[float, float]) -> Tensor:
+    """``beta + (omega - beta) t``: times ``t ~ U(0, 1]`` carried onto ``(beta, omega]``
+    (stratified times stay stratified)."""
+    beta, omega = mask_range
+    if not 0.0 <= beta < omega <= 1.0:
+        raise ValueError(f"the mask range must have 0 <= beta < omega <= 1, got {mask_range}")
+    return beta + (omega - beta) * t
 
 
 @torch.inference_mode()

@@ -103,11 +103,18 @@ class RotarySelfAttention(nn.Module):
         cache: tuple[Tensor, Tensor] | None = None,
         start: int = 0,
         attn_mask: Tensor | None = None,
+        queries: int | None = None,
     ) -> Tensor:
+        """The outputs of all tokens of ``h``, or of its first ``queries`` only (all of them
+        still read as keys and values)."""
         batch, tokens, width = h.shape
         qkv = self.qkv(h).view(batch, tokens, 3, self.num_heads, width // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if queries is not None:
+            q = q[:, :, :queries]
+            attn_mask = None if attn_mask is None else attn_mask[:queries]
+        q = apply_rotary(q, cos[: q.shape[2]], sin[: q.shape[2]])
+        k = apply_rotary(k, cos, sin)
         mask, is_causal = None, self.causal
         if cache is not None:
             keys, values = cache
@@ -128,7 +135,7 @@ class RotarySelfAttention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=is_causal,
         )
-        return self.out(out.transpose(1, 2).reshape(batch, tokens, width))
+        return self.out(out.transpose(1, 2).reshape(batch, q.shape[2], width))
 
 
 class TextBlock(nn.Module):
@@ -164,11 +171,12 @@ class TextBlock(nn.Module):
         cache: tuple[Tensor, Tensor] | None = None,
         start: int = 0,
         attn_mask: Tensor | None = None,
+        queries: int | None = None,
     ) -> Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada_ln(emb_act)
         h_in = _modulate(self.norm1(h), shift1, scale1)
-        attn = self.attn(h_in, cos, sin, cache, start, attn_mask)
-        h = h + gate1[:, None] * self.drop(attn)
+        attn = self.attn(h_in, cos, sin, cache, start, attn_mask, queries)
+        h = h[:, : attn.shape[1]] + gate1[:, None] * self.drop(attn)
         return h + gate2[:, None] * self.drop(self.mlp(_modulate(self.norm2(h), shift2, scale2)))
 
 
@@ -308,6 +316,7 @@ class TextTransformer(nn.Module):
         cache: KVCache | None = None,
         attn_mask: Tensor | None = None,
         positions: Tensor | None = None,
+        outputs: int | None = None,
     ) -> Tensor:
         """Logits ``(B, L, vocab_size)`` for tokens ``x_t (B, L)``.
 
@@ -319,6 +328,9 @@ class TextTransformer(nn.Module):
         a query may attend) replaces that pattern; ``positions`` (``(L,)``, without a cache)
         places the tokens for the rotary embeddings (default ``0..L-1``): block diffusion's two
         streams (:mod:`difflab.discrete.block`) read ``[x_t, x_0]`` at the same positions.
+        ``outputs``: the logits of the first ``outputs`` tokens only, ``(B, outputs, V)``; the
+        last layer then computes its queries and MLP for those alone (the others are read as
+        its keys and values; the two streams need the logits of ``x_t`` only).
         """
         batch, tokens = x_t.shape
         start = 0
@@ -338,9 +350,13 @@ class TextTransformer(nn.Module):
         if positions is None:
             positions = torch.arange(start, start + tokens, device=x_t.device)
         cos, sin = rotary_angles(positions, self.width // self.num_heads)
+        if outputs is not None and (cache is not None or not 0 < outputs <= tokens):
+            raise ValueError(f"outputs must be in 1..{tokens} and not given with a cache")
+        last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
-            h = block(h, emb_act, cos, sin, layer_cache, start, attn_mask)
+            queries = outputs if i == last else None
+            h = block(h, emb_act, cos, sin, layer_cache, start, attn_mask, queries)
         if cache is not None:
             cache.length += tokens
         shift, scale = self.ada_ln_out(emb_act)

@@ -63,6 +63,9 @@ DEFAULT_EMBED_DIM = 16
 DEFAULT_PREDICTION = "x0"
 #: ``diffusion.block_size`` of ``block`` runs when left empty.
 DEFAULT_BLOCK_SIZE = 4
+#: ``diffusion.mask_range`` of ``block`` runs when left empty: BD3-LM's clipped schedule for
+#: small blocks, training mask rates ``U[0.3, 0.8]``.
+DEFAULT_MASK_RANGE = (0.3, 0.8)
 #: Every ``data.tokenizer``; ``train(documents, **options)`` learns one from the training split.
 TOKENIZERS = {"char": CharTokenizer, "bpe": BPETokenizer}
 #: The smallest byte-level BPE vocabulary: the special tokens and the 256 bytes.
@@ -170,7 +173,10 @@ class TextDiffusionConfig:
     (:mod:`.latent_text`) has no ``embed_dim`` (its latents are sized in the ``latent_text``
     section) and is self-conditioned unless ``self_condition=false``. ``block_size``: tokens per
     block of ``kind=block`` (block diffusion, :mod:`difflab.discrete.block`; a divisor of
-    ``data.length``; empty: 4)."""
+    ``data.length``; empty: 4). ``mask_range``: ``[beta, omega]``, the training mask rates
+    of ``kind=block`` with the log-linear schedule, drawn from ``U[beta, omega]`` (BD3-LM's
+    clipped schedule; the bound of ``eval`` keeps the full range; ``[0, 1]``: no clipping;
+    empty: :data:`DEFAULT_MASK_RANGE`)."""
 
     kind: str = "mdlm"
     schedule: str | None = None
@@ -184,6 +190,7 @@ class TextDiffusionConfig:
     self_condition: bool | None = None
     lines: bool | None = None
     block_size: int | None = None
+    mask_range: list[float] | None = None
 
     @property
     def gaussian(self) -> bool:
@@ -216,6 +223,7 @@ class TextDiffusionConfig:
             "self_condition": self.gaussian,
             "lines": self.kind in ("diffusion-lm", "latent-text"),
             "block_size": self.kind == "block",
+            "mask_range": self.kind == "block" and self.schedule_name == "log-linear",
         }
 
     def validate(self) -> None:
@@ -228,6 +236,9 @@ class TextDiffusionConfig:
             where = f"diffusion.kind={self.kind}"
             if key == "T" and kind.process is not None:
                 where += f" with the continuous schedule {self.schedule_name}"
+            if key == "mask_range" and self.kind == "block":
+                where += f" with the {self.schedule_name} schedule (t is the mask rate under "
+                where += "log-linear only)"
             check(
                 getattr(self, key) is None or applies, f"diffusion.{key} does not apply to {where}"
             )
@@ -241,6 +252,12 @@ class TextDiffusionConfig:
         if self.prediction is not None:
             choose("diffusion.prediction", self.prediction, ("x0", "eps", "v"))
         check(self.block_size is None or self.block_size >= 1, "diffusion.block_size must be >= 1")
+        check(
+            self.mask_range is None
+            or (len(self.mask_range) == 2 and 0.0 <= self.mask_range[0] < self.mask_range[1] <= 1),
+            f"diffusion.mask_range must be [beta, omega] with 0 <= beta < omega <= 1, got "
+            f"{self.mask_range}",
+        )
         check(
             self.hybrid_lambda is None or self.hybrid_lambda >= 0,
             "diffusion.hybrid_lambda must be non-negative",
@@ -457,6 +474,15 @@ class TextConfig:
     def block_size(self) -> int:
         """``diffusion.block_size``, or its default when empty."""
         return self.diffusion.block_size or DEFAULT_BLOCK_SIZE
+
+    @property
+    def mask_range(self) -> tuple[float, float] | None:
+        """``diffusion.mask_range`` (``block`` with the log-linear schedule), or its default
+        there when empty; ``None`` elsewhere."""
+        if not self.diffusion.applies()["mask_range"]:
+            return None
+        given_range = self.diffusion.mask_range
+        return DEFAULT_MASK_RANGE if given_range is None else tuple(given_range)
 
     @property
     def sample_steps(self) -> int:

@@ -212,7 +212,7 @@ def make_loss(
             return (nll * loss_mask).sum() / loss_mask.sum().clamp_min(1)
         options = {"loss_mask": loss_mask, "cond": cond, "generator": generator}
         if d.kind == "block":  # BD3-LM: every block in one two-stream call
-            options.update(given(stratified=d.stratified))
+            options.update(given(stratified=d.stratified), mask_range=cfg.mask_range)
             return block_diffusion_loss(model, process, tokens, cfg.block_size, **options).loss
         if KINDS[d.kind].discrete_time:
             options.update(given(ce_weight=d.hybrid_lambda))

@@ -16,8 +16,17 @@
    with the whole last layer run for both streams (as before the ``outputs`` cut) and for the
    ``x_t`` stream alone.
 
-``--parts`` picks among ``likelihood`` (1, the models trained), ``generation`` (2) and ``cost``
-(3); ``--block-mask-range BETA,OMEGA`` trains the block runs with that
+4. ``speculative``: an AR target of ``--target-width`` x ``--target-depth`` and a shallow MDLM
+   drafter (``--drafter-width`` x ``--drafter-depth``, trained on rows of ``--drafter-length``
+   tokens, which bounds the window it reads), each trained for ``--spec-minutes``; ``--spec-n``
+   passages of ``--gen-length`` tokens, one at a time (seeds 0, 1, ...), greedy and at
+   temperature 1, by the target alone (KV cache) and by speculative decoding with one parallel
+   drafter step for each of ``--spec-draft-lengths`` (and left to right for the first): tokens/s,
+   generative perplexity under the target, acceptance, tokens per verification, and where the
+   time of a round goes (target calls, drafter calls, the rest: acceptance rule, sampling, cache).
+
+``--parts`` picks among ``likelihood`` (1, the models trained), ``generation`` (2), ``cost`` (3)
+and ``speculative`` (4); ``--block-mask-range BETA,OMEGA`` trains the block runs with that
 ``diffusion.mask_range`` (empty: the block kind's default). ``--adapt-minutes 0`` leaves the
 adapted model out.
 
@@ -28,6 +37,7 @@ markdown for docs/BENCHMARKS.md and writes it to ``OUT/bench_bridges.md``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import sys
 import time
@@ -57,15 +67,16 @@ def common(args: argparse.Namespace, out: Path, minutes: float) -> list[str]:
     ]  # fmt: skip
 
 
-def train_text(args: argparse.Namespace, name: str, *overrides: str, width=None, depth=None):
+def train_text(args: argparse.Namespace, name: str, *overrides: str, width=None, depth=None,
+               minutes=None):  # fmt: skip
     """Train (or with ``--skip-train`` load) one text run: ``(model, seconds)``."""
     run = args.out / name
     model = [f"model.width={width or args.width}", f"model.depth={depth or args.depth}",
              f"model.num_heads={args.heads}", "model.time_conditioning=false"]  # fmt: skip
     seconds = float("nan")
     if not args.skip_train:
-        _, cfg = load_config(args.preset, [*common(args, run, args.minutes), *model, *overrides],
-                             recipe=TEXT.name)  # fmt: skip
+        budget = common(args, run, args.minutes if minutes is None else minutes)
+        _, cfg = load_config(args.preset, [*budget, *model, *overrides], recipe=TEXT.name)
         seconds = TEXT.train(cfg, progress=False).seconds
         print(f"trained {name} in {seconds:.0f} s", file=sys.stderr)
     return TEXT.load(run, args.device), seconds
@@ -177,6 +188,92 @@ def cost_table(args: argparse.Namespace) -> list[str]:
     return rows
 
 
+class Timed:
+    """A network whose calls are timed: ``seconds`` in all, over ``calls`` calls."""
+
+    def __init__(self, net):
+        self.net, self.seconds, self.calls = net, 0.0, 0
+
+    def __call__(self, *args, **kwargs):
+        start = time.perf_counter()
+        out = self.net(*args, **kwargs)
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.net, name)
+
+
+def speculative_table(args: argparse.Namespace) -> list[str]:
+    """Part 4 of the module docstring."""
+    target, target_s = train_text(args, "spec-target", "diffusion.kind=ar", width=args.target_width,
+                                  depth=args.target_depth, minutes=args.spec_minutes)  # fmt: skip
+    drafter, drafter_s = train_text(
+        args, "spec-drafter", "diffusion.kind=mdlm", f"data.length={args.drafter_length}",
+        f"train.batch_size={args.batch_size * args.length // args.drafter_length}",
+        width=args.drafter_width, depth=args.drafter_depth, minutes=args.spec_minutes,
+    )  # fmt: skip
+    sizes = count_parameters(target.net), count_parameters(drafter.net)
+    rows = [
+        f"Target: AR, {sizes[0]:,} parameters (width {args.target_width}, depth "
+        f"{args.target_depth}), {target.step} steps in {target_s:.0f} s; drafter: MDLM, "
+        f"{sizes[1]:,} parameters (width {args.drafter_width}, depth {args.drafter_depth}, rows "
+        f"of {args.drafter_length} tokens), {drafter.step} steps in {drafter_s:.0f} s; the "
+        f"target is {sizes[0] / sizes[1]:.1f}x the drafter. {args.spec_n} passages of "
+        f"{args.gen_length} tokens, one at a time.",
+        "",
+        "| temperature | decoding | tokens/s | vs AR | gen. perplexity (target) | acceptance "
+        "| tokens per verification | ms per round: target + drafter + rest |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    g0 = args.spec_draft_lengths[0]
+    modes = [(g, 1) for g in args.spec_draft_lengths] + [(g0, g0)]
+    for temperature in (0.0, 1.0):
+        options = {"length": args.gen_length, "temperature": temperature}
+        net = Timed(target.net)
+        timed_target = dataclasses.replace(target, net=net)
+        generate_tokens(timed_target, 1, **{**options, "length": 16})  # warm-up
+        net.seconds = net.calls = 0
+        start = time.perf_counter()
+        plain = [generate_tokens(timed_target, 1, seed=k, **options) for k in range(args.spec_n)]
+        ar_seconds = time.perf_counter() - start
+        tokens = torch.cat([p.tokens for p in plain])
+        rows.append(f"| {temperature:g} | AR alone, KV cache | "
+                    f"{args.spec_n * args.gen_length / ar_seconds:.0f} | 1.00 | "
+                    f"{_quality(tokens, target)[0]} | - | 1 | "
+                    f"{1000 * net.seconds / net.calls:.2f} + 0 + "
+                    f"{1000 * (ar_seconds - net.seconds) / net.calls:.2f} |")  # fmt: skip
+        for g, calls in modes:
+            net, draft_net = Timed(target.net), Timed(drafter.net)
+            pair = (
+                dataclasses.replace(target, net=net),
+                dataclasses.replace(drafter, net=draft_net),
+            )
+            start = time.perf_counter()
+            results = [speculative_tokens(*pair, 1, draft_length=g, draft_steps=calls, seed=k,
+                                          **options) for k in range(args.spec_n)]  # fmt: skip
+            seconds = time.perf_counter() - start
+            rounds = sum(r.rounds for r in results)
+            accepted = sum(r.accepted for r in results)
+            drafted = sum(r.drafted for r in results)
+            spec_tokens = torch.cat([r.tokens for r in results])
+            same = ""
+            if temperature == 0:
+                same = ", same text" if torch.equal(spec_tokens, tokens) else ", TEXT DIFFERS"
+            mode = "one parallel step" if calls == 1 else "left to right"
+            per = 1000 / max(net.calls, 1)
+            rows.append(
+                f"| {temperature:g} | speculative, G = {g}, {mode}{same} | "
+                f"{args.spec_n * args.gen_length / seconds:.0f} | {ar_seconds / seconds:.2f} | "
+                f"{_quality(spec_tokens, target)[0]} | {accepted / max(drafted, 1):.3f} | "
+                f"{(accepted + rounds) / max(rounds, 1):.2f} | {per * net.seconds:.2f} + "
+                f"{per * draft_net.seconds:.2f} + "
+                f"{per * (seconds - net.seconds - draft_net.seconds):.2f} |"
+            )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=2.0, help="training budget per model")
@@ -206,6 +303,12 @@ def main() -> None:
                         default=["likelihood", "generation"])  # fmt: skip
     parser.add_argument("--block-mask-range", default=None, help="BETA,OMEGA of the block runs")
     parser.add_argument("--cost-repeats", type=int, default=5)
+    parser.add_argument("--spec-minutes", type=float, default=5.0)
+    parser.add_argument("--target-width", type=int, default=128)
+    parser.add_argument("--target-depth", type=int, default=8)
+    parser.add_argument("--drafter-length", type=int, default=32)
+    parser.add_argument("--spec-draft-lengths", type=lambda s: [int(x) for x in s.split(",")],
+                        default=[2, 3, 4])  # fmt: skip
     args = parser.parse_args()
     args.adapt_minutes = args.minutes if args.adapt_minutes is None else args.adapt_minutes
 
@@ -218,6 +321,8 @@ def main() -> None:
     if "cost" in args.parts:
         lines += ["", f"Training step, batch {args.batch_size}, context {args.length}, width "
                   f"{args.width}, depth {args.depth}:", "", *cost_table(args)]  # fmt: skip
+    if "speculative" in args.parts:
+        lines += ["", *speculative_table(args)]
     if "likelihood" in args.parts or "generation" in args.parts:
         models = {"ar": train_text(args, "ar", "diffusion.kind=ar")}
         models["mdlm"] = train_text(args, "mdlm", "diffusion.kind=mdlm")

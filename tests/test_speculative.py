@@ -90,32 +90,36 @@ def fit(samples: torch.Tensor, law: dict) -> tuple[float, float, float]:
     return float(chi2.sf(stat, len(observed) - 1)), tv, bound
 
 
-def speculate(target, drafter, draft_length, draft_steps, temperature=1.0, top_p=1.0, seed=0):
+def speculate(target, drafter, draft_length, draft_steps, temperature=1.0, top_p=1.0, seed=0,
+              drafter_context=8):  # fmt: skip
     return speculative_sample(
         target, drafter, MaskedProcess(VOCAB, MASK), (SAMPLES, LENGTH), context_length=LENGTH,
-        block_length=LENGTH, drafter_context=8, draft_length=draft_length,
+        block_length=LENGTH, drafter_context=drafter_context, draft_length=draft_length,
         draft_steps=draft_steps, bos_id=BOS, temperature=temperature, top_p=top_p,
         generator=torch.Generator().manual_seed(seed),
     )  # fmt: skip
 
 
 @pytest.mark.parametrize(
-    ("drafter", "draft_length", "draft_steps", "temperature", "top_p"),
+    ("drafter", "draft_length", "draft_steps", "temperature", "top_p", "window"),
     [
-        ("bad", 2, 2, 1.0, 1.0),  # left to right
-        ("bad", 3, 1, 1.0, 1.0),  # one parallel step
-        ("bad", 3, 3, 0.7, 0.9),  # temperature and nucleus on both laws
-        ("good", 3, 3, 1.0, 1.0),
-        ("exact", 3, 3, 1.0, 1.0),  # every draft accepted: the bonus token's law too
+        ("bad", 2, 2, 1.0, 1.0, 8),  # left to right
+        ("bad", 3, 1, 1.0, 1.0, 8),  # one parallel step
+        ("bad", 3, 3, 0.7, 0.9, 8),  # temperature and nucleus on both laws
+        ("bad", 2, 1, 1.0, 1.0, 3),  # a drafter that reads the last token only: q is still
+        # a function of the past, so the law stays exact
+        ("good", 3, 3, 1.0, 1.0, 8),
+        ("exact", 3, 3, 1.0, 1.0, 8),  # every draft accepted: the bonus token's law too
     ],
 )
-def test_output_law_is_the_targets(drafter, draft_length, draft_steps, temperature, top_p):
+def test_output_law_is_the_targets(drafter, draft_length, draft_steps, temperature, top_p, window):
     target = make_target()
     net = {"bad": bad_drafter(), "good": good_drafter(target, 0.5)}.get(drafter)
     if net is None:
         net = good_drafter(target, 0.0)
     law = target_law(target, temperature, top_p)
-    result = speculate(target, net, draft_length, draft_steps, temperature, top_p)
+    result = speculate(target, net, draft_length, draft_steps, temperature, top_p,
+                       drafter_context=window)  # fmt: skip
     p_value, tv, bound = fit(result.tokens, law)
     assert p_value > DELTA and tv < bound, (p_value, tv, bound)
     assert result.drafted > 0 and result.rounds > 0

@@ -187,9 +187,9 @@ class _Drafter:
         for i in range(g if self.steps > 1 else 1):
             masked = g - i
             t = torch.full((B,), masked / x.shape[1], dtype=torch.float32, device=x.device)
-            logits = self.model(x, t, None).float()
+            logits = self.model(x, t, None)[:, keep + i :].float()  # the masked positions
             self.nfe += 1
-            log_probs = self.process.x0_log_probs(logits, x)[:, keep + i :]
+            log_probs = self.process.x0_log_probs(logits, x[:, keep + i :])
             log_probs = adjust_log_probs(log_probs, self.temperature, self.top_p)
             if self.steps == 1:
                 return sample_categorical(log_probs, self.generator), log_probs

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import platform
 import sys
 import time
@@ -60,42 +61,57 @@ from difflab.recipes.text.train import count_parameters
 
 
 def common(args: argparse.Namespace, out: Path, minutes: float) -> list[str]:
+    """The training keys of every run: ``--steps`` for its name if given, else ``minutes``."""
+    steps = args.steps.get(out.name)
+    budget = [f"train.steps={steps}", "train.max_minutes=0"] if steps else [
+        f"train.max_minutes={minutes}", "train.steps=1000000"]  # fmt: skip
     return [
-        f"train.out={out}", f"train.max_minutes={minutes}", "train.steps=1000000",
-        "train.lr_schedule=constant", f"train.batch_size={args.batch_size}",
-        f"train.device={args.device}", f"data.length={args.length}",
+        f"train.out={out}", *budget, "train.lr_schedule=constant",
+        f"train.batch_size={args.batch_size}", f"train.device={args.device}",
+        f"data.length={args.length}",
     ]  # fmt: skip
+
+
+def timed_training(args: argparse.Namespace, recipe, cfg, run: Path) -> tuple[float, float]:
+    """Train ``cfg`` (or with ``--skip-train`` read what its training took): ``(wall seconds,
+    CPU seconds of this process)``, kept in ``run/bench_time.json``."""
+    record = run / "bench_time.json"
+    if args.skip_train:
+        if record.exists():
+            return tuple(json.loads(record.read_text()))
+        return float("nan"), float("nan")
+    cpu = time.process_time()
+    wall = recipe.train(cfg, progress=False).seconds
+    times = (wall, time.process_time() - cpu)
+    record.write_text(json.dumps(times))
+    print(f"trained {run.name} in {wall:.0f} s ({times[1]:.0f} CPU s)", file=sys.stderr)
+    return times
 
 
 def train_text(args: argparse.Namespace, name: str, *overrides: str, width=None, depth=None,
                minutes=None):  # fmt: skip
-    """Train (or with ``--skip-train`` load) one text run: ``(model, seconds)``."""
+    """Train (or load) one text run: ``(model, (wall seconds, CPU seconds))``."""
     run = args.out / name
     model = [f"model.width={width or args.width}", f"model.depth={depth or args.depth}",
              f"model.num_heads={args.heads}", "model.time_conditioning=false"]  # fmt: skip
-    seconds = float("nan")
-    if not args.skip_train:
-        budget = common(args, run, args.minutes if minutes is None else minutes)
-        _, cfg = load_config(args.preset, [*budget, *model, *overrides], recipe=TEXT.name)
-        seconds = TEXT.train(cfg, progress=False).seconds
-        print(f"trained {name} in {seconds:.0f} s", file=sys.stderr)
-    return TEXT.load(run, args.device), seconds
+    budget = common(args, run, args.minutes if minutes is None else minutes)
+    _, cfg = load_config(args.preset, [*budget, *model, *overrides], recipe=TEXT.name)
+    times = timed_training(args, TEXT, cfg, run)
+    return TEXT.load(run, args.device), times
 
 
-def adapt_ar(args: argparse.Namespace, ar_seconds: float):
+def adapt_ar(args: argparse.Namespace, ar_times: tuple[float, float]):
+    """The adapted run: ``(model, AR + adaptation (wall, CPU) seconds)``."""
     run = args.out / "adapted"
-    seconds = float("nan")
-    if not args.skip_train:
-        overrides = [*common(args, run, args.adapt_minutes),
-                     f"adapt.anneal_steps={args.anneal_steps}"]  # fmt: skip
-        _, cfg = load_config(args.out / "ar", overrides, recipe=ADAPT.name)
-        seconds = ADAPT.train(cfg, progress=False).seconds
-        print(f"adapted in {seconds:.0f} s", file=sys.stderr)
-    return ADAPT.load(run, args.device), ar_seconds + seconds
+    overrides = [*common(args, run, args.adapt_minutes),
+                 f"adapt.anneal_steps={args.anneal_steps}"]  # fmt: skip
+    cfg = None if args.skip_train else load_config(args.out / "ar", overrides, recipe=ADAPT.name)[1]
+    times = timed_training(args, ADAPT, cfg, run)
+    return ADAPT.load(run, args.device), (ar_times[0] + times[0], ar_times[1] + times[1])
 
 
 def likelihood_table(models: dict, args: argparse.Namespace) -> list[str]:
-    rows = ["| model | parameters | steps | train s | bits/char | vs AR |",
+    rows = ["| model | parameters | steps | train s (wall / CPU) | bits/char | vs AR |",
             "| --- | ---: | ---: | ---: | --- | ---: |"]  # fmt: skip
     results = {}
     for name, (model, _) in models.items():
@@ -103,11 +119,11 @@ def likelihood_table(models: dict, args: argparse.Namespace) -> list[str]:
         results[name] = TEXT.evaluate(model, n=args.eval_sequences, seed=0, progress=False,
                                       **options).metrics  # fmt: skip
     ar = results["ar"]["bits_per_character"]
-    for name, (model, seconds) in models.items():
+    for name, (model, (wall, cpu)) in models.items():
         r = results[name]
         bound = "<= " if r["bound"] else ""
         rows.append(
-            f"| {name} | {count_parameters(model.net):,} | {model.step} | {seconds:.0f} | "
+            f"| {name} | {count_parameters(model.net):,} | {model.step} | {wall:.0f} / {cpu:.0f} | "
             f"{bound}{r['bits_per_character']:.3f} ± "
             f"{r['nats_per_token_stderr'] * r['bits_per_character'] / r['nats_per_token']:.3f} "
             f"| {r['bits_per_character'] / ar:.3f} |"
@@ -151,7 +167,8 @@ def generation_table(models: dict, drafter, args: argparse.Namespace) -> list[st
 
 
 def cost_table(args: argparse.Namespace) -> list[str]:
-    """Milliseconds per training step (forward and backward, the best of ``--cost-repeats``)."""
+    """CPU milliseconds of this process per training step (forward and backward, the best of
+    ``--cost-repeats``): on a shared machine the time a step takes on a core of its own."""
     vocab = 90  # the characters of the built-in corpus with the special tokens
     process = MaskedProcess(vocab, vocab - 1, make_token_schedule("log-linear"))
     torch.manual_seed(0)
@@ -177,10 +194,10 @@ def cost_table(args: argparse.Namespace) -> list[str]:
     best = {name: float("inf") for name in steps}
     for _ in range(args.cost_repeats):  # interleaved: a busy spell hits every row alike
         for name, step in steps.items():
-            start = time.perf_counter()
+            start = time.process_time()
             step()
-            best[name] = min(best[name], time.perf_counter() - start)
-    rows = [f"| training step | ms (best of {args.cost_repeats}) | vs MDLM | vs AR |",
+            best[name] = min(best[name], time.process_time() - start)
+    rows = [f"| training step | CPU ms (best of {args.cost_repeats}) | vs MDLM | vs AR |",
             "| --- | ---: | ---: | ---: |"]  # fmt: skip
     for name, seconds in best.items():
         rows.append(f"| {name} | {1000 * seconds:.0f} | {seconds / best['MDLM']:.2f} | "
@@ -195,9 +212,9 @@ class Timed:
         self.net, self.seconds, self.calls = net, 0.0, 0
 
     def __call__(self, *args, **kwargs):
-        start = time.perf_counter()
+        start = time.process_time()
         out = self.net(*args, **kwargs)
-        self.seconds += time.perf_counter() - start
+        self.seconds += time.process_time() - start
         self.calls += 1
         return out
 
@@ -205,26 +222,36 @@ class Timed:
         return getattr(self.net, name)
 
 
-def speculative_table(args: argparse.Namespace) -> list[str]:
-    """Part 4 of the module docstring."""
-    target, target_s = train_text(args, "spec-target", "diffusion.kind=ar", width=args.target_width,
-                                  depth=args.target_depth, minutes=args.spec_minutes)  # fmt: skip
-    drafter, drafter_s = train_text(
-        args, "spec-drafter", "diffusion.kind=mdlm", f"data.length={args.drafter_length}",
-        f"train.batch_size={args.batch_size * args.length // args.drafter_length}",
-        width=args.drafter_width, depth=args.drafter_depth, minutes=args.spec_minutes,
-    )  # fmt: skip
+def speculative_pair(args: argparse.Namespace) -> dict:
+    """The trainers of part 4's target and drafter."""
+    return {
+        "spec-target": lambda: train_text(
+            args, "spec-target", "diffusion.kind=ar", width=args.target_width,
+            depth=args.target_depth, minutes=args.spec_minutes),
+        "spec-drafter": lambda: train_text(
+            args, "spec-drafter", "diffusion.kind=mdlm", f"data.length={args.drafter_length}",
+            f"train.batch_size={args.batch_size * args.length // args.drafter_length}",
+            width=args.drafter_width, depth=args.drafter_depth, minutes=args.spec_minutes),
+    }  # fmt: skip
+
+
+def speculative_table(args: argparse.Namespace, trained_target, trained_drafter) -> list[str]:
+    """Part 4 of the module docstring; times are CPU seconds of this process (on a shared
+    machine, the time on a core of its own)."""
+    (target, target_s), (drafter, drafter_s) = trained_target, trained_drafter
     sizes = count_parameters(target.net), count_parameters(drafter.net)
     rows = [
         f"Target: AR, {sizes[0]:,} parameters (width {args.target_width}, depth "
-        f"{args.target_depth}), {target.step} steps in {target_s:.0f} s; drafter: MDLM, "
+        f"{args.target_depth}), {target.step} steps in {target_s[0]:.0f} s ({target_s[1]:.0f} "
+        f"CPU s); drafter: MDLM, "
         f"{sizes[1]:,} parameters (width {args.drafter_width}, depth {args.drafter_depth}, rows "
-        f"of {args.drafter_length} tokens), {drafter.step} steps in {drafter_s:.0f} s; the "
+        f"of {args.drafter_length} tokens), {drafter.step} steps in {drafter_s[0]:.0f} s "
+        f"({drafter_s[1]:.0f} CPU s); the "
         f"target is {sizes[0] / sizes[1]:.1f}x the drafter. {args.spec_n} passages of "
         f"{args.gen_length} tokens, one at a time.",
         "",
-        "| temperature | decoding | tokens/s | vs AR | gen. perplexity (target) | acceptance "
-        "| tokens per verification | ms per round: target + drafter + rest |",
+        "| temperature | decoding | tokens per CPU s | vs AR | gen. perplexity (target) "
+        "| acceptance | tokens per verification | ms per round: target + drafter + rest |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     g0 = args.spec_draft_lengths[0]
@@ -235,9 +262,9 @@ def speculative_table(args: argparse.Namespace) -> list[str]:
         timed_target = dataclasses.replace(target, net=net)
         generate_tokens(timed_target, 1, **{**options, "length": 16})  # warm-up
         net.seconds = net.calls = 0
-        start = time.perf_counter()
+        start = time.process_time()
         plain = [generate_tokens(timed_target, 1, seed=k, **options) for k in range(args.spec_n)]
-        ar_seconds = time.perf_counter() - start
+        ar_seconds = time.process_time() - start
         tokens = torch.cat([p.tokens for p in plain])
         rows.append(f"| {temperature:g} | AR alone, KV cache | "
                     f"{args.spec_n * args.gen_length / ar_seconds:.0f} | 1.00 | "
@@ -250,10 +277,10 @@ def speculative_table(args: argparse.Namespace) -> list[str]:
                 dataclasses.replace(target, net=net),
                 dataclasses.replace(drafter, net=draft_net),
             )
-            start = time.perf_counter()
+            start = time.process_time()
             results = [speculative_tokens(*pair, 1, draft_length=g, draft_steps=calls, seed=k,
                                           **options) for k in range(args.spec_n)]  # fmt: skip
-            seconds = time.perf_counter() - start
+            seconds = time.process_time() - start
             rounds = sum(r.rounds for r in results)
             accepted = sum(r.accepted for r in results)
             drafted = sum(r.drafted for r in results)
@@ -299,6 +326,11 @@ def main() -> None:
     parser.add_argument("--mdlm-steps", type=int, default=64)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--skip-train", action="store_true", help="reuse the runs in --out")
+    parser.add_argument("--steps", type=lambda s: {k: int(v) for k, v in
+                                                   (x.split("=") for x in s.split(","))},
+                        default={}, help="NAME=STEPS,...: train these runs by steps")  # fmt: skip
+    parser.add_argument("--only", type=lambda s: s.split(","), default=None,
+                        help="train these runs (ar, mdlm, adapted, block-L) and stop")  # fmt: skip
     parser.add_argument("--parts", type=lambda s: s.split(","),
                         default=["likelihood", "generation"])  # fmt: skip
     parser.add_argument("--block-mask-range", default=None, help="BETA,OMEGA of the block runs")
@@ -318,27 +350,38 @@ def main() -> None:
         "",
         f"Command: `python benchmarks/bench_bridges.py {' '.join(sys.argv[1:])}`",
     ]
+    clip = [] if args.block_mask_range is None else [
+        f"diffusion.mask_range=[{args.block_mask_range}]"]  # fmt: skip
+    trainers = {"ar": lambda: train_text(args, "ar", "diffusion.kind=ar"),
+                "mdlm": lambda: train_text(args, "mdlm", "diffusion.kind=mdlm")}  # fmt: skip
+    if args.adapt_minutes > 0 or "adapted" in args.steps:
+        ar_record = argparse.Namespace(**{**vars(args), "skip_train": True})
+        trainers["adapted"] = lambda: adapt_ar(
+            args, timed_training(ar_record, TEXT, None, args.out / "ar")
+        )
+    for size in args.block_sizes:
+        trainers[f"block-{size}"] = lambda s=size: train_text(
+            args, f"block-{s}", "diffusion.kind=block", f"diffusion.block_size={s}", *clip
+        )
+    pair = speculative_pair(args)
+    if args.only:  # train these runs alone (a later call with --skip-train evaluates)
+        for name in args.only:
+            {**trainers, **pair}[name]()
+        return
     if "cost" in args.parts:
         lines += ["", f"Training step, batch {args.batch_size}, context {args.length}, width "
                   f"{args.width}, depth {args.depth}:", "", *cost_table(args)]  # fmt: skip
     if "speculative" in args.parts:
-        lines += ["", *speculative_table(args)]
+        lines += ["", *speculative_table(args, pair["spec-target"](), pair["spec-drafter"]())]
     if "likelihood" in args.parts or "generation" in args.parts:
-        models = {"ar": train_text(args, "ar", "diffusion.kind=ar")}
-        models["mdlm"] = train_text(args, "mdlm", "diffusion.kind=mdlm")
-        if args.adapt_minutes > 0:
-            models["adapted (AR + adaptation time)"] = adapt_ar(args, models["ar"][1])
-        clip = [] if args.block_mask_range is None else [
-            f"diffusion.mask_range=[{args.block_mask_range}]"]  # fmt: skip
-        for size in args.block_sizes:
-            models[f"block L={size}"] = train_text(
-                args, f"block-{size}", "diffusion.kind=block", f"diffusion.block_size={size}", *clip
-            )
+        labels = {"adapted": "adapted (AR + adaptation time)"}
+        labels.update({f"block-{size}": f"block L={size}" for size in args.block_sizes})
+        models = {labels.get(name, name): train() for name, train in trainers.items()}
     if "likelihood" in args.parts:
         lines += [
             "",
-            f"Likelihood on the held-out plays, {args.minutes:g} min of training per model "
-            f"(adapted: the AR run plus {args.adapt_minutes:g} min of adaptation), context "
+            f"Likelihood on the held-out plays, {args.minutes:g} min of training per model or "
+            f"the steps {args.steps or '-'} (adapted: the AR run plus its adaptation), context "
             f"{args.length}, batch {args.batch_size}, width {args.width}, depth {args.depth}:",
             "",
             *likelihood_table(models, args),

@@ -11,14 +11,14 @@
    (``--drafter-width``, ``--drafter-depth``, trained for ``--minutes``; ``--draft-length``,
    both exact drafter modes), the AR model alone timed at the same batch: tokens per second,
    generative perplexity under the AR model, acceptance rate and mean tokens per verification.
-3. ``cost``: the time of one training step (forward and backward, batch and context as above,
-   the best of ``--cost-repeats``) of AR, MDLM and block diffusion's two streams, the latter
-   with the whole last layer run for both streams (as before the ``outputs`` cut) and for the
-   ``x_t`` stream alone.
-
+3. ``cost``: the CPU time of one training step (forward and backward, batch and context as
+   above, the best of ``--cost-repeats``) of AR, MDLM and block diffusion's two streams, the
+   latter with the whole last layer run for both streams (as before the ``outputs`` cut) and
+   for the ``x_t`` stream alone.
 4. ``speculative``: an AR target of ``--target-width`` x ``--target-depth`` and a shallow MDLM
    drafter (``--drafter-width`` x ``--drafter-depth``, trained on rows of ``--drafter-length``
-   tokens, which bounds the window it reads), each trained for ``--spec-minutes``; ``--spec-n``
+   tokens, which bounds the window it reads), each trained for ``--spec-minutes`` (or
+   ``--steps spec-target=N,spec-drafter=M``); ``--spec-n``
    passages of ``--gen-length`` tokens, one at a time (seeds 0, 1, ...), greedy and at
    temperature 1, by the target alone (KV cache) and by speculative decoding with one parallel
    drafter step for each of ``--spec-draft-lengths`` (and left to right for the first): tokens/s,
@@ -28,7 +28,12 @@
 ``--parts`` picks among ``likelihood`` (1, the models trained), ``generation`` (2), ``cost`` (3)
 and ``speculative`` (4); ``--block-mask-range BETA,OMEGA`` trains the block runs with that
 ``diffusion.mask_range`` (empty: the block kind's default). ``--adapt-minutes 0`` leaves the
-adapted model out.
+adapted model out. ``--steps NAME=N,...`` trains the named runs (``ar``, ``mdlm``,
+``adapted``, ``block-L``, ``spec-target``, ``spec-drafter``) for ``N`` steps instead of
+``--minutes``: on a shared machine, equal CPU time is set by steps in the ratio of the step
+costs of part 3. ``--only NAME,...`` trains those runs and stops (several processes may train
+in parallel); a later call with ``--skip-train`` evaluates every run, reading the wall and CPU
+seconds each training took from ``RUN/bench_time.json``.
 
 Usage: ``python benchmarks/bench_bridges.py --minutes 2 [--out runs/bench-bridges]``; prints
 markdown for docs/BENCHMARKS.md and writes it to ``OUT/bench_bridges.md``.

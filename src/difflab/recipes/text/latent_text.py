@@ -197,7 +197,7 @@ def autoencoder_loss(o: LatentOptions) -> Any:
 def encode_rows(net: LatentTextNet, tokens: Tensor, scaled: bool = True) -> Tensor:
     """The clean latents ``(N, K, d)`` of ``tokens (N, L)`` (``s z`` when ``scaled``, else
     ``z``), in chunks of :data:`CHUNK` rows."""
-    device = net.latent_scale.device
+    device = net.embed.weight.device
     parts = []
     for rows in tokens.split(CHUNK):
         z = net.autoencoder.encode(rows.to(device))
@@ -402,7 +402,7 @@ def reconstruction(net: LatentTextNet, tokens: Tensor, loss_mask: Tensor) -> tup
     return float(right.all(1).float().mean()), accuracy
 
 
-def sample_quality(tokens: Tensor, judge: Any = None) -> dict[str, float]:
+def sample_quality(tokens: Tensor, judge: nn.Module | None = None) -> dict[str, float]:
     """Unigram entropy (nats), distinct-2 and distinct-3 of sampled rows, and their perplexity
     under a causal ``judge`` network when given (:mod:`difflab.evaluate.text_metrics`)."""
     mask = valid_token_mask(tokens, EOS_ID, PAD_ID)
@@ -411,7 +411,10 @@ def sample_quality(tokens: Tensor, judge: Any = None) -> dict[str, float]:
                "distinct_2": distinct_n(tokens, 2, mask),
                "distinct_3": distinct_n(tokens, 3, mask)}  # fmt: skip
     if judge is not None:
-        figures["gen_perplexity"] = generative_perplexity(lambda x: judge(x), tokens, mask, BOS_ID)
+        device = next(judge.parameters()).device
+        figures["gen_perplexity"] = generative_perplexity(
+            lambda x: judge(x), tokens.to(device), mask.to(device), BOS_ID
+        )
     return figures
 
 

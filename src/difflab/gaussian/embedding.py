@@ -24,7 +24,8 @@ wrapped (each wrapper is a :class:`~difflab.gaussian.parameterization.DenoiserFn
 
 - :class:`Clamped`, the clamping trick: the data estimate is snapped to its nearest embedding
   at every step, ``x0_hat <- argmin_{e in E} ||x0_hat - e||``;
-- :class:`SelfConditioned`: the network also reads its previous data estimate (zeros first);
+- :class:`~difflab.gaussian.self_conditioning.SelfConditioned`: the network also reads its
+  previous data estimate (zeros first);
 - :class:`SourceReimposed`: DiffuSeq's partial noising, the given positions (the source of a
   ``[source; target]`` row, or a prompt) hold their clean embeddings at every network call, and
   the result holds them exactly.
@@ -41,6 +42,7 @@ from torch import Tensor, nn
 
 from difflab.gaussian.parameterization import AlphaSigma, Denoiser, DenoiserFn, Prediction
 from difflab.gaussian.schedules import Schedule
+from difflab.gaussian.self_conditioning import SelfConditionedTraining
 
 #: The time of Diffusion-LM's first step ``x_1`` (``1 / T`` with its ``T = 2000``): the
 #: embedding term is the denoiser's error there, and ``sigma_0 = sigma(t_1)``.
@@ -107,15 +109,15 @@ def embedding_diffusion_loss(
     DiffuSeq's partial noising, True on the positions that are diffused (the target); the
     others are given as their clean embeddings ``E(w)`` in ``x_t``, so the squared terms count
     the noised positions only and the rounding term every counted one. With
-    ``net.self_condition`` each row's network call also reads a previous estimate: zeros for
-    half of the rows, for the others the network's own first estimate of ``x_0`` from the same
-    ``x_t`` (without gradient; Chen et al. 2023).
+    ``net.self_condition`` the network call also reads a previous estimate: zeros in half of
+    the batches, in the others the network's own first estimate of ``x_0`` from the same
+    ``x_t`` without gradient (:class:`.self_conditioning.SelfConditionedTraining`).
     """
     B, device = tokens.shape[0], tokens.device
     counted = torch.ones_like(tokens, dtype=torch.bool) if loss_mask is None else loss_mask.bool()
     noised = counted if noise_mask is None else counted & noise_mask.bool()
     emb = net.embed(tokens)
-    denoiser = Denoiser(net, schedule, prediction)  # type: ignore[arg-type]
+    denoiser: DenoiserFn = Denoiser(net, schedule, prediction)  # type: ignore[arg-type]
 
     def randn() -> Tensor:
         return torch.randn(emb.shape, generator=generator, device=device, dtype=emb.dtype)
@@ -130,27 +132,14 @@ def embedding_diffusion_loss(
     )
     if noise_mask is not None:
         x_t = torch.where(noise_mask.repeat(2, 1)[..., None], x_t, torch.cat([emb, emb]))
-    cond = self_conditioning_input(denoiser, x_t, t, generator) if net.self_condition else None
-    x0_hat = denoiser(x_t, t, cond).x0
+    if net.self_condition:
+        denoiser = SelfConditionedTraining(denoiser, generator)
+    x0_hat = denoiser(x_t, t).x0
     x0_mse = _mean((x0_hat[:B] - x0).square().mean(-1), noised)
     embedding = _mean((emb - x0_hat[B:]).square().mean(-1), noised)
     logits = net.rounding_logits(x0)
     rounding = _mean(F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none"), counted)
     return EmbeddingLoss(x0_mse + embedding + rounding, x0_mse, embedding, rounding)
-
-
-def self_conditioning_input(
-    denoiser: DenoiserFn, x_t: Tensor, t: Tensor, generator: torch.Generator | None = None
-) -> dict[str, Tensor]:
-    """Self-conditioning while training (Chen et al. 2023): the ``cond`` of the network call
-    that is trained, ``{"self_cond": x0_prev}`` with, per row of ``x_t``, ``x0_prev = 0`` with
-    probability 1/2 and otherwise the denoiser's own first estimate of ``x_0`` from the same
-    ``x_t`` (computed without gradient)."""
-    with torch.no_grad():
-        first = denoiser(x_t, t).x0
-    keep = torch.rand(x_t.shape[0], generator=generator, device=x_t.device) < 0.5
-    keep = keep.view(-1, *[1] * (x_t.ndim - 1))
-    return {"self_cond": torch.where(keep, first, torch.zeros_like(first))}
 
 
 def nearest_embedding(x: Tensor, embeddings: Tensor) -> Tensor:
@@ -184,30 +173,6 @@ class Clamped:
         pred = self.denoiser(x_t, t, cond, alpha_sigma=alpha_sigma)
         snapped = self.embeddings[nearest_embedding(pred.x0, self.embeddings)]
         return pred.with_x0(snapped.to(pred.x0.dtype))
-
-
-class SelfConditioned:
-    """Self-conditioning while sampling: each call passes the data estimate of the previous call
-    (zeros on the first) to the network as ``cond["self_cond"]`` and keeps the new one. It holds
-    that estimate, so one instance serves one sampling run."""
-
-    def __init__(self, denoiser: DenoiserFn):
-        self.denoiser, self.schedule = denoiser, denoiser.schedule
-        self.previous: Tensor | None = None
-
-    def __call__(
-        self,
-        x_t: Tensor,
-        t: Tensor,
-        cond: dict[str, Any] | None = None,
-        *,
-        alpha_sigma: AlphaSigma | None = None,
-    ) -> Prediction:
-        previous = torch.zeros_like(x_t) if self.previous is None else self.previous
-        pred = self.denoiser(x_t, t, {**(cond or {}), "self_cond": previous},
-                             alpha_sigma=alpha_sigma)  # fmt: skip
-        self.previous = pred.x0
-        return pred
 
 
 class SourceReimposed:

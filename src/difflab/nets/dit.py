@@ -26,7 +26,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from difflab.nets.attention import CrossAttention, SelfAttention, check_context, check_heads
-from difflab.nets.embeddings import ConditionEmbedding, check_sizes, sinusoidal_embedding
+from difflab.nets.embeddings import (
+    ConditionEmbedding,
+    check_sizes,
+    self_conditioned_input,
+    sinusoidal_embedding,
+)
 
 
 def sincos_position_embedding(rows: int, cols: int, dim: int) -> Tensor:
@@ -111,6 +116,9 @@ class DiT(nn.Module):
         context_dim: width of the cross-attention ``context`` tokens (text conditioning).
         pooled_context: also add the mean of the context tokens to the conditioning vector
             (:class:`~difflab.nets.embeddings.ConditionEmbedding`).
+        self_condition: also read ``self_cond``, a previous estimate of ``x_0`` of ``x``'s
+            shape, as ``in_channels`` more input channels of each patch (zeros when not given:
+            no estimate; Chen et al. 2023, :mod:`difflab.gaussian.self_conditioning`).
     """
 
     def __init__(
@@ -126,6 +134,7 @@ class DiT(nn.Module):
         mlp_ratio: float = 4.0,
         context_dim: int | None = None,
         pooled_context: bool = False,
+        self_condition: bool = False,
     ):
         super().__init__()
         check_sizes(
@@ -148,10 +157,12 @@ class DiT(nn.Module):
         self.out_channels = out_channels or in_channels
         self.patch_size = patch_size
         self.context_dim = context_dim
+        self.self_condition = self_condition
         self.embed = ConditionEmbedding(
             width, num_classes, context_dim=context_dim if pooled_context else None
         )
-        self.patch_embed = nn.Conv2d(in_channels, width, patch_size, stride=patch_size)
+        inputs = in_channels * (2 if self_condition else 1)
+        self.patch_embed = nn.Conv2d(inputs, width, patch_size, stride=patch_size)
         self.grid = image_size // patch_size
         self.register_buffer(
             "pos_embed", sincos_position_embedding(self.grid, self.grid, width), persistent=False
@@ -178,11 +189,14 @@ class DiT(nn.Module):
         class_labels: Tensor | None = None,
         context: Tensor | None = None,
         context_mask: Tensor | None = None,
+        self_cond: Tensor | None = None,
     ) -> Tensor:
         """Predict from ``x`` ``(B, in_channels, H, W)`` at noise level ``c_noise`` ``(B,)``;
         ``class_labels`` ``(B,)`` int; ``context`` ``(B, L, context_dim)`` with optional
-        ``context_mask`` ``(B, L)`` bool (``True`` = real token)."""
+        ``context_mask`` ``(B, L)`` bool (``True`` = real token); ``self_cond`` of ``x``'s
+        shape."""
         self._check_inputs(x, context, context_mask)
+        x = self_conditioned_input(x, self_cond, self.self_condition)
         p = self.patch_size
         batch, _, height, width = x.shape
         rows, cols = height // p, width // p

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from difflab.nets.embeddings import ConditionEmbedding
+from difflab.nets.embeddings import ConditionEmbedding, self_conditioned_input
 from difflab.nets.transformer import TextBlock, _modulate, _Modulation, rotary_angles
 
 
@@ -73,11 +73,7 @@ class EmbeddingTransformer(nn.Module):
         batch, tokens, _ = x_t.shape
         if tokens > self.length:
             raise ValueError(f"input has {tokens} positions; this model's context is {self.length}")
-        if self.self_condition:
-            x_t = torch.cat([x_t, torch.zeros_like(x_t) if self_cond is None else self_cond], -1)
-        elif self_cond is not None:
-            raise ValueError("self_cond was given to a network built without self_condition")
-        h = self.proj_in(x_t)
+        h = self.proj_in(self_conditioned_input(x_t, self_cond, self.self_condition, -1))
         c_noise = torch.as_tensor(c_noise, dtype=h.dtype, device=h.device)
         emb_act = nn.functional.silu(self.condition(c_noise, None, batch))
         positions = torch.arange(tokens, device=h.device)

@@ -143,3 +143,21 @@ class ConditionEmbedding(nn.Module):
                 "build it with num_classes=K or pass class_labels=None"
             )
         return emb
+
+
+def self_conditioned_input(x: Tensor, self_cond: Tensor | None, self_condition: bool,
+                           dim: int = 1) -> Tensor:  # fmt: skip
+    """The input of a network built with ``self_condition``: ``[x, x0_prev]`` concatenated along
+    ``dim`` (channels of an image, features of a vector), with ``x0_prev = 0`` ("no estimate",
+    Chen et al. 2023) when ``self_cond`` is ``None``; ``x`` itself for a network built without,
+    which refuses a ``self_cond``."""
+    if not self_condition:
+        if self_cond is not None:
+            raise ValueError("self_cond was given to a network built without self_condition")
+        return x
+    if self_cond is None:
+        return torch.cat([x, torch.zeros_like(x)], dim)
+    if self_cond.shape != x.shape:
+        raise ValueError(f"self_cond must have x's shape {tuple(x.shape)}, "
+                         f"got {tuple(self_cond.shape)}")  # fmt: skip
+    return torch.cat([x, self_cond.to(x.dtype)], dim)

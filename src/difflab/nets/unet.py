@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from difflab.nets.attention import CrossAttention, SelfAttention, check_context, check_heads
-from difflab.nets.embeddings import ConditionEmbedding, check_sizes
+from difflab.nets.embeddings import ConditionEmbedding, check_sizes, self_conditioned_input
 
 
 def _levels(
@@ -206,6 +206,9 @@ class UNet(nn.Module):
         context_dim: width of the cross-attention ``context`` tokens.
         pooled_context: also add the mean of the context tokens to the conditioning vector
             (:class:`~difflab.nets.embeddings.ConditionEmbedding`).
+        self_condition: also read ``self_cond``, a previous estimate of ``x_0`` of ``x``'s
+            shape, as ``in_channels`` more input channels (zeros when not given: no estimate;
+            Chen et al. 2023, :mod:`difflab.gaussian.self_conditioning`).
     """
 
     def __init__(
@@ -223,6 +226,7 @@ class UNet(nn.Module):
         cond_channels: int = 0,
         context_dim: int | None = None,
         pooled_context: bool = False,
+        self_condition: bool = False,
     ):
         super().__init__()
         check_sizes(
@@ -239,6 +243,7 @@ class UNet(nn.Module):
         self.out_channels = out_channels or in_channels
         self.cond_channels = cond_channels
         self.context_dim = context_dim
+        self.self_condition = self_condition
         self.factor = factor
         emb_dim = 4 * channels
         pooled = context_dim if pooled_context else None
@@ -252,7 +257,8 @@ class UNet(nn.Module):
                 return None
             return AttentionBlock(ch, num_heads, context_dim)
 
-        self.conv_in = nn.Conv2d(in_channels + cond_channels, channels, 3, padding=1)
+        inputs = in_channels * (2 if self_condition else 1) + cond_channels
+        self.conv_in = nn.Conv2d(inputs, channels, 3, padding=1)
         ch, skip_channels = channels, [channels]
         down: list[Stage] = []
         for level, (mult, resolution) in enumerate(zip(channel_mults, resolutions, strict=True)):
@@ -299,14 +305,16 @@ class UNet(nn.Module):
         context: Tensor | None = None,
         low_res: Tensor | None = None,
         context_mask: Tensor | None = None,
+        self_cond: Tensor | None = None,
     ) -> Tensor:
         """Predict from ``x`` ``(B, in_channels, H, W)`` at noise level ``c_noise`` ``(B,)``.
 
         ``class_labels`` ``(B,)`` int; ``context`` ``(B, L, context_dim)`` with optional
         ``context_mask`` ``(B, L)`` bool (``True`` = real token); ``low_res``
-        ``(B, cond_channels, h, w)`` with ``h <= H``, ``w <= W``.
+        ``(B, cond_channels, h, w)`` with ``h <= H``, ``w <= W``; ``self_cond`` of ``x``'s shape.
         """
         self._check_inputs(x, context, low_res, context_mask)
+        x = self_conditioned_input(x, self_cond, self.self_condition)
         if low_res is not None:
             if low_res.shape[-2:] != x.shape[-2:]:
                 low_res = F.interpolate(

@@ -137,6 +137,9 @@ def distill(
         raise UserError(f"--method {method} distils runs of the "
                         f"{' and '.join(TEACHERS[method])} recipe; {run} is a "
                         f"{teacher_run.recipe.name} run")  # fmt: skip
+    if teacher_run.config.model.self_condition:
+        raise UserError(f"--method {method} does not distil a self-conditioned run "
+                        f"(model.self_condition=true): {run}")  # fmt: skip
     out = Path(out) if out is not None else Path(f"{Path(run).resolve()}-{method}")
     return fn(teacher_run, out=out, device=device, progress=progress, **options)
 

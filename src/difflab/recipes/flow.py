@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from difflab.config import check
 from difflab.errors import UserError
@@ -65,6 +66,8 @@ class FlowSampleConfig(SampleConfig):
 @dataclass
 class FlowConfig(ImageConfig):
     """The whole config of the flow recipe: the image recipe's, with flow defaults."""
+
+    SELF_CONDITIONING: ClassVar[bool] = True  # the image recipe's loss and sampling
 
     diffusion: FlowDiffusionConfig = field(default_factory=FlowDiffusionConfig)
     sample: FlowSampleConfig = field(default_factory=FlowSampleConfig)

@@ -18,7 +18,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +32,7 @@ from difflab.gaussian import samplers as gaussian_samplers
 from difflab.gaussian.objectives import WEIGHTINGS, check_objective, make_objective
 from difflab.gaussian.parameterization import PREDICTIONS, Denoiser, DenoiserFn
 from difflab.gaussian.schedules import SCHEDULES, Schedule, make_schedule, schedule_parameters
+from difflab.gaussian.self_conditioning import SelfConditioned, SelfConditionedTraining, restart
 from difflab.recipes import (
     RUN_FILES,
     Evaluation,
@@ -115,15 +116,22 @@ class MLPConfig:
 @dataclass
 class ModelConfig:
     """The denoiser network: ``kind`` names one of :data:`NETS`; its sub-section holds its size
-    (the others must stay empty)."""
+    (the others must stay empty). ``self_condition``: the network also reads its previous
+    estimate of ``x_0`` as extra input channels (Chen et al. 2023; U-Net and DiT), trained with
+    zeros in half the batches and its own stop-gradient estimate in the others, sampled with the
+    previous network evaluation's estimate (:mod:`difflab.gaussian.self_conditioning`)."""
 
     kind: str = "unet"
     unet: UNetConfig | None = None
     dit: DiTConfig | None = None
     mlp: MLPConfig | None = None
+    self_condition: bool = False
 
     def validate(self) -> None:
         choose("model.kind", self.kind, NETS)
+        check(not self.self_condition or self.kind in SELF_CONDITIONED_NETS,
+              f"model.self_condition applies to model.kind={' or '.join(SELF_CONDITIONED_NETS)}, "
+              f"not {self.kind}")  # fmt: skip
         for other in NETS:
             if other != self.kind and getattr(self, other) is not None:
                 raise UserError(f"model.{other} does not apply to model.kind={self.kind}")
@@ -220,7 +228,14 @@ THRESHOLDS = ("none", "static", "dynamic")
 
 @dataclass
 class ImageConfig:
-    """The whole config of the image recipe."""
+    """The whole config of the image recipe.
+
+    ``SELF_CONDITIONING``: whether the recipe of this config wires ``model.self_condition`` (the
+    image recipe's loss and sampling, :func:`make_loss` and :func:`guided_denoiser`). A recipe
+    whose config derives from this one refuses the flag unless its class sets it to ``True``
+    itself: one that trains or samples in its own way must wire it first."""
+
+    SELF_CONDITIONING: ClassVar[bool] = True
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -228,9 +243,15 @@ class ImageConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.SELF_CONDITIONING = bool(cls.__dict__.get("SELF_CONDITIONING", False))
+
     def validate(self) -> ImageConfig:
         for section in (self.data, self.model, self.diffusion, self.train, self.sample):
             section.validate()
+        check(not self.model.self_condition or self.SELF_CONDITIONING,
+              "model.self_condition does not apply to this recipe")  # fmt: skip
         return self
 
 
@@ -325,6 +346,8 @@ def _mlp(cfg: MLPConfig, shape: tuple[int, ...], num_classes: int | None) -> nn.
 
 #: Every ``model.kind``: its config section and its builder ``(section, shape, classes)``.
 NETS = {"unet": (UNetConfig, build_unet), "dit": (DiTConfig, build_dit), "mlp": (MLPConfig, _mlp)}
+#: The kinds that take ``model.self_condition``.
+SELF_CONDITIONED_NETS = ("unet", "dit")
 
 
 def build_net(
@@ -332,6 +355,8 @@ def build_net(
 ) -> nn.Module:
     """The network ``model`` describes for examples of ``shape`` (``extra``: conditioning inputs
     such as ``context_dim``); an argument the network refuses is a :class:`UserError`."""
+    if model.self_condition:
+        extra["self_condition"] = True
     try:
         return NETS[model.kind][1](model.net, tuple(shape), num_classes, **extra)
     except ValueError as e:
@@ -360,14 +385,18 @@ def drop_labels(labels: Tensor, null: int, p: float, generator: torch.Generator)
 def make_loss(d: DiffusionConfig, num_classes: int | None):
     """``loss(net, batch, generator)`` for the trainer: the objective of the parameterization,
     on ``batch = (x0,)`` or ``(x0, labels)`` with labels dropped to the null class at rate
-    ``cond_drop``."""
+    ``cond_drop``; a network built with ``self_condition`` is trained self-conditioned
+    (:class:`~difflab.gaussian.self_conditioning.SelfConditionedTraining`)."""
     objective = make_objective(d.prediction, d.weighting)
 
     def loss(net: nn.Module, batch: tuple[Tensor, ...], generator: torch.Generator) -> Tensor:
         cond = None
         if num_classes is not None:
             cond = {"class_labels": drop_labels(batch[1], num_classes, d.cond_drop, generator)}
-        return objective(build_denoiser(net, d), batch[0], cond, generator)
+        denoiser: DenoiserFn = build_denoiser(net, d)
+        if getattr(net, "self_condition", False):
+            denoiser = SelfConditionedTraining(denoiser, generator)
+        return objective(denoiser, batch[0], cond, generator)
 
     return loss
 
@@ -463,9 +492,13 @@ def guided_denoiser(
     null_cond: dict[str, Tensor] | None = None,
 ) -> DenoiserFn:
     """The model's denoiser inside the wrappers the options ask for, innermost first:
-    classifier guidance (``classifier`` with scale ``classifier_scale``), classifier-free
-    guidance (``w = guidance > 0``; the null label, or ``null_cond``), then x_0 thresholding."""
+    self-conditioning (when the network was built with it, :class:`SelfConditioned`: so each
+    branch of classifier-free guidance keeps its own estimate), classifier guidance
+    (``classifier`` with scale ``classifier_scale``), classifier-free guidance
+    (``w = guidance > 0``; the null label, or ``null_cond``), then x_0 thresholding."""
     den: DenoiserFn = model.denoiser
+    if getattr(model.denoiser.net, "self_condition", False):
+        den = SelfConditioned(den)
     if classifier is not None:
         den = g.ClassifierGuidance(den, classifier, classifier_scale, null_label=model.num_classes)
     if guidance > 0:
@@ -536,7 +569,7 @@ def draw(
             part = None if cond is None else {k: v[rows] for k, v in cond.items()}
             try:
                 with torch.inference_mode(not _needs_gradients(denoiser)):
-                    chunks.append(fn(denoiser, x * schedule.prior_std, ts, cond=part,
+                    chunks.append(fn(restart(denoiser), x * schedule.prior_std, ts, cond=part,
                                      generator=gen, callback=report, **options))  # fmt: skip
             except ValueError as e:
                 raise UserError(f"sampler {sampler}: {e}") from None
@@ -746,6 +779,9 @@ class ImageRecipe(Recipe):
                             if k not in ("total", "examples", "stderr", "method"))  # fmt: skip
         summary = (f"bits/dim {metrics['total']:.4f} +- {se:.4f} on {len(x)} held-out "
                    f"examples ({how})")  # fmt: skip
+        if model.config.model.self_condition:
+            summary += ("; of the self-conditioned network with no previous estimate (zeros), "
+                        "the model its first sampling step uses")  # fmt: skip
         return Evaluation(metrics, summary)
 
     def demo(self, out: Path, *, quiet: bool = False, steps: int | None = None) -> str:

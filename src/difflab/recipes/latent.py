@@ -85,6 +85,8 @@ class LatentSection:
 class LatentConfig(ImageConfig):
     """The image recipe's config plus the ``latent`` section."""
 
+    SELF_CONDITIONING: ClassVar[bool] = True  # the image recipe's loss and sampling
+
     latent: LatentSection = field(default_factory=LatentSection)
 
     def validate(self) -> LatentConfig:

@@ -34,7 +34,6 @@ from difflab.errors import UserError
 from difflab.gaussian.control import LikelihoodGuidance, LogLikelihoodFn
 from difflab.gaussian.embedding import (
     Clamped,
-    SelfConditioned,
     SourceReimposed,
     embedding_diffusion_loss,
     round_to_tokens,
@@ -42,6 +41,7 @@ from difflab.gaussian.embedding import (
 from difflab.gaussian.parameterization import Denoiser, DenoiserFn
 from difflab.gaussian.samplers import SAMPLERS
 from difflab.gaussian.schedules import Schedule, make_schedule
+from difflab.gaussian.self_conditioning import SelfConditioned
 from difflab.nets.embedding_transformer import EmbeddingDiffusionNet
 from difflab.recipes import Evaluation, flag, positive_int, seed_value
 from difflab.recipes.text.config import (

@@ -175,6 +175,17 @@ def sample(
     control_scale: Annotated[
         float | None, typer.Option(help="Diffusion-LM control: guidance scale gamma (1).")
     ] = None,
+    control_steps: Annotated[
+        int | None,
+        typer.Option(
+            help="Diffusion-LM control: K gradient steps on each x_(t-1) of DDPM's sampler, as "
+            "the paper (empty: the gradient added to the score once per step)."
+        ),
+    ] = None,
+    control_step_size: Annotated[
+        float | None,
+        typer.Option(help="Diffusion-LM control: step size in (0, 1] of --control-steps (0.5)."),
+    ] = None,
     draft: Annotated[
         Path | None,
         typer.Option(
@@ -232,7 +243,8 @@ def sample(
         classifier_scale=classifier_scale, threshold=threshold, percentile=percentile,
         aug_level=aug_level, prompt=prompt, length=length, temperature=temperature, top_p=top_p,
         clamp=clamp, seed=seed, draft=draft, draft_length=draft_length, draft_steps=draft_steps,
-        control=control, control_scale=control_scale,
+        control=control, control_scale=control_scale, control_steps=control_steps,
+        control_step_size=control_step_size,
     )  # fmt: skip
     start = time.perf_counter()
     samples = loaded.sample(n, **options)

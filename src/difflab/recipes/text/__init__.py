@@ -179,6 +179,8 @@ class TextRecipe(Recipe):
         clamp: bool | None = None,
         control: list[str] | None = None,
         control_scale: float | None = None,
+        control_steps: int | None = None,
+        control_step_size: float | None = None,
     ) -> Samples:
         """``n`` passages of up to ``length`` tokens (prompt included), each ending before its
         first ``<eos>``, special tokens dropped; ``prompt`` is their given beginning (a
@@ -195,13 +197,15 @@ class TextRecipe(Recipe):
         ``sampler``, ``clamp`` switching the clamping trick (:mod:`.continuous`);
         ``temperature``, ``top_p``, ``label`` and ``guidance`` do not apply to them.
         ``control`` (``NAME=VALUE`` items) at ``control_scale``: classifier guidance of a
-        ``diffusion-lm`` run (:mod:`.control`)."""
+        ``diffusion-lm`` run (:mod:`.control`), on the score, or with ``control_steps`` by that
+        many gradient steps of ``control_step_size`` on each ``x_{t-1}``."""
         check_speculative_options(draft, draft_length, draft_steps)
         if clamp is not None and not model.config.diffusion.gaussian:
             raise UserError(f"--clamp applies to the gaussian kinds only, not {model.kind}")
         guide = None
-        if control is not None or control_scale is not None:
-            guide = control_guidance(model, control, control_scale, length)
+        if any(v is not None for v in (control, control_scale, control_steps, control_step_size)):
+            guide = control_guidance(model, control, control_scale, length, control_steps,
+                                     control_step_size)  # fmt: skip
         if draft is not None:
             drafter_recipe = recipe_of_run(draft)  # the text recipe or one built on it (adapt)
             if not isinstance(drafter_recipe, TextRecipe):

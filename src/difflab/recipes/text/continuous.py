@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from difflab.data.text import EOS_ID, PAD_ID, UNK_ID, Tokenizer, pack_texts
 from difflab.discrete.samplers import truncate_at_eos
 from difflab.errors import UserError
-from difflab.gaussian.control import LikelihoodGuidance, LogLikelihoodFn
+from difflab.gaussian.control import Guide, LikelihoodGuidance, controlled_ddpm
 from difflab.gaussian.embedding import (
     Clamped,
     SourceReimposed,
@@ -219,10 +219,6 @@ def minimum_bayes_risk(candidates: list[str]) -> int:
 # ---------------------------------------------------------------- sampling
 
 
-#: ``(log p(y | x_t, t), gamma)``: control by guidance (:mod:`.control`).
-Guide = tuple[LogLikelihoodFn, float]
-
-
 def denoiser_of(model: Any, clamp: bool, guide: Guide | None = None) -> DenoiserFn:
     """The trained network as a denoiser for the samplers: self-conditioned when trained so,
     guided by ``guide`` when given, then clamped to the embeddings when ``clamp``."""
@@ -230,8 +226,8 @@ def denoiser_of(model: Any, clamp: bool, guide: Guide | None = None) -> Denoiser
     denoiser: DenoiserFn = Denoiser(net, model.process, prediction(model.config))
     if net.self_condition:
         denoiser = SelfConditioned(denoiser)
-    if guide is not None:
-        denoiser = LikelihoodGuidance(denoiser, *guide)
+    if guide is not None and not guide.steps:
+        denoiser = LikelihoodGuidance(denoiser, guide.log_likelihood, guide.scale)
     if clamp:
         denoiser = Clamped(denoiser, net.embed.weight.detach())
     return denoiser
@@ -254,7 +250,9 @@ def sample_rows(
     """``(tokens (n, L), x0 (n, L, d))``: ``n`` rows of the model's context drawn by ``sampler``
     over ``steps`` equal steps of ``t`` from the prior, then rounded. ``given (n, L)`` ids are
     re-imposed where ``given_mask`` is True (a prompt; ``diffuseq``'s source); ``guide``
-    steers every step (:func:`denoiser_of`)."""
+    steers every step: by the score (:func:`denoiser_of`), or with ``guide.steps`` by gradient
+    steps on each ``x_{t-1}`` of DDPM's sampler (:func:`~difflab.gaussian.control.controlled_ddpm`,
+    which takes the place of ``sampler``)."""
     net = model.net
     device = model.device
     generator = torch.Generator(device).manual_seed(seed)
@@ -264,7 +262,10 @@ def sample_rows(
     shape = (n, model.context, net.embed.embedding_dim)
     x = torch.randn(shape, generator=generator, device=device) * model.process.prior_std
     ts = model.process.timesteps(steps)
-    x0 = SAMPLERS[sampler](denoiser, x, ts, generator=generator, **(sampler_options or {}))
+    if guide is not None and guide.steps:
+        x0 = controlled_ddpm(denoiser, x, ts, guide, generator=generator)
+    else:
+        x0 = SAMPLERS[sampler](denoiser, x, ts, generator=generator, **(sampler_options or {}))
     tokens = round_to_tokens(net, x0)
     if given is not None:
         tokens = torch.where(given_mask.to(device), given.to(device), tokens)
@@ -331,6 +332,12 @@ def sample_texts(
     if sampler is not None and sampler not in GAUSSIAN_SAMPLERS:
         raise UserError(f"{flag('sampler')} must be one of {', '.join(GAUSSIAN_SAMPLERS)} for "
                         f"diffusion.kind={model.kind}, got {sampler!r}")  # fmt: skip
+    if guide is not None and guide.steps:
+        if sampler not in (None, "ddpm"):
+            raise UserError(f"{flag('control_steps')} takes gradient steps on each x_(t-1) of "
+                            f"DDPM's ancestral sampler: {flag('sampler')} {sampler} does not "
+                            "apply")  # fmt: skip
+        sampler = "ddpm"
     options = {
         "steps": cfg.sample_steps if steps is None else positive_int("steps", steps),
         "sampler": cfg.sampler if sampler is None else sampler,

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from difflab.data.text import EOS_ID, PAD_ID, UNK_ID, Tokenizer, pack_texts
 from difflab.errors import UserError
-from difflab.gaussian.control import LogLikelihoodFn
+from difflab.gaussian.control import CONTROL_STEP_SIZE, Guide, LogLikelihoodFn
 from difflab.gaussian.embedding import draw_times
 from difflab.gaussian.schedules import Schedule
 from difflab.nets.embedding_transformer import NoisyTokenClassifier
@@ -236,22 +236,40 @@ def train_control(model: Any, *, steps: int | None, progress: bool) -> TrainResu
 
 
 def control_guidance(
-    model: Any, items: list[str] | None, scale: float | None, length: int | None = None
-) -> tuple[LogLikelihoodFn, float]:
-    """``(log p(y | x_t, t), gamma)`` of ``--control`` ``items`` at ``--control-scale``
-    ``scale`` (empty: 1) for the loaded ``model``, its classifier read from ``RUN/control``;
-    a length control longer than the passages' ``length`` (``--length``) is refused."""
+    model: Any,
+    items: list[str] | None,
+    scale: float | None,
+    length: int | None = None,
+    steps: int | None = None,
+    step_size: float | None = None,
+) -> Guide:
+    """The :class:`~difflab.gaussian.control.Guide` of ``--control`` ``items`` at
+    ``--control-scale`` ``scale`` (empty: 1) for the loaded ``model``, its classifier read from
+    ``RUN/control``: score guidance, or with ``--control-steps`` ``steps`` Diffusion-LM's
+    gradient steps on each ``x_{t-1}`` of size ``--control-step-size`` ``step_size`` (empty:
+    0.5); a length control longer than the passages' ``length`` (``--length``) is refused."""
     check_controllable(model)
     if not items:
-        raise UserError("--control-scale needs at least one --control NAME=VALUE")
+        given = [f for f, v in [("--control-scale", scale), ("--control-steps", steps),
+                                ("--control-step-size", step_size)] if v is not None]  # fmt: skip
+        raise UserError(f"{given[0]} needs at least one --control NAME=VALUE")
     if scale is not None and not (scale >= 0 and scale < float("inf")):
         raise UserError(f"--control-scale must be a finite number >= 0, got {scale}")
+    if steps is not None and not (isinstance(steps, int) and steps >= 1):
+        raise UserError(f"--control-steps must be an integer >= 1, got {steps}")
+    if step_size is not None:
+        if steps is None:
+            raise UserError("--control-step-size applies with --control-steps only")
+        if not 0 < step_size <= 1:
+            raise UserError(f"--control-step-size must be in (0, 1], got {step_size}")
     controls = parse_controls(items, model)
     for c in controls:
         if c.name == "length" and length is not None and int(c.value) > length:
             raise UserError(f"--control length={c.value} cannot be met by passages cut at "
                             f"--length {length}")  # fmt: skip
-    return control_log_likelihood(load_classifier(model), controls), 1.0 if scale is None else scale
+    return Guide(control_log_likelihood(load_classifier(model), controls),
+                 1.0 if scale is None else scale, steps or 0,
+                 CONTROL_STEP_SIZE if step_size is None else step_size)  # fmt: skip
 
 
 def load_classifier(model: Any) -> nn.Module:

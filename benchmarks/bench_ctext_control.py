@@ -7,7 +7,9 @@ characters) trained for ``--minutes``, its control classifier for ``--classifier
 judged on the decoded text by an independent measure (:class:`difflab.recipes.text.control.
 Control`): ``length=N`` succeeds within +-10% of ``N`` characters, ``word=W`` when ``W`` occurs,
 ``lines=K`` when the text has exactly ``K`` lines. The unguided row judges the same unguided
-passages against every control (the base rate).
+passages against every control (the base rate). ``--control-steps K`` takes Diffusion-LM's
+own form instead of score guidance: ``K`` gradient steps of ``--control-step-size`` on each
+``x_{t-1}`` of DDPM's ancestral sampler (:func:`difflab.gaussian.control.controlled_ddpm`).
 
 Usage: ``OMP_NUM_THREADS=1 python benchmarks/bench_ctext_control.py --minutes 3
 [--out runs/bench-ctext-control]``; prints markdown for docs/BENCHMARKS.md and writes it to
@@ -72,6 +74,9 @@ def main() -> int:
     parser.add_argument("--scales", default="1,4", help="guidance scales gamma, comma-separated")
     parser.add_argument("--controls", default="length=60,length=30,word=KING,lines=2")
     parser.add_argument("--set", nargs="*", default=[], help="more overrides of the run")
+    parser.add_argument("--control-steps", type=int, default=0,
+                        help="gradient steps on each x_(t-1) (0: score guidance)")  # fmt: skip
+    parser.add_argument("--control-step-size", type=float, default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
     model, seconds = train_run(args)
@@ -83,11 +88,18 @@ def main() -> int:
     plain_s = time.perf_counter() - start
     base = success(controls, plain, tok)
     lengths = sorted(len(tok.encode(t)) for t in plain)
+    form = "ddim (score guidance)"
+    steps_options = {}
+    if args.control_steps:
+        form = (f"ddpm with {args.control_steps} gradient steps of size "
+                f"{args.control_step_size or 0.5} on each x_(t-1) (unguided: ddim)")  # fmt: skip
+        steps_options = {"control_steps": args.control_steps,
+                         "control_step_size": args.control_step_size}  # fmt: skip
     lines = [
         f"Diffusion-LM on whole lines (`diffusion.lines=true`), context {args.length} characters, "
         f"width {args.width}, depth {args.depth}, {model.step} steps "
         f"({seconds:.0f} s; nan: reused); classifier {args.classifier_steps} steps; {args.n} "
-        f"passages per row, ddim {args.steps} steps, clamping on. Unguided lengths: median "
+        f"passages per row, {form} {args.steps} steps, clamping on. Unguided lengths: median "
         f"{lengths[len(lengths) // 2]}, range {lengths[0]}-{lengths[-1]} characters.",
         "",
         "| control | unguided | " + " | ".join(f"gamma = {s}" for s in args.scales.split(","))
@@ -100,7 +112,7 @@ def main() -> int:
         for item, control in zip(items, controls, strict=True):
             start = time.perf_counter()
             texts = RECIPE.sample(model, args.n, steps=args.steps, seed=0, control=[item],
-                                  control_scale=scale).texts  # fmt: skip
+                                  control_scale=scale, **steps_options).texts  # fmt: skip
             guided_s.append(time.perf_counter() - start)
             rate = success([control], texts, tok)[0]
             detail = ""

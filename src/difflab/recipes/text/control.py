@@ -1,7 +1,9 @@
 """Control of Diffusion-LM by classifier guidance on the continuous latents (Li et al. 2022;
 seed 000): ``log p(x | y) = log p(x) + gamma log p(y | x)``, the gradient of the second term
 added to the denoiser's score at every step (:class:`~difflab.gaussian.control.LikelihoodGuidance`,
-``gamma`` is ``--control-scale``).
+``gamma`` is ``--control-scale``), or with ``--control-steps K`` Diffusion-LM's own form, ``K``
+gradient steps on each ``x_{t-1}`` of DDPM's sampler
+(:func:`~difflab.gaussian.control.controlled_ddpm`).
 
 The classifier, :class:`~difflab.nets.embedding_transformer.NoisyTokenClassifier`, reads the
 noisy latents ``x_t = alpha_t E(w) + sigma_t eps`` of a ``diffusion-lm`` run (its embedding

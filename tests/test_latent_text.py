@@ -135,17 +135,27 @@ class Recorder(torch.nn.Module):
 
 
 def test_the_latent_loss_self_conditions_on_zeros_or_its_first_estimate():
+    # One coin per batch (gaussian.self_conditioning.SelfConditionedTraining): zeros and one
+    # trained call, or a first call without gradient whose estimate (0.5 x_t) the trained reads.
     net = Recorder()
     denoiser = Denoiser(net, cosine_logsnr(), "x0")
-    z0 = torch.randn(64, 4, 8)
-    lt.latent_diffusion_loss(denoiser, z0, self_condition=True, stratified=True,
-                             generator=torch.Generator().manual_seed(0))  # fmt: skip
-    (first, first_grad), (cond, grad) = net.calls
-    assert first is None and not first_grad and grad
-    zero = (cond == 0).flatten(1).all(1)
-    assert 16 < int(zero.sum()) < 48  # about half the rows, 64 fair coins
-    # The others read the first call's estimate, 0.5 x_t.
-    assert not torch.equal(cond[~zero], torch.zeros_like(cond[~zero]))
+    z0 = torch.randn(8, 4, 8)
+    generator = torch.Generator().manual_seed(0)
+    counts = []
+    for _ in range(20):
+        net.calls.clear()
+        lt.latent_diffusion_loss(denoiser, z0, self_condition=True, stratified=True,
+                                 generator=generator)  # fmt: skip
+        *first, (cond, grad) = net.calls
+        assert grad
+        if first:
+            ((zeros, first_grad),) = first
+            assert torch.equal(zeros, torch.zeros_like(zeros)) and not first_grad
+            assert not torch.equal(cond, torch.zeros_like(cond))
+        else:
+            assert torch.equal(cond, torch.zeros_like(cond))
+        counts.append(len(net.calls))
+    assert set(counts) == {1, 2}
     net.calls.clear()
     plain = lt.latent_diffusion_loss(denoiser, z0, self_condition=False, stratified=True,
                                      generator=torch.Generator().manual_seed(0))  # fmt: skip

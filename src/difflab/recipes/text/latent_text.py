@@ -37,11 +37,11 @@ One run, two stages (``difflab train text-shakespeare diffusion.kind=latent-text
    (:func:`~difflab.gaussian.objectives.loss_fn`), the denoiser an
    :class:`~difflab.nets.embedding_transformer.EmbeddingTransformer` over the ``K`` latents,
    self-conditioned unless ``diffusion.self_condition=false``
-   (:func:`~difflab.gaussian.embedding.self_conditioning_input`). ``train.max_minutes`` bounds
-   the two stages together: the diffusion stage gets what the autoencoder left.
+   (:class:`~difflab.gaussian.self_conditioning.SelfConditionedTraining`). ``train.max_minutes``
+   bounds the two stages together: the diffusion stage gets what the autoencoder left.
 
 Sampling draws ``z_0`` with a Gaussian sampler of the library from ``N(0, prior_std^2 I)``
-(self-conditioned: :class:`~difflab.gaussian.embedding.SelfConditioned`), decodes
+(self-conditioned: :class:`~difflab.gaussian.self_conditioning.SelfConditioned`), decodes
 ``argmax_w p(w | z_0 / s)`` at every position at once and cuts each row at its first ``<eos>``.
 """
 
@@ -65,12 +65,11 @@ from difflab.evaluate.text_metrics import (
     unigram_entropy,
     valid_token_mask,
 )
-from difflab.gaussian.embedding import SelfConditioned, self_conditioning_input
 from difflab.gaussian.objectives import loss_fn, sample_times
 from difflab.gaussian.parameterization import Denoiser, DenoiserFn
-from difflab.gaussian.process import q_sample
 from difflab.gaussian.samplers import SAMPLERS
 from difflab.gaussian.schedules import Schedule
+from difflab.gaussian.self_conditioning import SelfConditioned, SelfConditionedTraining
 from difflab.nets.embedding_transformer import EmbeddingTransformer
 from difflab.nets.text_autoencoder import LatentTextNet, TextAutoencoder
 from difflab.recipes import Evaluation, flag, positive_int, seed_value
@@ -232,15 +231,14 @@ def latent_diffusion_loss(
     """The plain MSE of the denoiser's parameterization on ``z_t = alpha_t z_0 + sigma_t eps``
     (:func:`~difflab.gaussian.objectives.loss_fn`), ``t`` uniform (``stratified``: one per
     stratum of the batch); the network also reads a previous estimate when ``self_condition``
-    (:func:`~difflab.gaussian.embedding.self_conditioning_input`)."""
+    (:class:`~difflab.gaussian.self_conditioning.SelfConditionedTraining`)."""
     schedule = denoiser.schedule
     t = sample_times(schedule, z0.shape[0], time_sampling="stratified" if stratified else "iid",
                      generator=generator, device=z0.device)  # fmt: skip
     eps = torch.randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
-    cond = None
     if self_condition:
-        cond = self_conditioning_input(denoiser, q_sample(schedule, z0, t, eps), t, generator)
-    return loss_fn(denoiser, z0, cond, t=t, eps=eps)  # type: ignore[arg-type]
+        denoiser = SelfConditionedTraining(denoiser, generator)
+    return loss_fn(denoiser, z0, None, t=t, eps=eps)  # type: ignore[arg-type]
 
 
 def make_latent_loss(cfg: TextConfig, schedule: Schedule, autoencoder: TextAutoencoder,

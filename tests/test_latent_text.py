@@ -267,3 +267,20 @@ def test_the_default_latents_divide_the_row():
     assert lt.options(cfg).latents == 6 and cfg.latent_text.latents is None
     tokens = torch.randint(100, (2, 30))
     assert lt.build_net(cfg, 100).autoencoder.encode(tokens).shape == (2, 6, 16)
+
+
+def test_a_run_saved_before_the_latent_text_section_resumes():
+    """A checkpoint's config that lacks keys added since (the ``latent_text`` section) matches
+    today's, whose keys are empty; a key given a value is still a difference."""
+    from difflab.config import to_dict
+    from difflab.train.trainer import _config_differences
+
+    _, cfg = load_config("text-tiny", [])
+    now = {"recipe": "text", "config": to_dict(cfg)}
+    saved = {"recipe": "text", "config": {k: v for k, v in to_dict(cfg).items()
+                                          if k != "latent_text"}}  # fmt: skip
+    assert _config_differences(saved, now) == []
+    now["config"]["latent_text"]["dim"] = 8
+    assert _config_differences(saved, now) == [
+        "latent_text.dim is absent in the checkpoint but 8 now"
+    ]

@@ -654,13 +654,14 @@ def _reason(error: Exception) -> str:
 def _config_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """The differences that forbid resuming a run saved with ``saved`` under ``now``, one per
     dotted key (``model.channels is 32 in the checkpoint but 64 now``); ``train.out`` and
-    :data:`RESUMABLE_KEYS` may differ."""
+    :data:`RESUMABLE_KEYS` may differ. A key the checkpoint lacks and that is empty now is no
+    difference: it is one added to the config since, whose empty value keeps the run as it was."""
     a, b = _flat(_comparable(saved)), _flat(_comparable(now))
     absent = object()
     out = []
     for key in sorted(a.keys() | b.keys()):
         old, new = a.get(key, absent), b.get(key, absent)
-        if old != new:
+        if old != new and not (old is absent and new is None):
             name = key.removeprefix("config.")
             shown = ["absent" if v is absent else json.dumps(v) for v in (old, new)]
             out.append(f"{name} is {shown[0]} in the checkpoint but {shown[1]} now")

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from difflab.gaussian.control import CONTROL_STEP_SIZE
 from difflab.recipes import load_config
 from difflab.recipes.text import RECIPE
 from difflab.recipes.text.control import (
@@ -91,8 +92,9 @@ def main() -> int:
     form = "ddim (score guidance)"
     steps_options = {}
     if args.control_steps:
-        form = (f"ddpm with {args.control_steps} gradient steps of size "
-                f"{args.control_step_size or 0.5} on each x_(t-1) (unguided: ddim)")  # fmt: skip
+        size = args.control_step_size or CONTROL_STEP_SIZE
+        form = (f"ddpm with {args.control_steps} gradient steps of size {size} on each x_(t-1) "
+                "(unguided: ddim)")  # fmt: skip
         steps_options = {"control_steps": args.control_steps,
                          "control_step_size": args.control_step_size}  # fmt: skip
     lines = [

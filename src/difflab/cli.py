@@ -184,7 +184,7 @@ def sample(
     ] = None,
     control_step_size: Annotated[
         float | None,
-        typer.Option(help="Diffusion-LM control: step size in (0, 1] of --control-steps (0.5)."),
+        typer.Option(help="Diffusion-LM control: step size in (0, 1] of --control-steps (0.1)."),
     ] = None,
     draft: Annotated[
         Path | None,

@@ -78,7 +78,7 @@ class LikelihoodGuidance:
 
 
 #: The default step size ``eta`` of :func:`control_steps`.
-CONTROL_STEP_SIZE = 0.5
+CONTROL_STEP_SIZE = 0.1
 
 
 class Guide(NamedTuple):

@@ -249,7 +249,7 @@ def control_guidance(
     ``--control-scale`` ``scale`` (empty: 1) for the loaded ``model``, its classifier read from
     ``RUN/control``: score guidance, or with ``--control-steps`` ``steps`` Diffusion-LM's
     gradient steps on each ``x_{t-1}`` of size ``--control-step-size`` ``step_size`` (empty:
-    0.5); a length control longer than the passages' ``length`` (``--length``) is refused."""
+    0.1); a length control longer than the passages' ``length`` (``--length``) is refused."""
     check_controllable(model)
     if not items:
         given = [f for f, v in [("--control-scale", scale), ("--control-steps", steps),

@@ -280,3 +280,21 @@ def test_the_flag_is_recorded_in_the_checkpoint(tmp_path):
     from difflab.recipes import run_metadata
 
     assert run_metadata(out)["config"]["model"]["self_condition"] is True
+
+
+def test_a_run_saved_before_the_flag_resumes():
+    """A checkpoint's config without ``model.self_condition`` (saved before it existed) matches
+    today's default, which is empty; the flag given is a difference."""
+    from difflab.config import to_dict
+    from difflab.recipes import load_config
+    from difflab.train.trainer import _config_differences
+
+    _, cfg = load_config("digits-tiny", [])
+    now = {"recipe": "image", "config": to_dict(cfg)}
+    model = {k: v for k, v in now["config"]["model"].items() if k != "self_condition"}
+    saved = {"recipe": "image", "config": {**now["config"], "model": model}}
+    assert _config_differences(saved, now) == []
+    now["config"]["model"]["self_condition"] = True
+    assert _config_differences(saved, now) == [
+        "model.self_condition is absent in the checkpoint but true now"
+    ]

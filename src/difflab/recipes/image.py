@@ -116,8 +116,9 @@ class MLPConfig:
 @dataclass
 class ModelConfig:
     """The denoiser network: ``kind`` names one of :data:`NETS`; its sub-section holds its size
-    (the others must stay empty). ``self_condition``: the network also reads its previous
-    estimate of ``x_0`` as extra input channels (Chen et al. 2023; U-Net and DiT), trained with
+    (the others must stay empty). ``self_condition`` (empty: off, as for runs saved before it
+    existed): the network also reads its previous estimate of ``x_0`` as extra input channels
+    (Chen et al. 2023; U-Net and DiT), trained with
     zeros in half the batches and its own stop-gradient estimate in the others, sampled with the
     previous network evaluation's estimate (:mod:`difflab.gaussian.self_conditioning`)."""
 
@@ -125,7 +126,7 @@ class ModelConfig:
     unet: UNetConfig | None = None
     dit: DiTConfig | None = None
     mlp: MLPConfig | None = None
-    self_condition: bool = False
+    self_condition: bool | None = None
 
     def validate(self) -> None:
         choose("model.kind", self.kind, NETS)

@@ -28,7 +28,7 @@ docs/BENCHMARKS.md and writes it to ``OUT/bench_ctext.md``.
 from __future__ import annotations
 
 import argparse
-import csv
+import json
 import platform
 import sys
 import time
@@ -77,11 +77,14 @@ LM_RUNS = {
 }
 
 
-def config(args: argparse.Namespace, out: Path, length: int, *overrides: str):
+def config(args: argparse.Namespace, out: Path, length: int, *overrides: str, steps=None):
+    """The run's config: ``steps`` steps when given, else ``--minutes`` of wall clock."""
+    budget = [f"train.steps={steps}", "train.max_minutes=0"] if steps else [
+        f"train.max_minutes={args.minutes}", "train.steps=1000000"]  # fmt: skip
     _, cfg = load_config(args.preset, [
-        f"train.out={out}", f"train.max_minutes={args.minutes}", "train.steps=1000000",
-        "train.lr_schedule=constant", f"train.batch_size={args.batch_size}",
-        f"data.length={length}", f"model.width={args.width}", f"model.depth={args.depth}",
+        f"train.out={out}", *budget, "train.lr_schedule=constant",
+        f"train.batch_size={args.batch_size}", f"data.length={length}",
+        f"model.width={args.width}", f"model.depth={args.depth}",
         f"model.num_heads={args.heads}", "train.device=cpu", *overrides, *args.set,
     ], recipe=RECIPE.name)  # fmt: skip
     return cfg
@@ -93,18 +96,38 @@ def train(cfg) -> float:
     return RECIPE.train(cfg, progress=False).seconds
 
 
-def loss_curve(run: Path) -> str:
-    """The mean training loss over the last tenth before each quarter of the run."""
-    with open(run / "loss.csv") as f:
-        losses = [float(row["loss"]) for row in csv.DictReader(f)]
-    if not losses:
-        return "-"
-    points = []
-    for q in (0.25, 0.5, 0.75, 1.0):
-        end = max(1, round(q * len(losses)))
-        window = losses[max(0, end - max(1, len(losses) // 10)) : end]
-        points.append(f"{sum(window) / len(window):.3f}")
-    return " / ".join(points)
+def cpu_seconds_of(cfg, resume: bool) -> float:
+    """Train ``cfg`` (from scratch or continuing its run): the CPU seconds of this process."""
+    start = time.process_time()
+    RECIPE.train(cfg, resume=resume, progress=False)
+    return time.process_time() - start
+
+
+def trained_in_segments(args: argparse.Namespace, run: Path, overrides: list[str], at_point):
+    """Train one language model for ``--cpu-minutes`` of CPU time of this process, stopping at
+    ``--curve`` equal shares of its steps to call ``at_point(model, step, cpu seconds)``.
+
+    The steps are fixed before the run from its measured cost: ``c = --calibrate`` steps from
+    scratch take ``c_1`` CPU seconds (setup and, for latent-text, its whole autoencoder stage
+    included), the next ``c`` take ``c_2``; the run then has ``N = 2c + (B - c_1 - c_2) c / c_2``
+    steps for the budget ``B``, so every model spends about ``B`` whatever the machine's load
+    (CPU time, not wall clock). Evaluation at the points is not counted."""
+    if (run / "checkpoint.safetensors").exists():
+        raise SystemExit(f"bench_ctext.py: {run} already holds a run: choose another --out")
+    c = args.calibrate
+    spent = cpu_seconds_of(config(args, run, args.length, *overrides, steps=c), resume=False)
+    first = spent
+    second = cpu_seconds_of(config(args, run, args.length, *overrides, steps=2 * c), True)
+    spent += second
+    total = max(2 * c, round(2 * c + (args.cpu_minutes * 60 - first - second) * c / second))
+    points = sorted({max(2 * c, round(total * k / args.curve)) for k in range(1, args.curve + 1)})
+    for step in points:
+        if step > 2 * c:
+            spent += cpu_seconds_of(config(args, run, args.length, *overrides, steps=step), True)
+        model = RECIPE.load(run, "cpu")
+        print(f"{run.name}: step {model.step}, {spent:.0f} CPU s", file=sys.stderr)
+        at_point(model, model.step, spent)
+    return model
 
 
 def in_vocabulary(x0: torch.Tensor, embeddings: torch.Tensor) -> float:
@@ -117,86 +140,170 @@ def in_vocabulary(x0: torch.Tensor, embeddings: torch.Tensor) -> float:
     return float((distance < gaps.min(1).values[ids] / 2).float().mean())
 
 
-def quality(tokens: torch.Tensor, ar) -> list[str]:
+def quality(tokens: torch.Tensor, ar) -> dict[str, float]:
     mask = valid_token_mask(tokens, EOS_ID, PAD_ID)
-    ppl = generative_perplexity(lambda x: ar.net(x), tokens, mask, BOS_ID)
-    return [f"{ppl:.2f}", f"{unigram_entropy(tokens, mask):.3f}",
-            f"{distinct_n(tokens, 2, mask):.3f}", f"{distinct_n(tokens, 3, mask):.3f}"]  # fmt: skip
+    return {
+        "gen_ppl": generative_perplexity(lambda x: ar.net(x), tokens, mask, BOS_ID),
+        "entropy": unigram_entropy(tokens, mask),
+        "distinct2": distinct_n(tokens, 2, mask),
+        "distinct3": distinct_n(tokens, 3, mask),
+    }
+
+
+def held_out(model, args: argparse.Namespace) -> tuple[str, float | None]:
+    """The held-out column and the bound (nats per token) where one exists."""
+    metrics = RECIPE.evaluate(model, n=args.eval_rows, seed=0, progress=False).metrics
+    if "reconstruction_exact" in metrics:
+        return (f"latent loss {metrics['latent_loss']:.3f}; autoencoder: "
+                f"{metrics['reconstruction_exact']:.3f} of rows, "
+                f"{metrics['reconstruction_accuracy']:.3f} of tokens exact; "
+                "no bound"), None  # fmt: skip
+    if metrics["bound"] is False and "rounding" in metrics:
+        return (f"loss {metrics['loss']:.3f} (x0 {metrics['x0_mse']:.3f}, emb "
+                f"{metrics['embedding']:.3f}, round {metrics['rounding']:.3f}); "
+                "no bound"), None  # fmt: skip
+    bound = "<= " if metrics["bound"] else ""
+    return (
+        f"{bound}{metrics['nats_per_token']:.3f} nats/token, {bound}"
+        f"{metrics['bits_per_character']:.3f} bits/char"
+    ), metrics["nats_per_token"]
+
+
+def generations(name: str, model, args: argparse.Namespace) -> list[dict]:
+    """Each sampling row of one model: its label, tokens, seconds and in-vocabulary rate."""
+    rows = []
+    if model.kind == "diffusion-lm":
+        for clamp in (True, False):
+            start = time.perf_counter()
+            tokens, x0 = sample_rows(model, args.n, steps=args.steps, sampler="ddim",
+                                     clamp=clamp, seed=0)  # fmt: skip
+            took = time.perf_counter() - start
+            rate = in_vocabulary(x0, model.net.embed.weight.detach())
+            rows.append({"row": f"{name}, clamp {'on' if clamp else 'off'}", "sampling": "ddim",
+                         "tokens": tokens, "s": took, "in_vocab": rate})  # fmt: skip
+        return rows
+    start = time.perf_counter()
+    if model.kind == latent_text.KIND:
+        tokens, how = latent_text.sample_tokens(model, args.n, steps=args.steps, sampler="ddim",
+                                                seed=0), "ddim, self-cond"  # fmt: skip
+    elif model.kind == "ar":
+        tokens = generate_tokens(model, args.n, length=args.length, seed=0).tokens
+        how = "key/value cache"
+    else:
+        tokens = generate_tokens(model, args.n, length=args.length, seed=0, steps=args.steps,
+                                 sampler="cached").tokens  # fmt: skip
+        how = "cached ancestral"
+    took = time.perf_counter() - start
+    return [{"row": name, "sampling": how, "tokens": tokens, "s": took, "in_vocab": None}]
 
 
 def language_models(args: argparse.Namespace) -> list[str]:
-    models, seconds = {}, {}
+    """Part 1: every model trained for the same CPU time in ``--curve`` segments; the table at
+    the end of the budget, the curve at each segment (generative perplexity under the final AR
+    model, so the AR model's own early samples are judged by its final self)."""
+    curve, final, counts = [], {}, {}
     for name, overrides in LM_RUNS.items():
         if name not in args.models and name != "ar":  # the AR model judges the others
             continue
         if name == "latent-text":
             overrides = [*overrides, f"latent_text.ae_steps={args.ae_steps}"]
-        run = args.out / name.replace(" + ", "-")
-        seconds[name] = train(config(args, run, args.length, *overrides))
-        models[name] = RECIPE.load(run, "cpu")
-    ar = models["ar"]
+
+        def at_point(model, step, spent, name=name):
+            text, bound = held_out(model, args)
+            rows = generations(name, model, args)
+            curve.extend({"model": name, "step": step, "cpu_s": spent, "bound": bound, **r}
+                         for r in rows)  # fmt: skip
+            final[name] = (step, spent, text)
+
+        model = trained_in_segments(args, args.out / name.replace(" + ", "-"), overrides, at_point)
+        counts[name] = count_parameters(model.net)
+        if model.kind == latent_text.KIND:  # the denoiser trained here, the autoencoder frozen
+            counts[name] = (count_parameters(model.net.denoiser),
+                            count_parameters(model.net.autoencoder))  # fmt: skip
+    ar = RECIPE.load(args.out / "ar", "cpu")
+    for point in curve:
+        point.update(quality(point["tokens"], ar))
+    held, _ = truncate_at_eos(task_free_rows(ar, args), EOS_ID, PAD_ID)
+    reference = quality(held, ar)
+    write_curve(args, curve, reference["gen_ppl"])
     lines = [
-        "| model | parameters | steps | train s | held-out | loss at 1/4, 1/2, 3/4, end |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| model | parameters | steps | CPU s | held-out |",
+        "| --- | --- | --- | --- | --- |",
     ]
-    for name, model in models.items():
-        metrics = RECIPE.evaluate(model, n=args.eval_rows, seed=0, progress=False).metrics
-        if "reconstruction_exact" in metrics:
-            held = (f"latent loss {metrics['latent_loss']:.3f}; autoencoder: "
-                    f"{metrics['reconstruction_exact']:.3f} of rows, "
-                    f"{metrics['reconstruction_accuracy']:.3f} of tokens exact; "
-                    "no bound")  # fmt: skip
-        elif metrics["bound"] is False and "rounding" in metrics:
-            held = (f"loss {metrics['loss']:.3f} (x0 {metrics['x0_mse']:.3f}, emb "
-                    f"{metrics['embedding']:.3f}, round {metrics['rounding']:.3f}); "
-                    "no bound")  # fmt: skip
+    for name, (step, spent, text) in final.items():
+        count = counts[name]
+        if isinstance(count, tuple):
+            count = f"{count[0]:,} (+ {count[1]:,} frozen autoencoder)"
         else:
-            bound = "<= " if metrics["bound"] else ""
-            held = (f"{bound}{metrics['nats_per_token']:.3f} nats/token, {bound}"
-                    f"{metrics['bits_per_character']:.3f} bits/char")  # fmt: skip
-        lines.append(
-            f"| {name} | {count_parameters(model.net):,} | {model.step} | {seconds[name]:.0f} | "
-            f"{held} | {loss_curve(Path(model.config.train.out))} |"
-        )
+            count = f"{count:,}"
+        lines.append(f"| {name} | {count} | {step} | {spent:.0f} | {text} |")
     lines += [
         "",
-        f"Generation of {args.n} passages of {args.length} characters ({args.steps} steps for "
-        "the diffusion models; AR: its key/value cache):",
+        f"Generation of {args.n} passages of {args.length} characters at the end of the budget "
+        f"({args.steps} steps for the diffusion models; AR: its key/value cache):",
         "",
         "| model | sampling | s | gen. perplexity (AR) | unigram entropy | distinct-2 | "
         "distinct-3 | in-vocabulary before rounding |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for name in ("diffusion-lm", "diffusion-lm + self-cond"):
-        if name not in models:
-            continue
-        for clamp in (True, False):
-            start = time.perf_counter()
-            tokens, x0 = sample_rows(models[name], args.n, steps=args.steps, sampler="ddim",
-                                     clamp=clamp, seed=0)  # fmt: skip
-            took = time.perf_counter() - start
-            rate = in_vocabulary(x0, models[name].net.embed.weight.detach())
-            lines.append(f"| {name} | ddim, clamp {'on' if clamp else 'off'} | {took:.1f} | "
-                         + " | ".join(quality(tokens, ar)) + f" | {rate:.3f} |")  # fmt: skip
-    if "latent-text" in models:
-        start = time.perf_counter()
-        tokens = latent_text.sample_tokens(models["latent-text"], args.n, steps=args.steps,
-                                           sampler="ddim", seed=0)  # fmt: skip
-        took = time.perf_counter() - start
-        lines.append(f"| latent-text | ddim, self-cond | {took:.1f} | "
-                     + " | ".join(quality(tokens, ar)) + " | - |")  # fmt: skip
-    for name, options in [("mdlm", {"steps": args.steps, "sampler": "cached"}), ("ar", {})]:
-        if name not in models:
-            continue
-        start = time.perf_counter()
-        samples = generate_tokens(models[name], args.n, length=args.length, seed=0, **options)
-        took = time.perf_counter() - start
-        how = "cached ancestral" if options else "key/value cache"
-        lines.append(f"| {name} | {how} | {took:.1f} | "
-                     + " | ".join(quality(samples.tokens, ar)) + " | - |")  # fmt: skip
-    held, _ = truncate_at_eos(task_free_rows(models["ar"], args), EOS_ID, PAD_ID)
-    lines.append("| held-out text | - | - | " + " | ".join(quality(held, ar)) + " | - |")
+    last = {p["model"]: p["step"] for p in curve}
+    for p in curve:
+        if p["step"] == last[p["model"]]:
+            lines.append(quality_row(p))
+    lines.append(quality_row({"row": "held-out text", "sampling": "-", "s": None,
+                              "in_vocab": None, **reference}))  # fmt: skip
+    lines += [
+        "",
+        f"The curve: generative perplexity (AR) and the bound where one exists at "
+        f"{args.curve} equal shares of each model's steps:",
+        "",
+        "| model | step | CPU s | bound (nats/token) | gen. perplexity (AR) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for p in curve:
+        bound = "-" if p["bound"] is None else f"{p['bound']:.3f}"
+        lines.append(f"| {p['row']} | {p['step']} | {p['cpu_s']:.0f} | {bound} "
+                     f"| {p['gen_ppl']:.2f} |")  # fmt: skip
     return lines
+
+
+def quality_row(p: dict) -> str:
+    seconds = "-" if p["s"] is None else f"{p['s']:.1f}"
+    rate = "-" if p["in_vocab"] is None else f"{p['in_vocab']:.3f}"
+    return (
+        f"| {p['row']} | {p['sampling']} | {seconds} | {p['gen_ppl']:.2f} | "
+        f"{p['entropy']:.3f} | {p['distinct2']:.3f} | {p['distinct3']:.3f} | {rate} |"
+    )
+
+
+def write_curve(args: argparse.Namespace, curve: list[dict], reference: float) -> None:
+    """``OUT/ctext_curve.json`` and ``OUT/ctext_curve.png``: generative perplexity and the bound
+    against CPU seconds of training, one line per sampling row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [{k: v for k, v in p.items() if k != "tokens"} for p in curve]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "ctext_curve.json").write_text(json.dumps(points, indent=1))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for row in dict.fromkeys(p["row"] for p in points):
+        line = [p for p in points if p["row"] == row]
+        left.plot([p["cpu_s"] for p in line], [p["gen_ppl"] for p in line], "o-", label=row)
+    left.axhline(reference, color="gray", ls="--", label="held-out text")
+    left.set(xlabel="CPU seconds of training", ylabel="generative perplexity (AR judge)",
+             yscale="log", title="samples")  # fmt: skip
+    left.legend(fontsize=7)
+    for model in dict.fromkeys(p["model"] for p in points if p["bound"] is not None):
+        line = [p for p in points if p["model"] == model]
+        right.plot([p["cpu_s"] for p in line], [p["bound"] for p in line], "o-", label=model)
+    right.set(xlabel="CPU seconds of training", ylabel="held-out nats/token",
+              title="bound (MDLM) and exact NLL (AR)")  # fmt: skip
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(args.out / "ctext_curve.png", dpi=110)
+    plt.close(fig)
 
 
 def task_free_rows(model, args: argparse.Namespace) -> torch.Tensor:
@@ -273,7 +380,14 @@ def seq2seq(args: argparse.Namespace) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--minutes", type=float, default=2.0, help="training budget per model")
+    parser.add_argument("--minutes", type=float, default=2.0, help="part 2: wall clock per model")
+    parser.add_argument(
+        "--cpu-minutes", type=float, default=3.0, help="part 1: CPU time of training per model"
+    )
+    parser.add_argument("--curve", type=int, default=3, help="part 1: points of the curve")
+    parser.add_argument(
+        "--calibrate", type=int, default=10, help="part 1: steps of each cost measurement"
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/bench-ctext"))
     parser.add_argument("--preset", default="text-demo")
     parser.add_argument("--length", type=int, default=64, help="context of part 1")
@@ -314,7 +428,7 @@ def main() -> None:
         "",
     ]
     if "lm" in args.parts:
-        lines += [f"Language models, {args.minutes:g} min of training each (context "
+        lines += [f"Language models, {args.cpu_minutes:g} CPU-min of training each (context "
                   f"{args.length}, batch {args.batch_size}, width {args.width}, depth "
                   f"{args.depth}):", "", *language_models(args), ""]  # fmt: skip
     if "seq2seq" in args.parts:

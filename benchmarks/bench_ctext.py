@@ -1,28 +1,31 @@
 """Benchmark of continuous diffusion for text (issue 16) against MDLM and the AR baseline.
 
-1. Language modelling: Diffusion-LM (with and without self-conditioning), latent-text, MDLM and
-   AR, the same transformer width and depth, each trained for the same wall-clock budget
-   (``--minutes``; latent-text: its autoencoder stage of ``--ae-steps`` steps and its diffusion
-   stage together) on the built-in Shakespeare (characters). Held out: the NELBO of MDLM (a
-   bound) and the exact NLL of AR; Diffusion-LM has no bound here (its loss terms are given
-   instead). The training-loss curve at quarters of each run (latent-text: its diffusion
-   stage). Generation of ``--n`` passages of the context: Diffusion-LM
-   with and without clamping, MDLM and AR; generative perplexity under the AR model, unigram
-   entropy, distinct-2/3, and for Diffusion-LM the in-vocabulary rate before rounding: the
-   share of final vectors ``x_0,i`` within half the distance from their nearest embedding to
-   that embedding's nearest other embedding (unambiguously one word). Latent-text has no bound
-   either: its held-out latent loss and its autoencoder's reconstruction of the held-out rows
-   (exact rows, tokens) are given.
+1. Language modelling: Diffusion-LM (with and without self-conditioning: two trainings),
+   latent-text, MDLM and AR, the same transformer width and depth, each trained for the same
+   CPU time of this process (``--cpu-minutes``; latent-text: its autoencoder stage of
+   ``--ae-steps`` steps and its diffusion stage together) on the built-in Shakespeare
+   (characters), in ``--curve`` equal segments of steps fixed from each model's measured CPU
+   cost per step (:func:`trained_in_segments`: CPU time, not wall clock, so that a shared
+   machine's load does not decide the steps). After each segment: held out, the NELBO of MDLM
+   (a bound) and the exact NLL of AR; Diffusion-LM has no bound here (its loss terms are given
+   instead), latent-text neither (its held-out latent loss and its autoencoder's reconstruction
+   of the held-out rows, exact rows and tokens); and ``--n`` passages of the context from each
+   sampling row: Diffusion-LM with and without clamping (a sampling switch: the same trained
+   model, two rows), latent-text, MDLM and AR. Once all are trained: generative perplexity under
+   the final AR model, unigram entropy, distinct-2/3, and for Diffusion-LM the in-vocabulary rate
+   before rounding: the share of final vectors ``x_0,i`` within half the distance from their
+   nearest embedding to that embedding's nearest other embedding (unambiguously one word). The
+   table at the end of the budget, the curve at every point (``OUT/ctext_curve.png``, ``.json``).
 2. DiffuSeq on the task ``unshuffle`` (restore a line from its shuffled words) against an AR
-   model of the same size trained for the same time on the same rows (loss on the target half,
-   decoded greedily after the source half): corpus chrF of ``--task-rows`` held-out lines,
-   DiffuSeq with one sample and with minimum Bayes risk over 4; copying the source is the
-   floor.
+   model of the same size trained for the same wall-clock time (``--minutes``) on the same rows
+   (loss on the target half, decoded greedily after the source half): corpus chrF of
+   ``--task-rows`` held-out lines, DiffuSeq with one sample and with minimum Bayes risk over 4;
+   copying the source is the floor.
 
-Usage: ``OMP_NUM_THREADS=1 python benchmarks/bench_ctext.py --minutes 2 [--out runs/bench-ctext]``
-(about ``7 x minutes`` of training plus sampling; ``--models latent-text`` trains latent-text
-and the AR judge only, and runs already in ``--out`` are reused); prints markdown for
-docs/BENCHMARKS.md and writes it to ``OUT/bench_ctext.md``.
+Usage: ``OMP_NUM_THREADS=1 python benchmarks/bench_ctext.py --cpu-minutes 3 --curve 3
+[--out runs/bench-ctext]`` (part 1: about ``5 x cpu-minutes`` of CPU time for training plus
+evaluation and sampling at each point of the curve; ``--out`` must not hold part 1's runs);
+prints markdown for docs/BENCHMARKS.md and writes it to ``OUT/bench_ctext.md``.
 """
 
 from __future__ import annotations
@@ -420,6 +423,8 @@ def main() -> None:
     unknown = [m for m in args.models if m not in LM_RUNS]
     if unknown:
         parser.error(f"unknown --models {', '.join(unknown)}: choose from {', '.join(LM_RUNS)}")
+    if args.curve < 1 or args.calibrate < 1 or args.cpu_minutes <= 0:
+        parser.error("--curve and --calibrate must be at least 1, --cpu-minutes positive")
     lines = [
         f"## Continuous text diffusion benchmark ({platform.machine()}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__})",

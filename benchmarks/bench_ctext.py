@@ -4,12 +4,13 @@
    latent-text, MDLM and AR, the same transformer width and depth, each trained for the same
    CPU time of this process (``--cpu-minutes``; latent-text: its autoencoder stage of
    ``--ae-steps`` steps and its diffusion stage together) on the built-in Shakespeare
-   (characters), in ``--curve`` equal segments of steps fixed from each model's measured CPU
-   cost per step (:func:`trained_in_segments`: CPU time, not wall clock, so that a shared
-   machine's load does not decide the steps). After each segment: held out, the NELBO of MDLM
-   (a bound) and the exact NLL of AR; Diffusion-LM has no bound here (its loss terms are given
-   instead), latent-text neither (its held-out latent loss and its autoencoder's reconstruction
-   of the held-out rows, exact rows and tokens); and ``--n`` passages of the context from each
+   (characters), stopping at ``--curve`` equal shares of that CPU time, the steps of each
+   segment from the model's measured CPU cost per step (:func:`trained_in_segments`: CPU time,
+   not wall clock, so that a shared machine's load does not decide the steps). After each
+   segment: held out, the NELBO of MDLM (a bound) and the exact NLL of AR; Diffusion-LM has no
+   bound here (its loss terms are given instead), latent-text neither (its held-out latent loss
+   and its autoencoder's reconstruction of the held-out rows, exact rows and tokens); and
+   ``--n`` passages of the context from each
    sampling row: Diffusion-LM with and without clamping (a sampling switch: the same trained
    model, two rows), latent-text, MDLM and AR. Once all are trained: generative perplexity under
    the final AR model, unigram entropy, distinct-2/3, and for Diffusion-LM the in-vocabulary rate
@@ -107,30 +108,51 @@ def cpu_seconds_of(cfg, resume: bool) -> float:
 
 
 def trained_in_segments(args: argparse.Namespace, run: Path, overrides: list[str], at_point):
-    """Train one language model for ``--cpu-minutes`` of CPU time of this process, stopping at
-    ``--curve`` equal shares of its steps to call ``at_point(model, step, cpu seconds)``.
+    """Train one language model for ``--cpu-minutes`` of CPU time of this process, stopping
+    within 2% of that budget ``B`` of each of ``--curve`` equal shares ``k B / K`` to call
+    ``at_point(model, step, CPU seconds)``. CPU time, not wall clock, so that a shared
+    machine's load does not decide the steps; evaluation at the points is not counted.
 
-    The steps are fixed before the run from its measured cost: ``c = --calibrate`` steps from
-    scratch take ``c_1`` CPU seconds (setup and, for latent-text, its whole autoencoder stage
-    included), the next ``c`` take ``c_2``; the run then has ``N = 2c + (B - c_1 - c_2) c / c_2``
-    steps for the budget ``B``, so every model spends about ``B`` whatever the machine's load
-    (CPU time, not wall clock). Evaluation at the points is not counted."""
+    First ``c = --calibrate`` steps from scratch (setup and, for latent-text, its whole
+    autoencoder stage), then ``c`` more, resumed. A resumed segment of ``n`` steps is taken to
+    cost ``o + r n`` CPU seconds (``o``: its setup, e.g. latent-text encoding its rows), ``o``
+    and ``r`` fitted by least squares to the resumed segments so far; each next segment has
+    ``(k B / K - spent - o) / r`` steps, and is followed by another while the point is still
+    more than ``B / 50`` away."""
     if (run / "checkpoint.safetensors").exists():
         raise SystemExit(f"bench_ctext.py: {run} already holds a run: choose another --out")
-    c = args.calibrate
-    spent = cpu_seconds_of(config(args, run, args.length, *overrides, steps=c), resume=False)
-    first = spent
-    second = cpu_seconds_of(config(args, run, args.length, *overrides, steps=2 * c), True)
-    spent += second
-    total = max(2 * c, round(2 * c + (args.cpu_minutes * 60 - first - second) * c / second))
-    points = sorted({max(2 * c, round(total * k / args.curve)) for k in range(1, args.curve + 1)})
-    for step in points:
-        if step > 2 * c:
-            spent += cpu_seconds_of(config(args, run, args.length, *overrides, steps=step), True)
+    budget, step = args.cpu_minutes * 60, args.calibrate
+    spent = cpu_seconds_of(config(args, run, args.length, *overrides, steps=step), resume=False)
+    seconds = cpu_seconds_of(config(args, run, args.length, *overrides, steps=2 * step), True)
+    costs = [(step, seconds)]
+    spent, step = spent + seconds, 2 * step
+    for k in range(1, args.curve + 1):
+        target = budget * k / args.curve
+        while target - spent > budget / 50:
+            setup, per_step = segment_cost(costs)
+            more = max(1, round((target - spent - setup) / per_step))
+            cfg = config(args, run, args.length, *overrides, steps=step + more)
+            seconds = cpu_seconds_of(cfg, resume=True)
+            costs.append((more, seconds))
+            spent, step = spent + seconds, step + more
         model = RECIPE.load(run, "cpu")
         print(f"{run.name}: step {model.step}, {spent:.0f} CPU s", file=sys.stderr)
         at_point(model, model.step, spent)
     return model
+
+
+def segment_cost(costs: list[tuple[int, float]]) -> tuple[float, float]:
+    """``(o, r)`` of the line ``seconds = o + r steps`` fitted by least squares to ``costs``
+    (``o >= 0``, ``r > 0``); with one segment length only, ``o = 0``."""
+    steps = torch.tensor([n for n, _ in costs], dtype=torch.float64)
+    seconds = torch.tensor([s for _, s in costs], dtype=torch.float64)
+    spread = ((steps - steps.mean()) ** 2).sum()
+    if spread > 0:
+        rate = float(((steps - steps.mean()) * (seconds - seconds.mean())).sum() / spread)
+        setup = float(seconds.mean()) - rate * float(steps.mean())
+        if rate > 0 and setup >= 0:
+            return setup, rate
+    return 0.0, float(seconds.sum() / steps.sum())
 
 
 def in_vocabulary(x0: torch.Tensor, embeddings: torch.Tensor) -> float:
@@ -258,7 +280,7 @@ def language_models(args: argparse.Namespace) -> list[str]:
     lines += [
         "",
         f"The curve: generative perplexity (AR) and the bound where one exists at "
-        f"{args.curve} equal shares of each model's steps:",
+        f"{args.curve} equal shares of each model's CPU time:",
         "",
         "| model | step | CPU s | bound (nats/token) | gen. perplexity (AR) |",
         "| --- | --- | --- | --- | --- |",

@@ -1,7 +1,7 @@
 """Benchmark of the latent diffusion autoencoder (issue 12, part 3): reconstruction PSNR and the
 glyphs judge's accuracy on reconstructions vs on the real images.
 
-Trains the ``autoencoder`` preset (glyphs, 32x32x3 -> 8x8x4) into ``--out`` for at most
+Trains the ``autoencoder`` preset (glyphs, 32x32x3 -> 8x8x8) into ``--out`` for at most
 ``--minutes`` of wall-clock (``train.max_minutes``; the run stops early and says so), unless
 ``--skip-train`` reuses the run there; a stopped run continues with
 ``difflab train OUT --resume train.max_minutes=0``. Then it reconstructs the first ``--n`` glyphs

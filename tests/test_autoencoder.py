@@ -23,6 +23,7 @@ from difflab.recipes.autoencoder import encode_means, measure_latent_scale
 
 #: A tiny autoencoder of the digits: 8x8x1 -> 4x4x4 (one halving), 20 steps of batch 16.
 TINY_AE = ["data.name=digits", "data.held_out=0.2", "autoencoder.channels=8",
+           "autoencoder.latent_channels=4",
            "autoencoder.channel_mults=[1,2]", "train.batch_size=16", "train.steps=20",
            "train.log_every=5", "train.lr=0.003"]  # fmt: skip
 

@@ -26,7 +26,8 @@ LR, SEED = 1e-3, 4
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("latent")
-    train("autoencoder", ["autoencoder.channels=8", "train.steps=2", "train.batch_size=8",
+    train("autoencoder", ["autoencoder.channels=8", "autoencoder.latent_channels=4",
+                          "train.steps=2", "train.batch_size=8",
                           f"train.out={root / 'ae'}"], progress=False)  # fmt: skip
     train("glyphs-text", [*TINY, f"latent.autoencoder={root / 'ae'}", f"train.out={root / 'run'}"],
           progress=False)  # fmt: skip

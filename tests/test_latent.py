@@ -19,6 +19,7 @@ from difflab.recipes import load_config
 from difflab.recipes.autoencoder import encode_means
 
 TINY_AE = ["data.name=digits", "data.held_out=0.2", "autoencoder.channels=8",
+           "autoencoder.latent_channels=4",
            "autoencoder.channel_mults=[1,2]", "train.batch_size=16", "train.steps=10",
            "train.log_every=5"]  # fmt: skip
 TINY = ["train.steps=2", "train.batch_size=8", "train.log_every=1", "model.unet.channels=8",

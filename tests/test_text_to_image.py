@@ -234,8 +234,9 @@ def test_the_glyphs_demo_writes_a_grid_of_prompts_by_seeds(tmp_path, capsys, mon
 
 def test_latent_text_to_image_draws_latents_and_decodes_them(tmp_path, capsys, monkeypatch):
     ae, out = tmp_path / "ae", tmp_path / "run"
-    assert main(["train", "autoencoder", "autoencoder.channels=8", "train.steps=2",
-                 "train.batch_size=8", f"train.out={ae}", "--quiet"]) == 0  # fmt: skip
+    tiny_ae = ["autoencoder.channels=8", "autoencoder.latent_channels=4", "train.steps=2",
+               "train.batch_size=8"]  # fmt: skip
+    assert main(["train", "autoencoder", *tiny_ae, f"train.out={ae}", "--quiet"]) == 0
     assert main(["train", "glyphs-text", *TINY, f"latent.autoencoder={ae}", f"train.out={out}",
                  "--quiet"]) == 0  # fmt: skip
     run = load(out, "cpu")

@@ -21,10 +21,11 @@ is exactly zero, is the null condition of classifier-free guidance at sampling (
 
 Latent text-to-image (latent diffusion, seeds 002 and 004; preset ``glyphs-text-latent``): with
 ``latent.autoencoder=RUN`` the same denoiser and text encoder learn the scaled latents
-``latent_scale * mu(x)`` of the frozen autoencoder of that run instead of the pixels (8x8x4
-instead of 32x32x3), and sampling decodes what it draws, ``x = D(z_0 / latent_scale)``, as the
-``latent`` recipe does (:mod:`difflab.recipes.latent`; no x_0 threshold: latents are unbounded,
-which is why that preset predicts ``v``: an eps model's x_0 estimate explodes near ``t = 1``).
+``latent_scale * mu(x)`` of the frozen autoencoder of that run instead of the pixels (8x8x8
+with the ``autoencoder`` preset, instead of 32x32x3), and sampling decodes what it draws,
+``x = D(z_0 / latent_scale)``, as the ``latent`` recipe does (:mod:`difflab.recipes.latent`;
+no x_0 threshold: latents are unbounded, which is why that preset predicts ``v``: an eps model's
+x_0 estimate explodes near ``t = 1``).
 
 ``evaluate`` draws one sample per caption of the glyphs ``test`` split and lets the glyphs judge
 (:mod:`difflab.evaluate.glyphs_judge`) read each attribute back: the share of samples whose

@@ -1,22 +1,25 @@
-"""Glyphs: pixel U-Net, latent U-Net and latent DiTs side by side at equal training compute
+"""Glyphs: pixel U-Net, latent U-Net and latent DiTs side by side at equal training time
 (issue 12), and the text-to-image model's prompt adherence.
 
 Every model is class-conditional on the character (the ``glyphs`` preset's labels, caption-free)
-and trains for the same budget of training FLOPs (``--tflop``): its steps are the budget over
-its measured FLOPs per step (forward and backward of one batch, counted by
-``torch.utils.flop_counter``). A FLOP budget, not a wall-clock one, keeps the comparison fair
-on a machine shared with other work; the images/s each model trained at are reported too. The
-latent models train on the latents of one frozen autoencoder (``--autoencoder RUN``, e.g. from
-``benchmarks/bench_latent.py``), whose own training is not counted in their budget (it is paid
-once for every latent model). Each model then draws ``--n`` samples, cycling over the 62
-characters, with classifier-free guidance ``--guidance``, and is judged by
+and trains for the same CPU time of this process (``--cpu-minutes``, run with one thread:
+``OMP_NUM_THREADS=1``), which is the wall-clock time of an idle core and, unlike wall-clock,
+does not depend on what else the machine runs. Its steps come from its measured CPU seconds per
+training step (:func:`trained_for`: a short calibration, then resumed segments); setup (data
+loading, the latent models' encoding of the training set) is reported, not counted. Training
+FLOPs per image (forward and backward of one batch, ``torch.utils.flop_counter``) and images/s
+are reported for each model. The latent models train on the latents of one frozen autoencoder
+(``--autoencoder RUN``), whose own training is paid once for every latent model and not counted.
+Each model then draws ``--n`` samples, cycling over the 62 characters, with the same sampler
+(``--sampler``, ``--steps``) and classifier-free guidance ``--guidance``, judged by
 :func:`difflab.evaluate.judged.judged_quality`: FD to the test glyphs in the judge's features
 over the floor (real training glyphs at the same n), and the judge's character accuracy.
 
 With ``--text RUN`` (a run of the ``text-to-image`` recipe) its ``difflab eval`` line (prompt
 adherence per attribute against shuffled prompts, judged FD) is appended.
 
-    .venv/bin/python benchmarks/bench_glyphs.py --autoencoder runs/bench/glyphs-ae --tflop 20
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_glyphs.py --autoencoder runs/ae \
+        --cpu-minutes 9 --n 500
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_ctext import segment_cost
 from torch.utils.flop_counter import FlopCounterMode
 
 import difflab
@@ -65,11 +69,49 @@ def flops_per_image(recipe_name: str, overrides: list[str]) -> float:
     return counter.get_total_flops() / batch
 
 
+def cpu_seconds(source: str | Path, overrides: list[str], **keys) -> float:
+    """CPU seconds of this process spent in one ``difflab.train`` call."""
+    start = time.process_time()
+    difflab.train(source, overrides, progress=False, **keys)
+    return time.process_time() - start
+
+
+def trained_for(
+    budget: float, recipe: str, overrides: list[str], out: Path, calibrate: int = 20
+) -> tuple[int, float, float]:
+    """Train one model into ``out`` for ``budget`` CPU seconds of training steps, setup not
+    counted: ``calibrate`` steps from scratch, then resumed segments until the steps' cost is
+    within 2% of the budget. A segment of ``n`` steps costs ``o + r n`` CPU seconds (``o``: its
+    setup, e.g. encoding the training set), ``o`` and ``r`` fitted by least squares to the
+    resumed segments so far (:func:`bench_ctext.segment_cost`); the first two resumed segments
+    have ``c = calibrate`` and ``3 c`` steps, each next one ``(budget - spent) / r``.
+    ``(steps, o, r)``."""
+    c = calibrate
+    cpu_seconds("glyphs", [*overrides, f"train.steps={c}"], recipe=recipe, out=str(out))
+    costs = [(c, cpu_seconds(out, [f"train.steps={2 * c}"], resume=True))]
+    costs.append((3 * c, cpu_seconds(out, [f"train.steps={5 * c}"], resume=True)))
+    step = 5 * c
+    while True:
+        setup, rate = segment_cost(costs)
+        more = round((budget - rate * step) / rate)
+        if more * rate < budget / 50:
+            return step, setup, rate
+        costs.append((more, cpu_seconds(out, [f"train.steps={step + more}"], resume=True)))
+        step += more
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--autoencoder", required=True, help="run of the autoencoder recipe")
-    parser.add_argument("--tflop", type=float, default=20.0, help="training budget per model")
-    parser.add_argument("--n", type=int, default=1000, help="samples judged per model")
+    parser.add_argument(
+        "--cpu-minutes",
+        type=float,
+        default=9.0,
+        help="training CPU time per model (run with OMP_NUM_THREADS=1)",
+    )
+    parser.add_argument("--n", type=int, default=500, help="samples judged per model")
+    parser.add_argument("--sampler", default="dpmpp_2m")
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=1.0)
     parser.add_argument("--out", default="runs/bench/glyphs")
     parser.add_argument("--only", nargs="*", help="model names to run (default all)")
@@ -84,28 +126,35 @@ def main() -> None:
             overrides.append(f"latent.autoencoder={args.autoencoder}")
         flops = flops_per_image(recipe, overrides)
         _, cfg = load_config("glyphs", overrides, recipe=recipe)
-        steps = max(1, round(args.tflop * 1e12 / (flops * cfg.train.batch_size)))
         out = Path(args.out) / name.replace(" ", "-")
-        start = time.perf_counter()
-        result = difflab.train("glyphs", [*overrides, f"train.steps={steps}", "train.max_minutes=0",
-                                          "train.warmup=50"],
-                               recipe=recipe, out=str(out), progress=False)  # fmt: skip
-        seconds = time.perf_counter() - start
+        overrides += ["train.max_minutes=0", "train.warmup=50"]
+        steps, setup, rate = trained_for(args.cpu_minutes * 60, recipe, overrides, out)
         run = difflab.load(out, "cpu")
         labels = torch.arange(args.n) % 62
-        x = run.sample(args.n, label=labels.tolist(), guidance=args.guidance, seed=0).x
+        x = run.sample(
+            args.n,
+            label=labels.tolist(),
+            guidance=args.guidance,
+            seed=0,
+            sampler=args.sampler,
+            steps=args.steps,
+        ).x
         q = judged_quality(x.float().cpu(), "glyphs", labels)
-        rows.append((name, flops / 1e9, steps, result.images_per_second, seconds, q))
-        print(f"{name}: {flops / 1e9:.2f} GFLOP/image, {steps} steps, "
-              f"{result.images_per_second:.0f} images/s, FD {q['fd']:.2f} / floor "
+        ips = cfg.train.batch_size / rate
+        rows.append((name, flops / 1e9, steps, ips, steps * rate, q))
+        print(f"{name}: {flops / 1e9:.2f} GFLOP/image, {steps} steps ({steps * rate:.0f} CPU s, "
+              f"setup {setup:.0f} s), {ips:.0f} images/s, FD {q['fd']:.2f} / floor "
               f"{q['fd_floor']:.2f} = {q['fd_ratio']:.2f}, character {q['accuracy']:.1%}",
               flush=True)  # fmt: skip
-    print("\n| model | GFLOP/image (train) | steps | images/s | FD | FD / floor | character |")
-    print("|---|---|---|---|---|---|---|")
-    for name, gflop, steps, ips, _, q in rows:
+    print(
+        "\n| model | GFLOP/image (train) | steps | CPU s | images/s | images seen | FD "
+        "| FD / floor | character |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, gflop, steps, ips, seconds, q in rows:
         print(
-            f"| {name} | {gflop:.2f} | {steps} | {ips:.0f} | {q['fd']:.2f} | "
-            f"{q['fd_ratio']:.2f} | {q['accuracy']:.1%} |"
+            f"| {name} | {gflop:.2f} | {steps} | {seconds:.0f} | {ips:.0f} | "
+            f"{ips * seconds:,.0f} | {q['fd']:.2f} | {q['fd_ratio']:.2f} | {q['accuracy']:.1%} |"
         )
     if args.text:
         print("\n" + difflab.load(args.text, "cpu").evaluate(n=args.n, progress=False).summary)

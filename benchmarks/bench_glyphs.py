@@ -80,22 +80,23 @@ def trained_for(
     budget: float, recipe: str, overrides: list[str], out: Path, calibrate: int = 20
 ) -> tuple[int, float, float]:
     """Train one model into ``out`` for ``budget`` CPU seconds of training steps, setup not
-    counted: ``calibrate`` steps from scratch, then resumed segments until the steps' cost is
-    within 2% of the budget. A segment of ``n`` steps costs ``o + r n`` CPU seconds (``o``: its
-    setup, e.g. encoding the training set), ``o`` and ``r`` fitted by least squares to the
-    resumed segments so far (:func:`bench_ctext.segment_cost`); the first two resumed segments
-    have ``c = calibrate`` and ``3 c`` steps, each next one ``(budget - spent) / r``.
+    counted: ``calibrate`` steps from scratch, then resumed segments. A segment of ``n`` steps
+    costs ``o + r n`` CPU seconds (``o``: its setup, e.g. encoding the training set). While
+    setup dominates, a fit of ``o`` and ``r`` is far off (a first version, fitted on segments of
+    20 and 60 steps, gave a small DiT twice its budget), so the resumed segments first double
+    in length from ``calibrate`` until one costs twice the first; then ``o`` and ``r`` are
+    fitted by least squares to them (:func:`bench_ctext.segment_cost`), and each next segment
+    takes the budget left, ``(budget - r steps) / r``, until that is under 2% of the budget.
     ``(steps, o, r)``."""
     c = calibrate
     cpu_seconds("glyphs", [*overrides, f"train.steps={c}"], recipe=recipe, out=str(out))
-    costs = [(c, cpu_seconds(out, [f"train.steps={2 * c}"], resume=True))]
-    costs.append((3 * c, cpu_seconds(out, [f"train.steps={5 * c}"], resume=True)))
-    step = 5 * c
+    step, costs = c, []
     while True:
-        setup, rate = segment_cost(costs)
-        more = round((budget - rate * step) / rate)
-        if more * rate < budget / 50:
+        setup, rate = segment_cost(costs) if len(costs) > 1 else (0.0, 0.0)
+        calibrated = len(costs) > 1 and costs[-1][1] >= 2 * costs[0][1]
+        if calibrated and budget - rate * step < budget / 50:
             return step, setup, rate
+        more = round((budget - rate * step) / rate) if calibrated else c * 2 ** len(costs)
         costs.append((more, cpu_seconds(out, [f"train.steps={step + more}"], resume=True)))
         step += more
 

@@ -8,10 +8,13 @@ What the glyphs judge can read: its character head knows the 62 Latin classes an
 head was trained on the six families of the training split, so it can name neither concept (the
 typewriter family's logit was never trained; no Greek class exists). Concept fidelity is read by
 two linear probes (logistic regression) on the judge's frozen 128-d features, trained here on
-real rendered glyphs: typewriter (the ``concepts`` split's Latin glyphs) against the six
-training families, and Omega (any Greek-capable family) against Latin glyphs and the other Greek
-letters; their accuracies on held-out real glyphs are printed with the results, and the base
-run's own rate on the same prompts is the floor each method is compared with.
+real rendered glyphs: typewriter capital A (what every typewriter prompt asks for) against the
+capital A of the six training families, and Omega (any Greek-capable family) against Latin
+glyphs and the other Greek letters; their accuracies on held-out real glyphs are printed with
+the results, and the base run's own rate on the same prompts is the floor each method is
+compared with. (A first typewriter probe, any Latin character in typewriter against the
+training families, had 17.5% false positives and called none of a LoRA's slab-serif A's
+typewriter; the capital-A probe has about 1% and calls 7 of 8 of them typewriter.)
 
 Per concept and method: concept fidelity (the probe's share of samples of the concept prompts),
 prompt fidelity (the judge's glyph colour, background colour and weight against the prompt, on
@@ -109,17 +112,17 @@ GREEK_LABELS = np.arange(len(CHARACTERS) - len(GREEK), len(CHARACTERS))
 
 
 def rendered(kind: str, n: int, seed: int) -> np.ndarray:
-    """``n`` rendered glyphs (uint8 ``(n, 32, 32, 3)``) of ``kind``: ``typewriter`` (Latin
-    characters in the typewriter family, the ``concepts`` split's), ``typewriter-A`` (its
-    capital A), ``omega`` (Omega in a family that has it), ``greek`` (the other Greek letters),
-    ``pink-A`` (a capital A of the training families, pink on purple)."""
+    """``n`` rendered glyphs (uint8 ``(n, 32, 32, 3)``) of ``kind``: ``typewriter-A`` (capital
+    A in the typewriter family, the ``concepts`` split's), ``omega`` (Omega in a family that has
+    it), ``greek`` (the other Greek letters), ``A`` (a capital A of the training families),
+    ``pink-A`` (the same, pink on purple)."""
     rng = np.random.default_rng([seed, 7])
-    split = "train" if kind == "pink-A" else "concepts"
+    split = "train" if kind in ("A", "pink-A") else "concepts"
     labels, attributes = sample_attributes(4 * n + 64, rng, split)
     greek = labels >= GREEK_LABELS[0]
     keep = greek if kind in ("omega", "greek") else ~greek
     labels, attributes = labels[keep][:n], {k: v[keep][:n] for k, v in attributes.items()}
-    if kind in ("typewriter-A", "pink-A"):
+    if kind in ("typewriter-A", "A", "pink-A"):
         labels[:] = CHARACTERS.index("A")
     elif kind == "omega":
         labels[:] = OMEGA
@@ -172,18 +175,24 @@ class Probe:
 
 
 def probes(judge, n: int) -> tuple[dict[str, Probe], dict[str, dict[str, float]]]:
-    """The typewriter and Omega probes (trained on ``n`` positives against ``n`` training-split
-    glyphs, plus ``n / 2`` other Greek letters for Omega), and their true- and false-positive
-    rates on as many held-out real glyphs (other seeds, the test split)."""
+    """The typewriter and Omega probes: ``n`` typewriter capital A's against ``n`` capital A's
+    of the training families; ``n`` Omegas against ``n`` training-split glyphs and ``n / 2``
+    other Greek letters; and their true- and false-positive rates on as many held-out real
+    glyphs (other seeds; the test split)."""
     latin = {0: glyphs_dataset("train").images[:n], 1: glyphs_dataset("test").images[:n]}
     made, checks = {}, {}
     for concept in ("typewriter", "omega"):
         sets = []
         for k in (0, 1):
-            negatives = [latin[k]]
-            if concept == "omega":
-                negatives.append(rendered("greek", n // 2, 20 + k))
-            sets.append((glyphs_to_tensor(rendered(concept, n, 10 + k)),
+            if concept == "typewriter":
+                positives, negatives = (
+                    rendered("typewriter-A", n, 10 + k),
+                    [rendered("A", n, 30 + k)],
+                )
+            else:
+                positives = rendered("omega", n, 10 + k)
+                negatives = [latin[k], rendered("greek", n // 2, 20 + k)]
+            sets.append((glyphs_to_tensor(positives),
                          glyphs_to_tensor(np.concatenate(negatives))))  # fmt: skip
         probe = made[concept] = Probe(judge, *sets[0])
         pos, neg = sets[1]

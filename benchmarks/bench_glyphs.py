@@ -8,7 +8,9 @@ does not depend on what else the machine runs. Its steps come from its measured 
 training step (:func:`trained_for`: a short calibration, then resumed segments); setup (data
 loading, the latent models' encoding of the training set) is reported, not counted. Training
 FLOPs per image (forward and backward of one batch, ``torch.utils.flop_counter``) and images/s
-are reported for each model. The latent models train on the latents of one frozen autoencoder
+are reported for each model. ``--train-steps N`` trains every model for ``N`` steps instead (the
+DiT paper's axis: quality against model GFLOPs at a fixed number of steps; CPU seconds then
+include setup). The latent models train on the latents of one frozen autoencoder
 (``--autoencoder RUN``), whose own training is paid once for every latent model and not counted.
 Each model then draws ``--n`` samples, cycling over the 62 characters, with the same sampler
 (``--sampler``, ``--steps``) and classifier-free guidance ``--guidance``, judged by
@@ -110,6 +112,7 @@ def main() -> None:
         default=9.0,
         help="training CPU time per model (run with OMP_NUM_THREADS=1)",
     )
+    parser.add_argument("--train-steps", type=int, help="equal steps instead of equal CPU time")
     parser.add_argument("--n", type=int, default=500, help="samples judged per model")
     parser.add_argument("--sampler", default="dpmpp_2m")
     parser.add_argument("--steps", type=int, default=20)
@@ -129,7 +132,12 @@ def main() -> None:
         _, cfg = load_config("glyphs", overrides, recipe=recipe)
         out = Path(args.out) / name.replace(" ", "-")
         overrides += ["train.max_minutes=0", "train.warmup=50"]
-        steps, setup, rate = trained_for(args.cpu_minutes * 60, recipe, overrides, out)
+        if args.train_steps:
+            steps, setup = args.train_steps, 0.0
+            overrides.append(f"train.steps={steps}")
+            rate = cpu_seconds("glyphs", overrides, recipe=recipe, out=str(out)) / steps
+        else:
+            steps, setup, rate = trained_for(args.cpu_minutes * 60, recipe, overrides, out)
         run = difflab.load(out, "cpu")
         labels = torch.arange(args.n) % 62
         x = run.sample(

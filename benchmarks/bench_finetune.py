@@ -185,10 +185,8 @@ def probes(judge, n: int) -> tuple[dict[str, Probe], dict[str, dict[str, float]]
         sets = []
         for k in (0, 1):
             if concept == "typewriter":
-                positives, negatives = (
-                    rendered("typewriter-A", n, 10 + k),
-                    [rendered("A", n, 30 + k)],
-                )
+                positives = rendered("typewriter-A", n, 10 + k)
+                negatives = [rendered("A", n, 30 + k)]
             else:
                 positives = rendered("omega", n, 10 + k)
                 negatives = [latin[k], rendered("greek", n // 2, 20 + k)]

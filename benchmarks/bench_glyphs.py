@@ -35,6 +35,7 @@ from bench_ctext import segment_cost
 from torch.utils.flop_counter import FlopCounterMode
 
 import difflab
+from difflab.errors import UserError
 from difflab.evaluate.judged import judged_quality
 from difflab.recipes import load_config
 from difflab.recipes.image import make_loss, num_classes_of, run_metadata
@@ -121,6 +122,10 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="model names to run (default all)")
     parser.add_argument("--text", help="a text-to-image run to evaluate too")
     args = parser.parse_args()
+    if args.cpu_minutes <= 0 or (args.train_steps is not None and args.train_steps < 1):
+        parser.error("--cpu-minutes must be positive and --train-steps at least 1")
+    if args.only and (unknown := set(args.only) - set(MODELS)):
+        parser.error(f"unknown models {sorted(unknown)}: choose from {', '.join(MODELS)}")
     rows = []
     for name, (recipe, extra) in MODELS.items():
         if args.only and name not in args.only:
@@ -132,7 +137,7 @@ def main() -> None:
         _, cfg = load_config("glyphs", overrides, recipe=recipe)
         out = Path(args.out) / name.replace(" ", "-")
         overrides += ["train.max_minutes=0", "train.warmup=50"]
-        if args.train_steps:
+        if args.train_steps is not None:
             steps, setup = args.train_steps, 0.0
             overrides.append(f"train.steps={steps}")
             rate = cpu_seconds("glyphs", overrides, recipe=recipe, out=str(out)) / steps
@@ -170,4 +175,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:
+        raise SystemExit(f"bench_glyphs.py: error: {e}") from None

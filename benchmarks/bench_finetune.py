@@ -63,13 +63,15 @@ from difflab.viz.images import save_grid
 SUBJECT_CHAR = "Ω"
 CONCEPTS = {
     # name: training prompt template, LoRA / textual-inversion token and word, DreamBooth
-    # identifier and class prompt, prompts of the evaluation ({} where the token goes)
+    # identifier and class prompt, each picture's caption naming its colours (--captions
+    # described), prompts of the evaluation ({} where the token goes)
     "typewriter": {
         "prompt": "a {} capital A",
         "token": "<tt>",
         "init_word": "mono",
         "identifier": "mono",
         "class_prompt": "a capital A",
+        "described": "a {colour} {{}} capital A on a {background} background",
         "plain": ["a {} capital A"],
         "coloured": [
             "a red {} capital A on a white background",
@@ -82,6 +84,7 @@ CONCEPTS = {
         "init_word": "O",
         "identifier": "O",
         "class_prompt": "a letter",
+        "described": "a {colour} {{}} letter on a {background} background",
         "plain": ["a {} letter"],
         "coloured": [
             "a red {} letter on a white background",
@@ -111,11 +114,11 @@ OMEGA = CHARACTERS.index(SUBJECT_CHAR)
 GREEK_LABELS = np.arange(len(CHARACTERS) - len(GREEK), len(CHARACTERS))
 
 
-def rendered(kind: str, n: int, seed: int) -> np.ndarray:
-    """``n`` rendered glyphs (uint8 ``(n, 32, 32, 3)``) of ``kind``: ``typewriter-A`` (capital
-    A in the typewriter family, the ``concepts`` split's), ``omega`` (Omega in a family that has
-    it), ``greek`` (the other Greek letters), ``A`` (a capital A of the training families),
-    ``pink-A`` (the same, pink on purple)."""
+def rendered(kind: str, n: int, seed: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """``n`` rendered glyphs (uint8 ``(n, 32, 32, 3)``) and their attributes, of ``kind``:
+    ``typewriter-A`` (capital A in the typewriter family, the ``concepts`` split's), ``omega``
+    (Omega in a family that has it), ``greek`` (the other Greek letters), ``A`` (a capital A of
+    the training families), ``pink-A`` (the same, pink on purple)."""
     rng = np.random.default_rng([seed, 7])
     split = "train" if kind in ("A", "pink-A") else "concepts"
     labels, attributes = sample_attributes(4 * n + 64, rng, split)
@@ -133,13 +136,24 @@ def rendered(kind: str, n: int, seed: int) -> np.ndarray:
         assert any(tuple(p) == pair for p in COLOUR_PAIRS)
         attributes["colour"][:], attributes["background"][:] = pair
     assert len(labels) == n
-    return render(labels, attributes)
+    return render(labels, attributes), attributes
 
 
-def write_folder(images: np.ndarray, folder: Path) -> Path:
+def write_folder(
+    pictures: tuple[np.ndarray, dict[str, np.ndarray]], folder: Path, described: str | None = None
+) -> Path:
+    """The pictures as PNG files in ``folder``; with a ``described`` template, each one's
+    caption naming its colours in ``folder/metadata.jsonl`` (``difflab finetune`` reads it)."""
+    images, attributes = pictures
     folder.mkdir(parents=True, exist_ok=True)
     for i, picture in enumerate(images):
         Image.fromarray(picture).save(folder / f"{i}.png")
+    if described:
+        names = [{key: COLOUR_NAMES[attributes[key][i]] for key in ("colour", "background")}
+                 for i in range(len(images))]  # fmt: skip
+        (folder / ft.CAPTIONS).write_text("".join(
+            json.dumps({"file_name": f"{i}.png", "text": described.format(**colours)}) + "\n"
+            for i, colours in enumerate(names)))  # fmt: skip
     return folder
 
 
@@ -185,11 +199,11 @@ def probes(judge, n: int) -> tuple[dict[str, Probe], dict[str, dict[str, float]]
         sets = []
         for k in (0, 1):
             if concept == "typewriter":
-                positives = rendered("typewriter-A", n, 10 + k)
-                negatives = [rendered("A", n, 30 + k)]
+                positives = rendered("typewriter-A", n, 10 + k)[0]
+                negatives = [rendered("A", n, 30 + k)[0]]
             else:
-                positives = rendered("omega", n, 10 + k)
-                negatives = [latin[k], rendered("greek", n // 2, 20 + k)]
+                positives = rendered("omega", n, 10 + k)[0]
+                negatives = [latin[k], rendered("greek", n // 2, 20 + k)[0]]
             sets.append((glyphs_to_tensor(positives),
                          glyphs_to_tensor(np.concatenate(negatives))))  # fmt: skip
         probe = made[concept] = Probe(judge, *sets[0])
@@ -206,7 +220,8 @@ def probes(judge, n: int) -> tuple[dict[str, Probe], dict[str, dict[str, float]]
 def finetune(method: str, concept: dict, base: Path, images: Path, out: Path, a) -> dict:
     """Teach ``concept`` to ``base`` by ``method``; what it wrote, its size, time and trained
     parameters."""
-    common = dict(images=images, prompt=concept["prompt"], steps=a.steps, seed=a.seed,
+    prompt = None if (images / ft.CAPTIONS).exists() else concept["prompt"]
+    common = dict(images=images, prompt=prompt, steps=a.steps, seed=a.seed,
                   device="cpu", progress=False)  # fmt: skip
     dreambooth = dict(token=concept["identifier"], class_prompt=concept["class_prompt"],
                       num_class_images=a.class_images, **common)  # fmt: skip
@@ -272,6 +287,9 @@ def main() -> None:
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--probe-n", type=int, default=600, help="real glyphs per probe class")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--captions", choices=("described", "plain"), default="described",
+                   help="each training picture's caption names its colours (described), or "
+                   "all share the concept's prompt (plain)")  # fmt: skip
     a = p.parse_args()
     torch.set_num_threads(1)
     if a.out.exists():
@@ -281,11 +299,14 @@ def main() -> None:
     judge = load_glyphs_judge()
     probe, probe_checks = probes(judge, a.probe_n)
     real = judge.features(glyphs_to_tensor(glyphs_dataset("test").images[:1000]))
+    described = {name: c["described"] if a.captions == "described" else None
+                 for name, c in CONCEPTS.items()}  # fmt: skip
     folders = {
-        "typewriter": write_folder(rendered("typewriter-A", a.images, 1), a.out / "typewriter"),
-        "omega": write_folder(rendered("omega", a.images, 2), a.out / "omega"),
+        "typewriter": write_folder(rendered("typewriter-A", a.images, 1), a.out / "typewriter",
+                                   described["typewriter"]),
+        "omega": write_folder(rendered("omega", a.images, 2), a.out / "omega", described["omega"]),
         "pink": write_folder(rendered("pink-A", a.images, 3), a.out / "pink"),
-    }
+    }  # fmt: skip
 
     def drift(run) -> dict:
         x = draw(run, list(ORDINARY), a.drift_samples, a.seed + 1, a)

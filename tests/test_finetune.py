@@ -6,6 +6,7 @@ merge``, the adapter file alone and its base, the command line end to end, and b
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import numpy as np
@@ -169,7 +170,8 @@ def test_the_file_holds_the_adapter_alone_and_loads_into_a_fresh_base(base, imag
     assert sorted(keys) == sorted(f"{n}.lora_{m}.weight" for n in names for m in "AB")
     assert all(v.shape[0 if k.endswith("lora_A.weight") else 1] == 2 for k, v in tensors.items())
     assert meta["targets"] == "q,out" and meta["rank"] == "2" and meta["alpha"] == "2.0"
-    assert (meta["token"], meta["word"], meta["prompt"]) == (TOKEN, WORD, PROMPT)
+    assert (meta["token"], meta["word"]) == (TOKEN, WORD)
+    assert json.loads(meta["captions"]) == [PROMPT] * 6
     assert meta["base"] == ft.weights_hash(net)
     assert adapter.stat().st_size < 0.2 * (base / "checkpoint.safetensors").stat().st_size
 
@@ -404,6 +406,33 @@ def test_bad_finetune_input_is_refused_in_one_line_and_nothing_is_written(
     code, _, err = run(monkeypatch, capsys, *no_word, "--images", str(images), "--token", "mono")
     assert code == 0, err
     assert ft.read_adapter(out).meta["word"] == ""
+
+
+def test_bad_captions_files_are_refused(base, images, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "a.safetensors"
+    args = ["finetune", str(base), "--token", TOKEN, "--init-word", WORD, "--steps", "1",
+            "--out", str(out)]  # fmt: skip
+    lines = [json.dumps({"file_name": f"{i}.png", "text": f"a red {{}} letter {c}"})
+             for i, c in enumerate("ABCDEF")]  # fmt: skip
+    cases = [
+        (lines, ["--prompt", PROMPT], "--prompt does not apply"),
+        (lines[1:], [], "no caption for 0.png"),
+        ([*lines, lines[2]], [], "line 7: a second caption for 2.png"),
+        (["{not json", *lines], [], "line 1: expected a JSON object"),
+        ([json.dumps({"file_name": "0.png"}), *lines[1:]], [], "line 1"),
+        ([json.dumps({"file_name": "0.png", "text": "a red letter A"}), *lines[1:]], [], "{}"),
+        ([json.dumps({"file_name": "0.png", "text": "a zebra {} letter A"}), *lines[1:]], [],
+         "unknown words"),
+    ]  # fmt: skip
+    for number, (listing, extra, says) in enumerate(cases):
+        folder = tmp_path / f"c{number}"
+        folder.mkdir()
+        for picture in images.iterdir():
+            (folder / picture.name).write_bytes(picture.read_bytes())
+        (folder / ft.CAPTIONS).write_text("\n".join(listing) + "\n")
+        assert says in refused(monkeypatch, capsys, *args, "--images", str(folder), *extra), says
+    assert "give --prompt" in refused(monkeypatch, capsys, *args, "--images", str(images))
+    assert not out.exists()
 
 
 def test_bad_merge_and_adapter_files_are_refused(base, images, tmp_path, monkeypatch, capsys):

@@ -6,6 +6,7 @@ merge, the command line and its refusals."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -50,10 +51,13 @@ def one_step(base: Path, images: Path, out: Path, **options) -> ft.FinetuneResul
                                   progress=False, **options)  # fmt: skip
 
 
-def oracle_gradients(base: Path, images: Path, lora: dict | None, text_encoder: bool):
+def oracle_gradients(
+    base: Path, images: Path, lora: dict | None, text_encoder: bool, captions=None
+):
     """The base network (with fresh adapters as ``finetune_dreambooth`` draws them when
     ``lora``), its parameters before the step, and the gradient of ``L_instance + lambda
-    L_prior`` on the run's own objective, the class targets drawn by the frozen base."""
+    L_prior`` on the run's own objective, the class targets drawn by the frozen base; the
+    pictures captioned ``PROMPT`` or ``captions[i]`` each."""
     model = load(base, "cpu").model
     x_class = ft.class_images(model, CLASS_PROMPT, CLASS_IMAGES, SEED)
     x = in_model_space(model, ft.concept_images(images))
@@ -68,7 +72,8 @@ def oracle_gradients(base: Path, images: Path, lora: dict | None, text_encoder: 
             p.requires_grad_(True)
     before = {k: v.detach().clone() for k, v in net.state_dict().items()}
     objective = make_objective(model.config.diffusion.prediction, model.config.diffusion.weighting)
-    instance = (x, t2i.tokenize([PROMPT.format(IDENTIFIER)])[0].expand(len(x), -1))
+    captions = [PROMPT] * len(x) if captions is None else captions
+    instance = (x, t2i.tokenize([c.format(IDENTIFIER) for c in captions])[0])
     prior = (x_class, t2i.tokenize([CLASS_PROMPT])[0].expand(len(x_class), -1))
     net.train()
     g = torch.Generator().manual_seed(SEED)
@@ -173,6 +178,28 @@ def test_dreambooth_with_the_text_encoder_takes_the_step_on_denoiser_and_encoder
     # without the flag the text encoder stays bit-identical (test_finetune's CLI test), and
     # every parameter of the network is either the denoiser's or the encoder's
     assert {n.split(".")[0] for n, _ in net.named_parameters()} == {"net", "encoder"}
+
+
+def test_each_picture_trains_with_its_own_caption_from_metadata_jsonl(base, tmp_path):
+    (tmp_path / "captioned").mkdir()
+    images = concept_folder(tmp_path / "captioned")
+    colours = ["red", "blue", "green", "white", "black", "pink"]
+    captions = [f"a {c} {{}} letter A" for c in colours]
+    with (images / ft.CAPTIONS).open("w") as f:  # lines out of order: matched by file name
+        for i in reversed(range(len(colours))):
+            f.write(json.dumps({"file_name": f"{i}.png", "text": captions[i]}) + "\n")
+    out = ft.finetune_dreambooth(base, images=images, prompt=None, token=IDENTIFIER,
+                                 out=tmp_path / "db", class_prompt=CLASS_PROMPT,
+                                 num_class_images=CLASS_IMAGES, prior_weight=LAMBDA, steps=1,
+                                 lr=LR, seed=SEED, progress=False).path  # fmt: skip
+    _, before, grads = oracle_gradients(base, images, None, False, captions)
+    _, _, one_caption = oracle_gradients(base, images, None, False)
+    tuned = load(out, "cpu").model.denoiser.net.state_dict()
+    for name, g in grads.items():
+        torch.testing.assert_close(tuned[name], adam_first_step(before[name], g), rtol=1e-4,
+                                   atol=1e-10)  # fmt: skip
+    # the captions matter: one caption for all pictures takes another step
+    assert any(not torch.allclose(grads[n], one_caption[n]) for n in grads)
 
 
 # ------------------------------------------------------------------ the command line

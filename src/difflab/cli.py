@@ -439,7 +439,11 @@ def finetune(
         Path | None, typer.Option(help="Folder of the concept's 32x32 RGB pictures.")
     ] = None,
     prompt: Annotated[
-        str | None, typer.Option(help="Their caption, {} where the token goes: 'a {} letter A'.")
+        str | None,
+        typer.Option(
+            help="Their caption, {} where the token goes: 'a {} letter A'; or one caption per "
+            "picture in the folder's metadata.jsonl (JSON lines with file_name and text)."
+        ),
     ] = None,
     token: Annotated[str | None, typer.Option(help="The concept's token, e.g. '<tt>'.")] = None,
     init_word: Annotated[
@@ -498,8 +502,7 @@ def finetune(
     if method not in finetuning.METHODS:
         methods = ", ".join(finetuning.METHODS)
         raise UserError(f"--method must be one of {methods}, got {method!r}")
-    for option, value in (("--images", images), ("--prompt", prompt), ("--token", token),
-                          ("--out", out)):  # fmt: skip
+    for option, value in (("--images", images), ("--token", token), ("--out", out)):
         if value is None:
             raise UserError(f"difflab finetune needs {option}")
     common = dict(images=images, prompt=prompt, token=token, out=out, init_word=init_word,

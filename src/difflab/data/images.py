@@ -170,6 +170,11 @@ SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
 ALPHA_MODES = {"LA", "La", "PA", "RGBA", "RGBa"}
 
 
+def image_files(root: Path) -> list[Path]:
+    """The image files under ``root``, in the order :func:`image_folder` reads them."""
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
 def image_folder(path: str | Path, image_size: int | None = None, channels: int = 0) -> ArrayData:
     """Every image under ``path``; labels from first-level sub-folder names when there are any.
 
@@ -199,7 +204,7 @@ def image_folder(path: str | Path, image_size: int | None = None, channels: int 
         raise UserError(f"image folder {root} does not exist")
     if not root.is_dir():
         raise UserError(f"{root} is not a folder")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = image_files(root)
     if not files:
         raise UserError(
             f"image folder {root} contains no images ({', '.join(sorted(IMAGE_SUFFIXES))})"

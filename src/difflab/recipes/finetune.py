@@ -33,7 +33,7 @@ the pair, and sampling with the adapter reads the token the same way.
 An adapter file is a safetensors file of the ``lora_A``/``lora_B`` tensors alone, with its
 metadata: the method, the base run's architecture and a hash of its weights (an adapter is
 refused on any other base), the targets, rank, alpha, whether the text encoder is adapted,
-token, word and prompt.
+token, word and the training captions.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from difflab.config import to_dict
-from difflab.data.images import image_folder
+from difflab.data.images import image_files, image_folder
 from difflab.errors import UserError
 from difflab.files import file_error, make_folder, write_bytes
 from difflab.gaussian.objectives import make_objective
@@ -84,6 +84,8 @@ ADAPTER_FORMAT = "difflab-lora-1"
 EMBEDDING_FORMAT = "difflab-embedding-1"
 #: Concept images are glyph-sized RGB pictures.
 IMAGE_SHAPE = (3, 32, 32)
+#: The optional file of per-picture captions in a concept folder.
+CAPTIONS = "metadata.jsonl"
 DEFAULT_STEPS = 200
 DEFAULT_LR = 1e-3
 #: Textual inversion's learning rate when none is given (one row learns faster at a higher one).
@@ -130,6 +132,62 @@ def concept_images(folder: str | Path) -> Tensor:
         raise UserError(f"the images in {folder} are {x.shape[3]}x{x.shape[2]}: the glyphs "
                         "model draws 32x32 RGB pictures")  # fmt: skip
     return x
+
+
+def concept_captions(folder: str | Path, prompt: str | None) -> list[str]:
+    """The caption of each picture of ``folder``, in :func:`concept_images`' order, ``{}``
+    where the token goes: ``prompt`` for every picture, or, when the folder has a
+    ``metadata.jsonl`` (the Hugging Face image-folder layout: one JSON object per line,
+    ``{"file_name": "0.png", "text": "a red {} letter on a white background"}``), each
+    picture's own. Captions that name what varies between the pictures (colours, weight) leave
+    the token only what they share. Exactly one of the two must be there."""
+    root = Path(folder)
+    names = [f.relative_to(root).as_posix() for f in image_files(root)]
+    listing = root / CAPTIONS
+    if not listing.is_file():
+        if prompt is None:
+            raise UserError(f"give --prompt (the pictures' caption, {{}} where the token goes) "
+                            f"or a caption per picture in {listing}")  # fmt: skip
+        captions = [prompt] * len(names)
+    elif prompt is not None:
+        raise UserError(f"--prompt does not apply: the pictures in {root} have their own "
+                        f"captions in {listing}")  # fmt: skip
+    else:
+        captions = [_read_captions(listing).get(name) for name in names]
+        if None in captions:
+            raise UserError(f"{listing} has no caption for {names[captions.index(None)]}")
+    for caption in captions:
+        if "{}" not in caption:
+            raise UserError(f"a caption must hold {{}} where the token goes, e.g. 'a {{}} letter "
+                            f"A'; got {caption!r}")  # fmt: skip
+    return captions
+
+
+def _read_captions(listing: Path) -> dict[str, str]:
+    """``file_name -> text`` of a ``metadata.jsonl``; a malformed line is a :class:`UserError`."""
+    captions: dict[str, str] = {}
+    try:
+        lines = listing.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise file_error(e, listing) from None
+    except UnicodeDecodeError:
+        raise UserError(f"{listing} is not UTF-8 text") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            entry = None
+        if not (isinstance(entry, dict) and isinstance(entry.get("file_name"), str)
+                and isinstance(entry.get("text"), str)):  # fmt: skip
+            raise UserError(f"{listing}, line {number}: expected a JSON object with a "
+                            "\"file_name\" and a \"text\" string")  # fmt: skip
+        if entry["file_name"] in captions:
+            raise UserError(f"{listing}, line {number}: a second caption for "
+                            f"{entry['file_name']}")  # fmt: skip
+        captions[entry["file_name"]] = entry["text"]
+    return captions
 
 
 def parse_scale(spec: str) -> tuple[Path, float]:
@@ -364,14 +422,11 @@ def add_lora(
     return [p for p in net.parameters() if p.requires_grad]
 
 
-def caption_word(prompt: str, token: str, init_word: str | None) -> str:
-    """The word the prompt is read with in the token's place (see the module docstring)."""
-    if "{}" not in prompt:
-        raise UserError(f"--prompt must hold {{}} where the token goes, e.g. 'a {{}} letter A'; "
-                        f"got {prompt!r}")  # fmt: skip
+def caption_word(captions: Sequence[str], token: str, init_word: str | None) -> str:
+    """The word the captions are read with in the token's place (see the module docstring)."""
     if not token or token.split() != [token] or "{}" in token:
         raise UserError(f"--token must be one word without spaces, got {token!r}")
-    known = _tokenizes(prompt.replace("{}", token))
+    known = all(_tokenizes(caption.replace("{}", token)) for caption in captions)
     if known and init_word is not None:
         raise UserError(f"--init-word does not apply: the run knows the token {token!r} "
                         "already")  # fmt: skip
@@ -382,7 +437,7 @@ def caption_word(prompt: str, token: str, init_word: str | None) -> str:
                         "it knows that the token stands for (LoRA adapts the denoiser, not "
                         "the vocabulary)")  # fmt: skip
     try:
-        tokenize([prompt.replace("{}", init_word)])
+        tokenize([caption.replace("{}", init_word) for caption in captions])
     except ValueError as e:
         raise UserError(str(e)) from None
     return init_word
@@ -400,7 +455,7 @@ def finetune_lora(
     run_path: str | Path,
     *,
     images: str | Path,
-    prompt: str,
+    prompt: str | None,
     token: str,
     out: str | Path,
     rank: int = 4,
@@ -414,7 +469,8 @@ def finetune_lora(
     progress: bool = True,
 ) -> FinetuneResult:
     """Train a LoRA adapter of ``run_path``'s denoiser on the pictures of ``images`` captioned
-    ``prompt`` with ``token`` in its ``{}``, with the run's own objective (``alpha`` defaults
+    ``prompt`` or their own captions (:func:`concept_captions`) with ``token`` in the ``{}``,
+    with the run's own objective (``alpha`` defaults
     to ``rank``: scale 1), then write it alone to ``out``. Every input is checked before
     anything is written."""
     rank, steps, seed = positive_int("rank", rank), positive_int("steps", steps), seed_value(seed)
@@ -425,12 +481,13 @@ def finetune_lora(
     out = Path(out)
     if out.is_dir():
         raise UserError(f"--out {out} is a folder: give the adapter file's name")
-    word = caption_word(prompt, token, init_word)
+    pictures, captions = concept_images(images), concept_captions(images, prompt)
+    word = caption_word(captions, token, init_word)
     run = text_to_image_run(run_path, device)
     model: TextToImageModel = run.model
-    x0 = _to_model_space(model, concept_images(images).to(model.device))
-    tokens = tokenize([prompt.replace("{}", word or token)])[0].to(model.device)
-    tokens = tokens.expand(len(x0), -1)
+    x0 = _to_model_space(model, pictures.to(model.device))
+    tokens = tokenize([caption.replace("{}", word or token) for caption in captions])[0]
+    tokens = tokens.to(model.device)
 
     net = model.denoiser.net
     base_hash, base_params = weights_hash(net), sum(p.numel() for p in net.parameters())
@@ -451,8 +508,9 @@ def finetune_lora(
     meta = {"method": "lora", "base": base_hash, "architecture": architecture(model),
             "base_run": str(Path(run_path).resolve()), "base_step": str(model.step),
             "targets": ",".join(chosen), "rank": str(rank), "alpha": repr(alpha),
-            "text_encoder": "false", "token": token, "word": word, "prompt": prompt,
-            "steps": str(steps), "lr": repr(lr), "images": str(len(x0))}  # fmt: skip
+            "text_encoder": "false", "token": token, "word": word,
+            "captions": json.dumps(captions), "steps": str(steps), "lr": repr(lr),
+            "images": str(len(x0))}  # fmt: skip
     write_adapter(net, out, meta)
     return FinetuneResult(out, steps, seconds, sum(p.numel() for p in params), base_params,
                           float(loss.detach()))  # fmt: skip
@@ -598,7 +656,7 @@ def finetune_embedding(
     run_path: str | Path,
     *,
     images: str | Path,
-    prompt: str,
+    prompt: str | None,
     token: str,
     init_word: str | None,
     out: str | Path,
@@ -611,14 +669,12 @@ def finetune_embedding(
     """Textual inversion (Gal et al. 2022; seed 004): add ``token`` as a new row of the text
     encoder's vocabulary, initialised as ``init_word``'s row, and train that row alone (AdamW,
     no weight decay; the gradient of every other row is masked to zero, so they stay
-    bit-identical) with the run's objective on the pictures of ``images`` captioned ``prompt``;
-    write the row alone to ``out``."""
+    bit-identical) with the run's objective on the pictures of ``images`` captioned ``prompt``
+    or their own captions (:func:`concept_captions`); write the row alone to ``out``."""
     steps, seed = positive_int("steps", steps), seed_value(seed)
     if not (math.isfinite(lr) and lr > 0):
         raise UserError("--lr must be a positive number")
-    if "{}" not in prompt:
-        raise UserError(f"--prompt must hold {{}} where the token goes, e.g. 'a {{}} letter A'; "
-                        f"got {prompt!r}")  # fmt: skip
+    pictures, captions = concept_images(images), concept_captions(images, prompt)
     word = pseudo_word(token)
     if init_word is None:
         raise UserError("textual inversion needs --init-word, the word the new row starts from")
@@ -626,18 +682,18 @@ def finetune_embedding(
     out = Path(out)
     if out.is_dir():
         raise UserError(f"--out {out} is a folder: give the embedding file's name")
+    texts = [caption.replace("{}", token) for caption in captions]
     try:
-        tokenize([prompt.replace("{}", token)], (word,))
+        tokenize(texts, (word,))
     except ValueError as e:
         raise UserError(str(e)) from None
     run = text_to_image_run(run_path, device)
     model: TextToImageModel = run.model
-    x0 = _to_model_space(model, concept_images(images).to(model.device))
+    x0 = _to_model_space(model, pictures.to(model.device))
     net = model.denoiser.net
     base_hash, base_params = weights_hash(net), sum(p.numel() for p in net.parameters())
     add_rows(model, [word], net.encoder.words.weight[start_id : start_id + 1].detach().clone())
-    tokens = tokenize([prompt.replace("{}", token)], model.added_words)[0].to(model.device)
-    tokens = tokens.expand(len(x0), -1)
+    tokens = tokenize(texts, model.added_words)[0].to(model.device)
     net.requires_grad_(False)
     weight = net.encoder.words.weight
     weight.requires_grad_(True)
@@ -659,8 +715,8 @@ def finetune_embedding(
     meta = {"format": EMBEDDING_FORMAT, "method": "textual-inversion", "base": base_hash,
             "architecture": architecture(model), "base_run": str(Path(run_path).resolve()),
             "base_step": str(model.step), "token": token, "word": word,
-            "init_word": init_word, "prompt": prompt, "steps": str(steps), "lr": repr(lr),
-            "images": str(len(x0))}  # fmt: skip
+            "init_word": init_word, "captions": json.dumps(captions), "steps": str(steps),
+            "lr": repr(lr), "images": str(len(x0))}  # fmt: skip
     row = weight[new].detach().cpu().clone()
     if out.parent != Path():
         make_folder(out.parent)
@@ -714,7 +770,7 @@ def finetune_dreambooth(
     run_path: str | Path,
     *,
     images: str | Path,
-    prompt: str,
+    prompt: str | None,
     token: str,
     out: str | Path,
     class_prompt: str | None = None,
@@ -731,10 +787,10 @@ def finetune_dreambooth(
     progress: bool = True,
 ) -> FinetuneResult:
     """DreamBooth: tune ``run_path``'s denoiser on the pictures of ``images`` captioned
-    ``prompt`` with the identifier ``token`` (a word the run knows, rarely used, as the paper's
-    rare tokens) in its ``{}``, with the class-specific prior-preservation loss on
-    ``num_class_images`` targets the frozen run first draws for ``class_prompt``
-    (:func:`dreambooth_loss`).
+    ``prompt`` or their own captions (:func:`concept_captions`) with the identifier ``token``
+    (a word the run knows, rarely used, as the paper's rare tokens) in the ``{}``, with the
+    class-specific prior-preservation loss on ``num_class_images`` targets the frozen run first
+    draws for ``class_prompt`` (:func:`dreambooth_loss`).
 
     Without ``rank`` the whole denoiser trains (with ``train_text_encoder`` the whole text
     encoder too) and ``out`` is a new run folder. With ``rank`` (DreamBooth-LoRA) only rank-
@@ -762,14 +818,12 @@ def finetune_dreambooth(
         if class_prompt is None:
             raise UserError("DreamBooth with a prior weight needs --class-prompt (the class "
                             "without the identifier, e.g. 'a letter A')")  # fmt: skip
-    if "{}" not in prompt:
-        raise UserError(f"--prompt must hold {{}} where the token goes, e.g. 'a {{}} letter A'; "
-                        f"got {prompt!r}")  # fmt: skip
+    x_instance, templates = concept_images(images), concept_captions(images, prompt)
+    captions = [template.replace("{}", token) for template in templates]
     if token.split() != [token] or not _tokenizes(token):
         raise UserError(f"DreamBooth's identifier must be one word the run knows (it tunes the "
                         f"denoiser, not the vocabulary), got {token!r}")  # fmt: skip
-    caption = prompt.replace("{}", token)
-    for text in (caption, class_prompt or ""):
+    for text in (*captions, class_prompt or ""):
         if not _tokenizes(text):
             raise UserError(f"the caption {text!r} has words the run does not know")
     if lora:
@@ -780,13 +834,12 @@ def finetune_dreambooth(
         out = new_folder(out)
     run = text_to_image_run(run_path, device)
     model: TextToImageModel = run.model
-    x_instance = concept_images(images).to(model.device)
+    x_instance = x_instance.to(model.device)
     prior = None
     if prior_weight > 0:
         x_class = class_images(model, class_prompt, num_class_images, seed).to(model.device)
         prior = (x_class, tokenize([class_prompt])[0].to(model.device).expand(len(x_class), -1))
-    instance = (_to_model_space(model, x_instance),
-                tokenize([caption])[0].to(model.device).expand(len(x_instance), -1))  # fmt: skip
+    instance = (_to_model_space(model, x_instance), tokenize(captions)[0].to(model.device))
     net = model.denoiser.net
     base_hash, base_params = weights_hash(net), sum(p.numel() for p in net.parameters())
     if lora:
@@ -811,12 +864,13 @@ def finetune_dreambooth(
         optimizer.step()
     net.eval()
     seconds = time.perf_counter() - start
-    settings = {"token": token, "prompt": prompt, "class_prompt": class_prompt,
+    settings = {"token": token, "captions": templates, "class_prompt": class_prompt,
                 "num_class_images": num_class_images if prior else 0,
                 "prior_weight": prior_weight, "train_text_encoder": train_text_encoder,
                 "steps": steps, "lr": lr}  # fmt: skip
     if lora:
-        meta = {k: str(v) for k, v in settings.items() if k != "train_text_encoder"}
+        meta = {k: json.dumps(v) if k == "captions" else str(v) for k, v in settings.items()
+                if k != "train_text_encoder"}  # fmt: skip
         meta |= {"method": "dreambooth-lora", "base": base_hash,
                  "architecture": architecture(model), "base_run": str(Path(run_path).resolve()),
                  "base_step": str(model.step), "targets": ",".join(chosen), "rank": str(rank),

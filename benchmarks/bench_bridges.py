@@ -18,10 +18,11 @@
 4. ``speculative``: an AR target of ``--target-width`` x ``--target-depth`` and a shallow MDLM
    drafter (``--drafter-width`` x ``--drafter-depth``, trained on rows of ``--drafter-length``
    tokens, which bounds the window it reads), each trained for ``--spec-minutes`` (or
-   ``--steps spec-target=N,spec-drafter=M``); ``--spec-n``
-   passages of ``--gen-length`` tokens, one at a time (seeds 0, 1, ...), greedy and at
-   temperature 1, by the target alone (KV cache) and by speculative decoding with one parallel
-   drafter step for each of ``--spec-draft-lengths`` (and left to right for the first): tokens/s,
+   ``--steps spec-target=N,spec-drafter=M``); ``--spec-n`` passages of ``--gen-length``
+   tokens, one at a time (seeds 0, 1, ...; each passage by every row before the next, so that a
+   change of the machine's load falls on all rows alike), greedy and at temperature 1, by the
+   target alone (KV cache) and by speculative decoding with one parallel drafter step for each
+   of ``--spec-draft-lengths`` (and left to right for the first): tokens/s,
    generative perplexity under the target, acceptance, tokens per verification, and where the
    time of a round goes (target calls, drafter calls, the rest: acceptance rule, sampling, cache).
 
@@ -263,13 +264,37 @@ def speculative_table(args: argparse.Namespace, trained_target, trained_drafter)
     modes = [(g, 1) for g in args.spec_draft_lengths] + [(g0, g0)]
     for temperature in (0.0, 1.0):
         options = {"length": args.gen_length, "temperature": temperature}
-        net = Timed(target.net)
-        timed_target = dataclasses.replace(target, net=net)
-        generate_tokens(timed_target, 1, **{**options, "length": 16})  # warm-up
-        net.seconds = net.calls = 0
-        start = time.process_time()
-        plain = [generate_tokens(timed_target, 1, seed=k, **options) for k in range(args.spec_n)]
-        ar_seconds = time.process_time() - start
+        ar = dataclasses.replace(target, net=Timed(target.net))
+        pairs = {
+            mode: (
+                dataclasses.replace(target, net=Timed(target.net)),
+                dataclasses.replace(drafter, net=Timed(drafter.net)),
+            )
+            for mode in modes
+        }
+        generate_tokens(ar, 1, **{**options, "length": 16})  # warm-up
+        for g, calls in modes:
+            speculative_tokens(*pairs[g, calls], 1, draft_length=g, draft_steps=calls,
+                               **{**options, "length": 16})  # fmt: skip
+        for net in [ar.net, *(n.net for pair in pairs.values() for n in pair)]:
+            net.seconds = net.calls = 0
+        # Passage by passage, the AR model and then each mode: a change in the machine's load
+        # during the measurement falls on every row alike.
+        seconds = dict.fromkeys(["ar", *modes], 0.0)
+        plain, results = [], {mode: [] for mode in modes}
+        for k in range(args.spec_n):
+            start = time.process_time()
+            plain.append(generate_tokens(ar, 1, seed=k, **options))
+            seconds["ar"] += time.process_time() - start
+            for g, calls in modes:
+                start = time.process_time()
+                results[g, calls].append(
+                    speculative_tokens(
+                        *pairs[g, calls], 1, draft_length=g, draft_steps=calls, seed=k, **options
+                    )
+                )
+                seconds[g, calls] += time.process_time() - start
+        ar_seconds, net = seconds["ar"], ar.net
         tokens = torch.cat([p.tokens for p in plain])
         rows.append(f"| {temperature:g} | AR alone, KV cache | "
                     f"{args.spec_n * args.gen_length / ar_seconds:.0f} | 1.00 | "
@@ -277,31 +302,23 @@ def speculative_table(args: argparse.Namespace, trained_target, trained_drafter)
                     f"{1000 * net.seconds / net.calls:.2f} + 0 + "
                     f"{1000 * (ar_seconds - net.seconds) / net.calls:.2f} |")  # fmt: skip
         for g, calls in modes:
-            net, draft_net = Timed(target.net), Timed(drafter.net)
-            pair = (
-                dataclasses.replace(target, net=net),
-                dataclasses.replace(drafter, net=draft_net),
-            )
-            start = time.process_time()
-            results = [speculative_tokens(*pair, 1, draft_length=g, draft_steps=calls, seed=k,
-                                          **options) for k in range(args.spec_n)]  # fmt: skip
-            seconds = time.process_time() - start
-            rounds = sum(r.rounds for r in results)
-            accepted = sum(r.accepted for r in results)
-            drafted = sum(r.drafted for r in results)
-            spec_tokens = torch.cat([r.tokens for r in results])
+            net, draft_net = (model.net for model in pairs[g, calls])
+            rounds = sum(r.rounds for r in results[g, calls])
+            accepted = sum(r.accepted for r in results[g, calls])
+            drafted = sum(r.drafted for r in results[g, calls])
+            spec_tokens = torch.cat([r.tokens for r in results[g, calls]])
             same = ""
             if temperature == 0:
                 same = ", same text" if torch.equal(spec_tokens, tokens) else ", TEXT DIFFERS"
             mode = "one parallel step" if calls == 1 else "left to right"
-            per = 1000 / max(net.calls, 1)
+            per, spent = 1000 / max(net.calls, 1), seconds[g, calls]
             rows.append(
                 f"| {temperature:g} | speculative, G = {g}, {mode}{same} | "
-                f"{args.spec_n * args.gen_length / seconds:.0f} | {ar_seconds / seconds:.2f} | "
+                f"{args.spec_n * args.gen_length / spent:.0f} | {ar_seconds / spent:.2f} | "
                 f"{_quality(spec_tokens, target)[0]} | {accepted / max(drafted, 1):.3f} | "
                 f"{(accepted + rounds) / max(rounds, 1):.2f} | {per * net.seconds:.2f} + "
                 f"{per * draft_net.seconds:.2f} + "
-                f"{per * (seconds - net.seconds - draft_net.seconds):.2f} |"
+                f"{per * (spent - net.seconds - draft_net.seconds):.2f} |"
             )
     return rows
 

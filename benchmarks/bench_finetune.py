@@ -140,20 +140,28 @@ def rendered(kind: str, n: int, seed: int) -> tuple[np.ndarray, dict[str, np.nda
 
 
 def write_folder(
-    pictures: tuple[np.ndarray, dict[str, np.ndarray]], folder: Path, described: str | None = None
+    pictures: tuple[np.ndarray, dict[str, np.ndarray]],
+    folder: Path,
+    concept: dict | None = None,
+    captions: str = "plain",
 ) -> Path:
-    """The pictures as PNG files in ``folder``; with a ``described`` template, each one's
-    caption naming its colours in ``folder/metadata.jsonl`` (``difflab finetune`` reads it)."""
+    """The pictures as PNG files in ``folder``; unless ``captions`` is ``plain``, a caption for
+    each in ``folder/metadata.jsonl`` (``difflab finetune`` reads it): the ``concept``'s
+    ``described`` template with the picture's colours (``described``: every picture;
+    ``mixed``: every other one, the rest its plain ``prompt``)."""
     images, attributes = pictures
     folder.mkdir(parents=True, exist_ok=True)
     for i, picture in enumerate(images):
         Image.fromarray(picture).save(folder / f"{i}.png")
-    if described:
-        names = [{key: COLOUR_NAMES[attributes[key][i]] for key in ("colour", "background")}
-                 for i in range(len(images))]  # fmt: skip
-        (folder / ft.CAPTIONS).write_text("".join(
-            json.dumps({"file_name": f"{i}.png", "text": described.format(**colours)}) + "\n"
-            for i, colours in enumerate(names)))  # fmt: skip
+    if captions == "plain":
+        return folder
+    lines = []
+    for i in range(len(images)):
+        colours = {key: COLOUR_NAMES[attributes[key][i]] for key in ("colour", "background")}
+        plain = captions == "mixed" and i % 2
+        text = concept["prompt"] if plain else concept["described"].format(**colours)
+        lines.append(json.dumps({"file_name": f"{i}.png", "text": text}) + "\n")
+    (folder / ft.CAPTIONS).write_text("".join(lines))
     return folder
 
 
@@ -287,9 +295,10 @@ def main() -> None:
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--probe-n", type=int, default=600, help="real glyphs per probe class")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--captions", choices=("described", "plain"), default="described",
-                   help="each training picture's caption names its colours (described), or "
-                   "all share the concept's prompt (plain)")  # fmt: skip
+    p.add_argument("--captions", choices=("mixed", "described", "plain"), default="mixed",
+                   help="training captions: every other picture's names its colours, the rest "
+                   "are the concept's prompt (mixed); every picture's names them (described); "
+                   "all the concept's prompt (plain)")  # fmt: skip
     a = p.parse_args()
     torch.set_num_threads(1)
     if a.out.exists():
@@ -299,12 +308,11 @@ def main() -> None:
     judge = load_glyphs_judge()
     probe, probe_checks = probes(judge, a.probe_n)
     real = judge.features(glyphs_to_tensor(glyphs_dataset("test").images[:1000]))
-    described = {name: c["described"] if a.captions == "described" else None
-                 for name, c in CONCEPTS.items()}  # fmt: skip
     folders = {
         "typewriter": write_folder(rendered("typewriter-A", a.images, 1), a.out / "typewriter",
-                                   described["typewriter"]),
-        "omega": write_folder(rendered("omega", a.images, 2), a.out / "omega", described["omega"]),
+                                   CONCEPTS["typewriter"], a.captions),
+        "omega": write_folder(rendered("omega", a.images, 2), a.out / "omega", CONCEPTS["omega"],
+                              a.captions),
         "pink": write_folder(rendered("pink-A", a.images, 3), a.out / "pink"),
     }  # fmt: skip
 

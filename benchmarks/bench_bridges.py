@@ -336,8 +336,8 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--block-sizes", type=lambda s: [int(x) for x in s.split(",")],
-                        default=[4, 8, 16])  # fmt: skip
+    parser.add_argument("--block-sizes", type=lambda s: [int(x) for x in s.split(",") if x],
+                        default=[4, 8, 16], help="empty: no block runs")  # fmt: skip
     parser.add_argument("--drafter-width", type=int, default=32)
     parser.add_argument("--drafter-depth", type=int, default=2)
     parser.add_argument("--draft-length", type=int, default=4)

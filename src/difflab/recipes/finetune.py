@@ -470,9 +470,8 @@ def finetune_lora(
 ) -> FinetuneResult:
     """Train a LoRA adapter of ``run_path``'s denoiser on the pictures of ``images`` captioned
     ``prompt`` or their own captions (:func:`concept_captions`) with ``token`` in the ``{}``,
-    with the run's own objective (``alpha`` defaults
-    to ``rank``: scale 1), then write it alone to ``out``. Every input is checked before
-    anything is written."""
+    with the run's own objective (``alpha`` defaults to ``rank``: scale 1), then write it alone
+    to ``out``. Every input is checked before anything is written."""
     rank, steps, seed = positive_int("rank", rank), positive_int("steps", steps), seed_value(seed)
     alpha = float(rank if alpha is None else alpha)
     if not (math.isfinite(alpha) and alpha > 0) or not (math.isfinite(lr) and lr > 0):

@@ -161,8 +161,9 @@ def test_the_teachers_heun_and_ddim_steps_converge_to_the_exact_flow_map(name, k
         assert all(abs(r - order) < 0.3 for r in rates), (solver, errors[solver], rates)
 
 
+@pytest.mark.parametrize("loss", ["ict", "l2"])
 @pytest.mark.parametrize(("name", "kwargs"), SCHEDULES)
-def test_the_exact_consistency_function_has_zero_distillation_loss(name, kwargs):
+def test_the_exact_consistency_function_has_zero_distillation_loss(name, kwargs, loss):
     schedule = make_schedule(name, **kwargs)
     _, mean, lam, u = _gaussian(schedule)
     sigma_min = max(0.002, float(schedule.sigma_ve(torch.tensor(1e-3, dtype=torch.float64))))
@@ -172,14 +173,42 @@ def test_the_exact_consistency_function_has_zero_distillation_loss(name, kwargs)
     exact = ExactConsistency(schedule, mean, lam, u, sigma_min)
     step = _exact_step(schedule, mean, lam, u)
 
-    def loss(student, target):
+    def value(student, target):
         gen = torch.Generator().manual_seed(1)
-        return consistency_distillation_loss(student, target, step, x0, times, generator=gen)
+        return float(consistency_distillation_loss(student, target, step, x0, times, loss=loss,
+                                                   generator=gen))  # fmt: skip
 
-    assert float(loss(exact, exact)) < 1e-20
     bent = ExactConsistency(schedule, mean, lam, u, sigma_min, bend=0.05)
-    assert float(loss(bent, bent)) > 1e-5
-    assert float(loss(bent, exact)) > 1e-5
+    zero = 1e-20 if loss == "l2" else 1e-12  # pseudo-Huber: sqrt(c^2) - c rounds to ~1e-19 / dsigma
+    assert value(exact, exact) < zero
+    assert value(bent, bent) > 1e-5
+    assert value(bent, exact) > 1e-5
+
+
+def test_the_ict_distillation_loss_is_its_formula_on_its_own_draws():
+    """``loss="ict"``: levels ``n ~ p(n)``, then ``z``; per example ``d(f(x~_{n+1}), f-(step(
+    x~_{n+1}))) / (sigma_{n+1} - sigma_n)``, recomputed here from the same generator's draws."""
+    schedule = make_schedule("edm")
+    _, mean, lam, u = _gaussian(schedule)
+    times = karras_levels(schedule, 12, 0.002, 80.0)
+    x0 = mean + torch.randn(64, 3, generator=torch.Generator().manual_seed(3),
+                            dtype=torch.float64) @ torch.diag(lam.sqrt())  # fmt: skip
+    student = ExactConsistency(schedule, mean, lam, u, 0.002, bend=0.05)
+    target = ExactConsistency(schedule, mean, lam, u, 0.002)
+    step = _exact_step(schedule, mean, lam, u)
+    got = consistency_distillation_loss(student, target, step, x0, times, loss="ict",
+                                        generator=torch.Generator().manual_seed(4),
+                                        reduction="none")  # fmt: skip
+    gen = torch.Generator().manual_seed(4)
+    sigmas = schedule.sigma_ve(times).to(torch.float64)
+    n = torch.multinomial(level_probabilities(sigmas), len(x0), replacement=True, generator=gen)
+    z = torch.randn(x0.shape, generator=gen, dtype=torch.float64)
+    t, s = times[n + 1], times[n]
+    alpha, sigma = schedule.alpha_sigma(t)
+    x_t = alpha[:, None] * x0 + sigma[:, None] * z
+    d = pseudo_huber(student(x_t, t, None).x0, target(step(x_t, t, s, None), s, None).x0)
+    torch.testing.assert_close(got, d / (sigmas[n + 1] - sigmas[n]))
+    assert (got > 0).all() and n.unique().numel() > 3
 
 
 def test_the_exact_consistency_function_of_a_point_mass_has_zero_training_loss():
@@ -357,6 +386,9 @@ def test_consistency_training_trains_and_samples(tmp_path, monkeypatch, capsys):
         (["--method", "consistency", "--solver", "rk4"], "--solver must be one of"),
         (["--method", "consistency", "--target-ema", "1.5"], "--target-ema must be a finite"),
         (["--method", "consistency", "--prediction", "magic"], "--prediction must be one of"),
+        (["--method", "consistency", "--loss", "l1"], "--loss must be one of"),
+        (["--method", "progressive", "--loss", "l2"],
+         "--loss does not apply to --method progressive"),
         (["--method", "progressive", "--levels", "8"],
          "--levels does not apply to --method progressive"),
         (["--method", "progressive", "--solver", "heun"],

@@ -386,6 +386,13 @@ def distill(
     solver: Annotated[
         str | None, typer.Option(help="consistency: the teacher's ODE step, heun or ddim.")
     ] = None,
+    loss: Annotated[
+        str | None,
+        typer.Option(
+            help="consistency: ict (log-normal levels, pseudo-Huber, 1/dsigma weights; "
+            "default) or l2 (Algorithm 2)."
+        ),
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Folder of the students.")] = None,
     train_steps: Annotated[
         int | None,
@@ -410,7 +417,7 @@ def distill(
 
     options = _given(to_steps=to_steps, from_steps=from_steps, prediction=prediction,
                      weighting=weighting, pairs=pairs, pair_steps=pair_steps, levels=levels,
-                     target_ema=target_ema, solver=solver, train_steps=train_steps,
+                     target_ema=target_ema, solver=solver, loss=loss, train_steps=train_steps,
                      batch_size=batch_size, lr=lr, guidance=guidance, seed=seed)  # fmt: skip
     for student in distill_run(run, method=method, out=out, device=device, progress=not quiet,
                                **options):  # fmt: skip

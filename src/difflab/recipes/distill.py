@@ -30,10 +30,13 @@ x~ + c_out F`` on ``levels`` Karras levels between the consistency recipe's defa
 ``sigma_min`` and ``sigma_max`` of the teacher's schedule, so that ``f`` at level
 ``sigma_{n+1}`` matches the EMA target network (rate ``target_ema``) at the point one step of
 the teacher's probability-flow ODE (``solver``: ``heun``, or ``ddim``) brings it down to
-``sigma_n``. Its network keeps the teacher's parameterization when that is ``x0``, ``v``,
-``flow`` or ``edm`` (else ``v``, relearned from the copied output layer, like progressive
-distillation: an ``eps`` network's data estimate ``(x_t - sigma eps) / alpha`` amplifies its
-errors by ``1 / alpha``, 80 at the top level; ``prediction`` chooses any). It writes one run,
+``sigma_n``, by ``loss`` ``ict`` (the default: levels drawn from improved consistency
+training's log-normal, pseudo-Huber distance weighted by ``1 / (sigma_{n+1} - sigma_n)``) or
+``l2`` (Algorithm 2's squared distance on uniform levels). Its network keeps the teacher's
+parameterization when that is ``x0``, ``v``, ``flow`` or ``edm`` (else ``v``, relearned from
+the copied output layer, like progressive distillation: an ``eps`` network's data estimate
+``(x_t - sigma eps) / alpha`` amplifies its errors by ``1 / alpha``, 80 at the top level;
+``prediction`` chooses any). It writes one run,
 ``OUT/consistency``, that ``difflab sample`` draws from in 1 step (``--steps K``: multistep
 consistency sampling). The EMA target is not saved: the run is not resumable as a
 distillation.
@@ -63,6 +66,7 @@ import torch
 from difflab.config import TrainConfig, choose, from_dict, to_dict
 from difflab.errors import UserError
 from difflab.gaussian.consistency import (
+    DISTILLATION_LOSSES,
     SOLVERS,
     consistency_distillation_loss,
     ode_step,
@@ -361,6 +365,7 @@ def consistency(
     levels: int = 18,
     target_ema: float = 0.95,
     solver: str = "heun",
+    loss: str = "ict",
     prediction: str | None = None,
     train_steps: int = 1000,
     batch_size: int | None = None,
@@ -370,11 +375,13 @@ def consistency(
 ) -> list[Student]:
     """Consistency distillation of ``teacher_run`` (module docstring) on ``levels`` Karras
     levels (Song et al.'s N, 18 for CIFAR-10), EMA target rate ``target_ema`` (their mu, 0.95),
-    the teacher's ODE step by ``solver`` (heun or ddim), ``train_steps`` steps of AdamW at
-    ``lr`` (constant; the sampled weights an EMA of 0.99) on batches of ``batch_size``
-    (default: the teacher's), into ``out/consistency``. ``prediction``: the student's
-    parameterization (default: the teacher's if one of :data:`CONSISTENCY_PREDICTIONS`, else
-    ``v``); ``guidance``: the fixed classifier-free
+    the teacher's ODE step by ``solver`` (heun or ddim), the ``loss`` ``ict`` (Song & Dhariwal's
+    level distribution, weighting and pseudo-Huber distance) or ``l2`` (Algorithm 2's squared
+    distance, levels uniform; :func:`consistency_distillation_loss`), ``train_steps`` steps of
+    AdamW at ``lr`` (constant; the sampled weights an EMA of 0.99) on batches of
+    ``batch_size`` (default: the teacher's), into ``out/consistency``. ``prediction``: the
+    student's parameterization (default: the teacher's if one of
+    :data:`CONSISTENCY_PREDICTIONS`, else ``v``); ``guidance``: the fixed classifier-free
     guidance scale of the teacher (default: its ``sample.guidance``). Every argument is
     checked, and no folder is written, before training starts."""
     teacher: LoadedModel = teacher_run.model
@@ -385,6 +392,7 @@ def consistency(
                         f"{levels}")  # fmt: skip
     mu = finite("target_ema", target_ema, 0.0, 1.0)
     choose("--solver", solver, SOLVERS)
+    choose("--loss", loss, DISTILLATION_LOSSES)
     if prediction is None:
         prediction = cfg.diffusion.prediction
         prediction = prediction if prediction in CONSISTENCY_PREDICTIONS else "v"
@@ -399,7 +407,7 @@ def consistency(
     train_data, _ = data_splits(cfg.data)
     meta = run_metadata(CONSISTENCY.name, student_cfg, train_data, distilled={
         "method": "consistency", "teacher": str(teacher_run.path), "levels": levels,
-        "target_ema": mu, "solver": solver, "guidance": w, "sigma_min": sigma_min,
+        "target_ema": mu, "solver": solver, "loss": loss, "guidance": w, "sigma_min": sigma_min,
         "sigma_max": sigma_max,
     })  # fmt: skip
     net = CONSISTENCY.build(student_cfg, meta)
@@ -423,7 +431,7 @@ def consistency(
         student = consistency_function(build_denoiser(net, d), student_cfg)
         target_fn = consistency_function(build_denoiser(target, d), student_cfg)
         return consistency_distillation_loss(student, target_fn, step, batch[0], times, cond,
-                                             generator=generator)  # fmt: skip
+                                             loss=loss, generator=generator)  # fmt: skip
 
     start = time.perf_counter()
     trainer = Trainer(net, loss, tensors, student_cfg.train, meta, folder)

@@ -2,7 +2,10 @@
 training (issue 15; seed 004, "Fine-tuning"): the Computer Modern typewriter font as a style
 (token ``<tt>``) and the Greek capital Omega as a subject ("a [V] letter"), 8 training pictures
 each rendered by :mod:`difflab.data.glyphs`, taught by each method: LoRA, textual inversion,
-DreamBooth with and without prior preservation, DreamBooth-LoRA.
+DreamBooth with and without prior preservation, DreamBooth-LoRA. The training pictures are
+captioned in the folder's ``metadata.jsonl`` (``--captions``): by default every other one with
+its colours ("a yellow {} letter on a red background") and the rest with the concept's prompt,
+so that the token carries the concept and not the 8 pictures' colours.
 
 What the glyphs judge can read: its character head knows the 62 Latin classes and its family
 head was trained on the six families of the training split, so it can name neither concept (the
@@ -63,8 +66,8 @@ from difflab.viz.images import save_grid
 SUBJECT_CHAR = "Ω"
 CONCEPTS = {
     # name: training prompt template, LoRA / textual-inversion token and word, DreamBooth
-    # identifier and class prompt, each picture's caption naming its colours (--captions
-    # described), prompts of the evaluation ({} where the token goes)
+    # identifier and class prompt, a training caption naming the picture's colours (--captions
+    # described or mixed), prompts of the evaluation ({} where the token goes)
     "typewriter": {
         "prompt": "a {} capital A",
         "token": "<tt>",

@@ -32,6 +32,8 @@ from difflab.gaussian.oracles import GaussianOracle
 from difflab.gaussian.parameterization import Denoiser, Prediction, edm_preconditioning
 from difflab.gaussian.schedules import broadcast, make_schedule
 from difflab.nets.mlp import MLPDenoiserNet
+from difflab.recipes.distill import distill
+from difflab.train.checkpoint import read_run_config
 
 SCHEDULES = [("cosine", {"T": 1000}), ("edm", {}), ("linear-logsnr", {})]
 
@@ -439,3 +441,16 @@ def test_bad_consistency_options_are_refused(args, message, trained, tmp_path, m
     assert code == 2 and err.startswith("difflab: error: ") and message in err, err
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "s.npz").exists() and not (tmp_path / "r").exists()
+
+
+def test_the_distillation_loss_option_reaches_the_training(teacher, tmp_path):
+    """``--loss ict`` and ``--loss l2`` train different students from the same draws (and the
+    run records which), so the option is not lost on its way to the loss."""
+    students = {}
+    for loss in ("ict", "l2"):
+        out = tmp_path / loss
+        distill(teacher, method="consistency", out=out, loss=loss, train_steps=2, batch_size=4,
+                progress=False)  # fmt: skip
+        assert read_run_config(out / "consistency")["distilled"]["loss"] == loss
+        students[loss] = difflab.load(out / "consistency").model.denoiser.net.state_dict()
+    assert any(not torch.equal(students["ict"][k], students["l2"][k]) for k in students["l2"])

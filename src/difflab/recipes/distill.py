@@ -421,7 +421,7 @@ def consistency(
 
     updated = [0]  # the trainer's step at the target network's last update
 
-    def loss(net: torch.nn.Module, batch: tuple[torch.Tensor, ...], generator) -> torch.Tensor:
+    def batch_loss(net: torch.nn.Module, batch: tuple[torch.Tensor, ...], generator):
         if trainer.step != updated[0]:  # after each optimiser step: theta- <- EMA of theta
             torch._foreach_lerp_(target_weights, weights, 1.0 - mu)
             updated[0] = trainer.step
@@ -434,7 +434,7 @@ def consistency(
                                              loss=loss, generator=generator)  # fmt: skip
 
     start = time.perf_counter()
-    trainer = Trainer(net, loss, tensors, student_cfg.train, meta, folder)
+    trainer = Trainer(net, batch_loss, tensors, student_cfg.train, meta, folder)
     target = copy.deepcopy(trainer.model).requires_grad_(False)
     weights = [p.detach() for p in trainer.model.parameters()]
     target_weights = [p.detach() for p in target.parameters()]

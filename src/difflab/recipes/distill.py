@@ -36,10 +36,9 @@ training's log-normal, pseudo-Huber distance weighted by ``1 / (sigma_{n+1} - si
 parameterization when that is ``x0``, ``v``, ``flow`` or ``edm`` (else ``v``, relearned from
 the copied output layer, like progressive distillation: an ``eps`` network's data estimate
 ``(x_t - sigma eps) / alpha`` amplifies its errors by ``1 / alpha``, 80 at the top level;
-``prediction`` chooses any). It writes one run,
-``OUT/consistency``, that ``difflab sample`` draws from in 1 step (``--steps K``: multistep
-consistency sampling). The EMA target is not saved: the run is not resumable as a
-distillation.
+``prediction`` chooses any). It writes one run, ``OUT/consistency``, that ``difflab sample``
+draws from in 1 step (``--steps K``: multistep consistency sampling). The EMA target is not
+saved: the run is not resumable as a distillation.
 
 Class-conditional teachers with classifier-free guidance: the guidance scale ``w`` is fixed at
 distillation time (guided distillation with a fixed scale, not as an input of the student): the

@@ -55,9 +55,8 @@ def images(tmp_path_factory) -> Path:
 
 
 def trained_adapter(base: Path, images: Path, out: Path, **options) -> Path:
-    options = {"steps": 3, "init_word": WORD, "progress": False, **options}
-    return ft.finetune_lora(base, images=images, prompt=PROMPT, token=TOKEN, out=out,
-                            **options).path  # fmt: skip
+    options = {"steps": 3, "init_word": WORD, "progress": False, "prompt": PROMPT, **options}
+    return ft.finetune_lora(base, images=images, token=TOKEN, out=out, **options).path
 
 
 def randomised(adapter: Path, out: Path, seed: int) -> Path:
@@ -460,6 +459,41 @@ def test_bad_merge_and_adapter_files_are_refused(base, images, tmp_path, monkeyp
         "--n",
         "1",
     )
+
+
+def test_lora_and_textual_inversion_read_a_caption_per_picture(base, images, tmp_path):
+    """A ``metadata.jsonl`` giving every picture ``PROMPT`` trains the same file, tensor for
+    tensor, as ``--prompt PROMPT``; giving them other captions, a different one."""
+
+    def captioned(name: str, texts: list[str]) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        for picture in images.iterdir():
+            (folder / picture.name).write_bytes(picture.read_bytes())
+        lines = [json.dumps({"file_name": f"{i}.png", "text": t}) for i, t in enumerate(texts)]
+        (folder / ft.CAPTIONS).write_text("\n".join(lines) + "\n")
+        return folder
+
+    def tensors(path: Path) -> dict[str, torch.Tensor]:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+
+    same = captioned("same", [PROMPT] * 6)
+    other = captioned("other", [f"a {c} {{}} letter A" for c in ("red", "blue") * 3])
+    for fit in (
+        lambda folder, prompt, out: trained_adapter(base, folder, out, prompt=prompt),
+        lambda folder, prompt, out: ft.finetune_embedding(
+            base, images=folder, prompt=prompt, token=TOKEN, init_word=WORD, out=out, steps=3,
+            lr=0.1, progress=False).path,
+    ):  # fmt: skip
+        one = tensors(fit(images, PROMPT, tmp_path / "one.safetensors"))
+        each = tensors(fit(same, None, tmp_path / "each.safetensors"))
+        moved = tensors(fit(other, None, tmp_path / "other.safetensors"))
+        assert one.keys() == each.keys() == moved.keys()
+        assert all(torch.equal(one[k], each[k]) for k in one)
+        assert any(not torch.equal(one[k], moved[k]) for k in one)
+        for name in ("one", "each", "other"):
+            (tmp_path / f"{name}.safetensors").unlink()
 
 
 # ------------------------------------------------------------------ textual inversion

@@ -25,6 +25,7 @@ from difflab.data.glyphs import generate
 from difflab.errors import UserError
 from difflab.gaussian.objectives import make_objective
 from difflab.nets.attention import CrossAttention, SelfAttention
+from difflab.nets.unet import ResBlock
 from difflab.recipes import finetune as ft
 from difflab.recipes import load, load_config, train
 from difflab.recipes import text_to_image as t2i
@@ -90,6 +91,11 @@ def attention_linears(net: nn.Module) -> dict[str, nn.Linear]:
             for child in ("q", "kv", "qkv", "out") if hasattr(m, child)}  # fmt: skip
 
 
+def residual_convolutions(net: nn.Module) -> dict[str, nn.Conv2d]:
+    return {f"{name}.{conv}": getattr(m, conv) for name, m in net.named_modules()
+            if isinstance(m, ResBlock) for conv in ("conv1", "conv2")}  # fmt: skip
+
+
 # ------------------------------------------------------------------ the adapters themselves
 
 
@@ -108,7 +114,15 @@ def test_the_targets_name_the_attention_projections_of_unet_and_dit():
         _, cfg = load_config("glyphs-text", [*kind, "text_encoder.dim=16"])
         net = t2i.build_text_net(cfg, (3, 32, 32))
         every = set(attention_linears(net))
-        assert every and set(ft.projection_names(net, ft.TARGETS)) == every
+        attention = ft.parse_targets(ft.DEFAULT_TARGETS)
+        assert every and set(ft.projection_names(net, attention)) == every
+        convolutions = set(residual_convolutions(net))
+        if convolutions:  # the U-Net: conv adds its residual blocks' 3x3 convolutions
+            assert set(ft.projection_names(net, ft.TARGETS)) == every | convolutions
+            assert all(m.kernel_size == (3, 3) for m in residual_convolutions(net).values())
+        else:  # the DiT has none: conv is refused
+            with pytest.raises(UserError, match="no convolutions"):
+                ft.projection_names(net, ("q", "conv"))
         assert {n.rsplit(".", 1)[1] for n in ft.projection_names(net, ("q",))} == {"q"}
         assert {n.rsplit(".", 1)[1] for n in ft.projection_names(net, ("k", "v"))} == {"kv"}
         assert {n.rsplit(".", 1)[1] for n in ft.projection_names(net, ("out",))} == {"out"}
@@ -127,7 +141,7 @@ def test_a_new_adapter_changes_nothing_and_only_it_receives_gradients(base):
     weights = {k: v.clone() for k, v in net.state_dict().items()}
     params = ft.add_lora(net, ft.TARGETS, rank=4, alpha=8.0, seed=0)
     layers = [m for m in net.modules() if isinstance(m, LoraLayer)]
-    assert len(layers) == len(attention_linears(net))
+    assert len(layers) == len(attention_linears(net)) + len(residual_convolutions(net))
     for layer in layers:  # A Gaussian with std 1/r, B zero, scale alpha / r
         a, b = layer.lora_A[ft.TRAINED].weight, layer.lora_B[ft.TRAINED].weight
         assert float(b.detach().abs().max()) == 0 and abs(float(a.detach().std()) - 1 / 4) < 0.1
@@ -205,8 +219,9 @@ def folded(base: Path, adapters: list[tuple[Path, float]]) -> nn.Module:
             for k, a in tensors.items():
                 if k.endswith("lora_A.weight"):
                     name = k[: -len(".lora_A.weight")]
-                    b = tensors[f"{name}.lora_B.weight"]
-                    linears[name].weight += factor * b @ a
+                    b = tensors[f"{name}.lora_B.weight"]  # (out, r) or (out, r, 1, 1)
+                    weight = linears[name].weight
+                    weight += factor * (b.flatten(1) @ a.flatten(1)).view_as(weight)
     return net
 
 
@@ -214,7 +229,9 @@ def test_two_adapters_at_a_and_b_equal_the_base_with_both_updates_folded_in(base
     one = randomised(trained_adapter(base, images, tmp_path / "1.safetensors", rank=4,
                                      alpha=8.0), tmp_path / "r1.safetensors", 1)  # fmt: skip
     two = randomised(
-        trained_adapter(base, images, tmp_path / "2.safetensors", rank=2, targets="k,v", seed=3),
+        trained_adapter(
+            base, images, tmp_path / "2.safetensors", rank=2, targets="k,v,conv", seed=3
+        ),
         tmp_path / "r2.safetensors",
         2,
     )
@@ -232,7 +249,8 @@ def test_two_adapters_at_a_and_b_equal_the_base_with_both_updates_folded_in(base
 
 
 def test_merge_then_unmerge_restores_the_weights(base, images, tmp_path):
-    adapter = randomised(trained_adapter(base, images, tmp_path / "a.safetensors"),
+    adapter = randomised(trained_adapter(base, images, tmp_path / "a.safetensors",
+                                         targets="q,k,v,out,conv"),
                          tmp_path / "r.safetensors", 0)  # fmt: skip
     loaded = load(base, "cpu")
     before = {k: v.clone() for k, v in ft.base_state(loaded.model.denoiser.net).items()}
@@ -251,7 +269,8 @@ def test_merge_then_unmerge_restores_the_weights(base, images, tmp_path):
 def test_difflab_merge_equals_peft_merge_and_unload_and_samples_as_the_adapter(
     base, images, tmp_path
 ):
-    adapter = randomised(trained_adapter(base, images, tmp_path / "a.safetensors", rank=3),
+    adapter = randomised(trained_adapter(base, images, tmp_path / "a.safetensors", rank=3,
+                                         targets="q,k,v,out,conv"),
                          tmp_path / "r.safetensors", 4)  # fmt: skip
     merged = ft.merge(base, [f"{adapter}:0.5"], tmp_path / "merged")
     mine = load(merged, "cpu").model.denoiser.net

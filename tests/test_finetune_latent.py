@@ -53,7 +53,7 @@ def test_lora_on_a_latent_run_learns_the_encoded_pictures(base, images, tmp_path
     assert model.shape == (4, 8, 8)
     z = latents(model, images)
     net = model.denoiser.net
-    ft.add_lora(net, ft.TARGETS, 4, 4.0, SEED)
+    ft.add_lora(net, ft.parse_targets(ft.DEFAULT_TARGETS), 4, 4.0, SEED)
     net.train()
     tokens = t2i.tokenize([PROMPT.format(WORD)])[0].expand(len(z), -1)
     objective = make_objective(model.config.diffusion.prediction, model.config.diffusion.weighting)

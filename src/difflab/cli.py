@@ -468,7 +468,10 @@ def finetune(
     ] = None,
     targets: Annotated[
         str | None,
-        typer.Option(help="LoRA: attention projections to adapt, a comma list of q,k,v,out."),
+        typer.Option(
+            help="LoRA: what to adapt, a comma list of q,k,v,out (attention projections; the "
+            "default) and conv (a U-Net's 3x3 convolutions)."
+        ),
     ] = None,
     class_prompt: Annotated[
         str | None,

@@ -17,10 +17,14 @@ frozen. Applied at scale ``s`` the update is ``s (alpha / r) B A``; several adap
 The layers are Hugging Face ``peft``'s (:func:`peft.inject_adapter_in_model` wraps any
 ``nn.Module``, as diffusers does); this module picks the targets, trains, and keeps the file.
 
-Targets (``--targets``, any of ``q,k,v,out``): the projections of the U-Net's or DiT's attention
-blocks. The cross-attention computes ``q`` from the image and ``k, v`` from the caption in one
-``kv`` map, so ``k`` and ``v`` are adapted together; the self-attention computes ``q, k, v`` in
-one ``qkv`` map, adapted when all three are named; ``out`` is both blocks' output projection.
+Targets (``--targets``, any of ``q,k,v,out,conv``; default ``q,k,v,out``): the projections of
+the U-Net's or DiT's attention blocks. The cross-attention computes ``q`` from the image and
+``k, v`` from the caption in one ``kv`` map, so ``k`` and ``v`` are adapted together; the
+self-attention computes ``q, k, v`` in one ``qkv`` map, adapted when all three are named;
+``out`` is both blocks' output projection. ``conv`` adds the two 3x3 convolutions of each of a
+U-Net's residual blocks (``A`` a 3x3 convolution down to ``r`` channels, ``B`` a 1x1 one back,
+so ``B A`` is again a 3x3 kernel; a DiT has none): a new shape is more than attention can
+carry.
 The text encoder stays as it is, except in DreamBooth-LoRA with ``--train-text-encoder``,
 which adapts its feed-forward maps too (:func:`encoder_projection_names` says why not its
 attention).
@@ -65,6 +69,7 @@ from difflab.errors import UserError
 from difflab.files import file_error, make_folder, write_bytes
 from difflab.gaussian.objectives import make_objective
 from difflab.nets.attention import CrossAttention, SelfAttention
+from difflab.nets.unet import ResBlock
 from difflab.recipes import Run, load, positive_int, seed_value
 from difflab.recipes.autoencoder import encode_means
 from difflab.recipes.text_to_image import RECIPE as TEXT_TO_IMAGE
@@ -77,7 +82,9 @@ from difflab.train.checkpoint import (
 )
 
 METHODS = ("lora", "textual-inversion", "dreambooth")
-TARGETS = ("q", "k", "v", "out")
+TARGETS = ("q", "k", "v", "out", "conv")
+#: ``--targets`` when not given: the attention projections.
+DEFAULT_TARGETS = "q,k,v,out"
 #: The ``format`` entry of an adapter file's metadata.
 ADAPTER_FORMAT = "difflab-lora-1"
 #: The ``format`` entry of a textual-inversion embedding file's metadata.
@@ -109,9 +116,15 @@ def parse_targets(text: str) -> tuple[str, ...]:
 
 
 def projection_names(net: nn.Module, targets: Sequence[str]) -> list[str]:
-    """The full names of the linear maps of ``net``'s attention blocks that ``targets`` name
-    (see the module docstring)."""
-    names = []
+    """The full names of the linear maps of ``net``'s attention blocks, and of the convolutions
+    of its residual blocks, that ``targets`` name (see the module docstring); ``conv`` for a
+    network without residual blocks (a DiT) is a :class:`UserError`."""
+    convolutions = [f"{name}.{conv}" for name, module in net.named_modules()
+                    if isinstance(module, ResBlock) for conv in ("conv1", "conv2")]  # fmt: skip
+    if "conv" in targets and not convolutions:
+        raise UserError("--targets conv: this run's denoiser has no convolutions (a DiT); name "
+                        "its attention projections q,k,v,out")  # fmt: skip
+    names = convolutions if "conv" in targets else []
     for name, module in net.named_modules():
         prefix = f"{name}." if name else ""
         if isinstance(module, CrossAttention):
@@ -459,7 +472,7 @@ def finetune_lora(
     token: str,
     out: str | Path,
     rank: int = 4,
-    targets: str = "q,k,v,out",
+    targets: str = DEFAULT_TARGETS,
     alpha: float | None = None,
     init_word: str | None = None,
     steps: int = DEFAULT_STEPS,
@@ -806,7 +819,7 @@ def finetune_dreambooth(
         alpha = float(rank if alpha is None else alpha)
         if not (math.isfinite(alpha) and alpha > 0):
             raise UserError("--alpha must be a positive number")
-        chosen = parse_targets("q,k,v,out" if targets is None else targets)
+        chosen = parse_targets(DEFAULT_TARGETS if targets is None else targets)
     lr = (DEFAULT_LR if lora else DEFAULT_DREAMBOOTH_LR) if lr is None else lr
     if not (math.isfinite(lr) and lr > 0):
         raise UserError("--lr must be a positive number")

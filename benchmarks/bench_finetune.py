@@ -30,8 +30,10 @@ methods.
 
 Usage (one thread; every size is an option, the defaults are the short run of BENCHMARKS.md):
 ``OMP_NUM_THREADS=1 python benchmarks/bench_finetune.py --base runs/t2i-latent-v --out
-runs/bench/finetune``. Writes ``OUT/results.json``, ``OUT/grid.png`` and the concept folders,
-adapters, embeddings and DreamBooth runs under ``OUT``; prints markdown tables.
+runs/bench/finetune``; ``--methods`` runs some of the methods only (the two-LoRA row needs
+``lora``), ``--targets`` chooses LoRA's and DreamBooth-LoRA's targets. Writes
+``OUT/results.json``, ``OUT/grid.png`` and the concept folders, adapters, embeddings and
+DreamBooth runs under ``OUT``; prints markdown tables.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from difflab.data.glyphs import (
     render,
     sample_attributes,
 )
+from difflab.errors import UserError
 from difflab.evaluate.frechet import frechet_distance_from_samples
 from difflab.evaluate.glyphs_judge import glyphs_to_tensor, load_glyphs_judge
 from difflab.recipes import finetune as ft
@@ -239,14 +242,14 @@ def finetune(method: str, concept: dict, base: Path, images: Path, out: Path, a)
     wall, cpu = time.perf_counter(), time.process_time()
     if method == "lora":
         result = ft.finetune_lora(base, token=concept["token"], init_word=concept["init_word"],
-                                  rank=a.rank, lr=a.lora_lr, out=out.with_suffix(".safetensors"),
-                                  **common)  # fmt: skip
+                                  rank=a.rank, targets=a.targets, lr=a.lora_lr,
+                                  out=out.with_suffix(".safetensors"), **common)  # fmt: skip
     elif method == "textual-inversion":
         result = ft.finetune_embedding(base, token=concept["token"], lr=a.ti_lr,
                                        init_word=concept["init_word"],
                                        out=out.with_suffix(".safetensors"), **common)  # fmt: skip
     elif method == "dreambooth-lora":
-        result = ft.finetune_dreambooth(base, rank=a.rank, lr=a.lora_lr,
+        result = ft.finetune_dreambooth(base, rank=a.rank, targets=a.targets, lr=a.lora_lr,
                                         out=out.with_suffix(".safetensors"),
                                         **dreambooth)  # fmt: skip
     else:
@@ -288,6 +291,9 @@ def main() -> None:
     p.add_argument("--images", type=int, default=8, help="training pictures per concept")
     p.add_argument("--steps", type=int, default=200, help="fine-tuning steps of every method")
     p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--targets", default=ft.DEFAULT_TARGETS, help="LoRA and DreamBooth-LoRA")
+    p.add_argument("--methods", type=lambda text: text.split(","), default=list(METHODS),
+                   help="comma list of " + ", ".join(METHODS))  # fmt: skip
     p.add_argument("--lora-lr", type=float, default=2e-3, help="LoRA and DreamBooth-LoRA")
     p.add_argument("--ti-lr", type=float, default=1e-2, help="textual inversion")
     p.add_argument("--db-lr", type=float, default=1e-4, help="DreamBooth")
@@ -303,6 +309,12 @@ def main() -> None:
                    "are the concept's prompt (mixed); every picture's names them (described); "
                    "all the concept's prompt (plain)")  # fmt: skip
     a = p.parse_args()
+    if unknown := set(a.methods) - set(METHODS):
+        p.error(f"unknown methods {', '.join(sorted(unknown))}: choose from {', '.join(METHODS)}")
+    try:
+        ft.parse_targets(a.targets)
+    except UserError as e:
+        p.error(str(e))
     torch.set_num_threads(1)
     if a.out.exists():
         shutil.rmtree(a.out)
@@ -343,13 +355,14 @@ def main() -> None:
     again = draw(base_run, list(ORDINARY), a.drift_samples, a.seed + 2, a)
     results["base_drift_other_seeds_fd"] = frechet_distance_from_samples(judge.features(again),
                                                                          real)  # fmt: skip
-    rows: dict[str, list[torch.Tensor]] = {m: [] for m in ("base", *METHODS)}
+    methods = a.methods
+    rows: dict[str, list[torch.Tensor]] = {m: [] for m in ("base", *methods)}
     for name, concept in CONCEPTS.items():
         record: dict = {}
         metrics, x = concept_metrics(base_run, concept["identifier"], concept, name)
         record["base"] = {"metrics": metrics}
         rows["base"].append(grid_part(x, a.samples))
-        for method in METHODS:
+        for method in methods:
             print(f"{name}: {method} ...", flush=True)
             made = finetune(method, concept, a.base, folders[name], a.out / f"{name}-{method}", a)
             run, word = tuned(method, a.base, made, concept)
@@ -360,9 +373,10 @@ def main() -> None:
             record[method] = made
             print(json.dumps(made), flush=True)
         results[name] = record
-    results["combined"] = combined(a, folders, judge, probe["typewriter"])
-    grid = torch.cat([torch.cat(rows[m], 0) for m in ("base", *METHODS)])
-    save_grid(grid, a.out / "grid.png", nrow=len(grid) // (1 + len(METHODS)))
+    if "lora" in methods:  # the font LoRA trained above is one of the two
+        results["combined"] = combined(a, folders, judge, probe["typewriter"])
+    grid = torch.cat([torch.cat(rows[m], 0) for m in ("base", *methods)])
+    save_grid(grid, a.out / "grid.png", nrow=len(grid) // (1 + len(methods)))
     results["wall_seconds"] = time.perf_counter() - start_wall
     results["cpu_seconds"] = time.process_time() - start_cpu
     results["machine"] = f"{platform.machine()}, torch {torch.__version__}"
@@ -382,7 +396,8 @@ def combined(a, folders: dict, judge, typewriter: Probe) -> dict:
     paths = {"typewriter": a.out / "typewriter-lora.safetensors",  # trained above
              "pink": a.out / "pink-lora.safetensors"}  # fmt: skip
     ft.finetune_lora(a.base, images=folders["pink"], prompt="a {} capital A", token="<op>",
-                     init_word="mono", rank=a.rank, lr=a.lora_lr, steps=a.steps, seed=a.seed,
+                     init_word="mono", rank=a.rank, targets=a.targets, lr=a.lora_lr,
+                     steps=a.steps, seed=a.seed,
                      out=paths["pink"], device="cpu", progress=False)  # fmt: skip
     shares = {}
     for label, specs in (
@@ -411,7 +426,7 @@ def tables(r: dict) -> str:
              "|---|---|---:|---|---|---|---:|---:|---:|"]  # fmt: skip
     before = r["base_drift"]
     for name in CONCEPTS:
-        for method in ("base", *METHODS):
+        for method in ("base", *r["settings"]["methods"]):
             m = r[name][method]
             q = m["metrics"]
             fidelity = (f"{q['colour']:.0%} / {q['background']:.0%} / "
@@ -434,7 +449,7 @@ def tables(r: dict) -> str:
                          f"{m['cpu_seconds']:.0f} |")  # fmt: skip
     lines += ["", "| LoRAs on 'a <tt> capital A' | typewriter (probe) | pink | purple "
               "background |", "|---|---:|---:|---:|"]  # fmt: skip
-    for label, s in r["combined"].items():
+    for label, s in r.get("combined", {}).items():
         lines.append(f"| {label} | {s['typewriter']:.0%} | {s['pink']:.0%} | {s['purple']:.0%} |")
     checks = r["probes"]
     lines += ["", "probes on held-out real glyphs: " + "; ".join(

@@ -166,7 +166,8 @@ def concept_captions(folder: str | Path, prompt: str | None) -> list[str]:
         raise UserError(f"--prompt does not apply: the pictures in {root} have their own "
                         f"captions in {listing}")  # fmt: skip
     else:
-        captions = [_read_captions(listing).get(name) for name in names]
+        given = _read_captions(listing)
+        captions = [given.get(name) for name in names]
         if None in captions:
             raise UserError(f"{listing} has no caption for {names[captions.index(None)]}")
     for caption in captions:

@@ -3,8 +3,9 @@
 1. Likelihood at equal training time (``--minutes`` per model, built-in Shakespeare, characters,
    the same transformer): the autoregressive model, MDLM from scratch, block diffusion with
    ``--block-sizes``, and MDLM adapted from the AR model for ``--adapt-minutes`` more
-   (``difflab adapt``; its row reports the AR time plus the adaptation time). Bits per character
-   on the held-out plays ('<=' marks a bound).
+   (``difflab adapt``, mask annealed over ``--anneal-steps``, learning rate ``--adapt-lr``;
+   its row reports the AR time plus the adaptation time). Bits per character on the held-out
+   plays ('<=' marks a bound).
 2. Generation: ``--n`` passages of ``--gen-length`` tokens from the AR model with its key/value
    cache, MDLM (cached sampler, ``--mdlm-steps``), block diffusion with its cache (one step per
    token of a block), and speculative decoding of the AR model with a small MDLM drafter
@@ -111,6 +112,8 @@ def adapt_ar(args: argparse.Namespace, ar_times: tuple[float, float]):
     run = args.out / "adapted"
     overrides = [*common(args, run, args.adapt_minutes),
                  f"adapt.anneal_steps={args.anneal_steps}"]  # fmt: skip
+    if args.adapt_lr is not None:
+        overrides.append(f"train.lr={args.adapt_lr}")
     cfg = None if args.skip_train else load_config(args.out / "ar", overrides, recipe=ADAPT.name)[1]
     times = timed_training(args, ADAPT, cfg, run)
     return ADAPT.load(run, args.device), (ar_times[0] + times[0], ar_times[1] + times[1])
@@ -329,6 +332,8 @@ def main() -> None:
     parser.add_argument("--adapt-minutes", type=float, default=None,
                         help="adaptation budget (default: --minutes)")  # fmt: skip
     parser.add_argument("--anneal-steps", type=int, default=100)
+    parser.add_argument("--adapt-lr", type=float, default=None,
+                        help="learning rate of the adaptation (default: the preset's)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("runs/bench-bridges"))
     parser.add_argument("--preset", default="text-demo")
     parser.add_argument("--length", type=int, default=256)

@@ -15,7 +15,7 @@ from difflab.data.glyphs import CHARACTERS, GREEK, LATIN, caption, generate
 from difflab.errors import UserError
 from difflab.nets.text_encoder import TextConditionedNet, TextEncoder
 from difflab.nets.unet import UNet
-from difflab.recipes import load, load_config
+from difflab.recipes import load, load_config, run_metadata
 from difflab.recipes import text_to_image as t2i
 
 TINY = ["train.steps=3", "train.batch_size=8", "train.log_every=1", "train.ema=0",
@@ -228,6 +228,12 @@ def test_the_glyphs_demo_writes_a_grid_of_prompts_by_seeds(tmp_path, capsys, mon
     with Image.open(out / "prompts.png") as grid:
         assert grid.size == (rows[1], rows[0]) and rows[1] > 3 * rows[0]
     assert (out / "loss_curve.png").exists() and (out / "checkpoint.safetensors").exists()
+    # a latent model, on the latents of the autoencoder the demo trained beside it
+    meta = run_metadata(out)
+    assert meta["autoencoder"] == str((out / "autoencoder").resolve())
+    assert meta["latent_scale"] == run_metadata(out / "autoencoder")["latent_scale"]
+    assert main(["demo", "--glyphs", "--steps", "2", "--quiet", "--out", str(out)]) == 0
+    assert "holds other files" not in capsys.readouterr().out  # its own folder: run again there
     assert main(["demo", "--glyphs", "--text"]) == 2
     assert "choose one" in capsys.readouterr().err
 

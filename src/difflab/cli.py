@@ -630,8 +630,9 @@ def train_control(
     "cores), then write a grid of samples (one row per class), an animation of the reverse "
     "process and the loss curve. With --text: a masked diffusion language model and an "
     "autoregressive one of the same size, trained for the same time on Shakespeare, with "
-    "passages and bits per character from both. With --glyphs: a text-to-image model of the "
-    "built-in glyphs (at most 8 minutes of training), with a grid of prompts by seeds. Never "
+    "passages and bits per character from both. With --glyphs: an autoencoder of the built-in "
+    "glyphs and a latent text-to-image model on it (about 9 minutes in all), with a grid of "
+    "prompts by seeds. Never "
     "deletes files difflab did not write."
 )
 def demo(
@@ -640,7 +641,8 @@ def demo(
         typer.Option(help="Folder (default runs/demo, runs/demo-text, runs/demo-glyphs)."),
     ] = None,
     steps: Annotated[
-        int | None, typer.Option(help="Training steps (digits and glyphs demos).")
+        int | None,
+        typer.Option(help="Training steps (digits demo; glyphs demo: each of its two models)."),
     ] = None,
     text_: Annotated[bool, typer.Option("--text", help="The text demo.")] = False,
     glyphs: Annotated[bool, typer.Option("--glyphs", help="The text-to-image demo.")] = False,

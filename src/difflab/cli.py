@@ -632,8 +632,7 @@ def train_control(
     "autoregressive one of the same size, trained for the same time on Shakespeare, with "
     "passages and bits per character from both. With --glyphs: an autoencoder of the built-in "
     "glyphs and a latent text-to-image model on it (about 9 minutes in all), with a grid of "
-    "prompts by seeds. Never "
-    "deletes files difflab did not write."
+    "prompts by seeds. Never deletes files difflab did not write."
 )
 def demo(
     out: Annotated[

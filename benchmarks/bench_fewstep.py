@@ -1,6 +1,7 @@
-"""Few-step generation on the digits model (issue 14): quality at 1, 2, 4 and 8 network calls.
+"""Few-step generation on a digits or glyphs model (issue 14): quality at 1, 2, 4 and 8 network
+calls.
 
-Rows (1,000 class-conditional samples each by default, 100 per class, seed 0):
+Rows (class-conditional samples, ``--n-per-class`` of each class, seed 0):
 
 - DPM-Solver++(2M) on the teacher, no training;
 - progressive distillation of the teacher (``difflab distill TEACHER --to-steps 1``): the
@@ -14,13 +15,15 @@ Rows (1,000 class-conditional samples each by default, 100 per class, seed 0):
   ``--ct-steps`` steps or ``--ct-minutes``), sampled likewise.
 
 Each row: the Frechet distance to the teacher's DDIM 50-step samples (same labels, same seed) in
-the digits judge's 64-d features and in pixels, the judge's accuracy on the samples' labels, and
-the Frechet distance to the digits data themselves (all 1,797, judge features: the issue's
-targets compare it with the teacher's own at DDIM 50 steps); and the wall-clock time its
-training took on this machine. A deterministic sampler started from the reference's noise
-follows the teacher's own trajectories, so its distance to the reference can fall below that of
-any independent draw; the row "teacher, DDIM 50 steps, another seed" measures that floor for
-stochastic samplers (multistep consistency sampling re-noises).
+the features of the data's judge (:mod:`difflab.evaluate.judged`: 64-d for digits, 128-d for
+glyphs) and in pixels, the judge's accuracy on the samples' labels (the digit, the character),
+and the Frechet distance to the training data themselves (all 1,797 digits, all 50,000
+training glyphs; judge features: the issue's targets compare it with the teacher's own at DDIM 50
+steps); and the wall-clock time its training took on this machine. A deterministic sampler
+started from the reference's noise follows the teacher's own trajectories, so its distance to
+the reference can fall below that of any independent draw; the row "teacher, DDIM 50 steps,
+another seed" measures that floor for stochastic samplers (multistep consistency sampling
+re-noises).
 
 ``--guidance W`` measures guided distillation: the reference, the floor and DPM-Solver++ are
 sampled with classifier-free guidance ``W``, and the distillations fix ``W`` in the student
@@ -31,11 +34,15 @@ Usage::
     python benchmarks/bench_fewstep.py --teacher runs/demo [--work runs/bench-fewstep]
         [--n-per-class 100] [--train-steps 300] [--reflow-steps 1000] [--flow-steps N]
         [--cd-steps 1000] [--ct-steps 1000] [--ct-minutes 0] [--rows progressive,flow,...]
-        [--guidance 0]
+        [--guidance 0] [--batch-size B] [--pairs P] [--pair-steps S] [--overrides K=V,...]
 
-``--teacher`` is a digits run of the image recipe (the ``make demo`` checkpoint, or
-``difflab train digits``); the flow is trained with the same preset for ``--flow-steps``
-(default: as many as the teacher had).
+``--teacher`` is a digits or glyphs run of the image recipe (the ``make demo`` checkpoint, or
+``difflab train digits``); the flow and the consistency-training model are trained with the
+preset of the teacher's data (``digits``, ``glyphs``) and ``--overrides`` (the teacher's own
+changes to that preset, e.g. ``model.unet.channels=32``), the flow for ``--flow-steps``
+(default: as many as the teacher had). ``--batch-size`` is every distillation's (default: the
+teacher's); ``--pairs`` and ``--pair-steps`` are reflow's (default: 4 pairs per training image,
+by the flow's own number of sampling steps).
 The students are written under ``--work`` (re-using those already there; a re-used one's
 time is printed as 0). ``--rows`` picks the method rows (``progressive``, ``flow``,
 ``consistency-distillation``, ``consistency-training``; default all); the DPM-Solver++(2M) row
@@ -53,7 +60,7 @@ import torch
 
 import difflab
 from difflab.data.images import load_dataset
-from difflab.evaluate.digits_classifier import load_digits_classifier
+from difflab.evaluate import judged
 from difflab.evaluate.frechet import frechet_distance_from_samples
 from difflab.recipes import is_run
 from difflab.recipes.distill import distill
@@ -85,6 +92,10 @@ def main() -> None:
     parser.add_argument("--ct-minutes", type=float, default=0.0, help="0: no limit")
     parser.add_argument("--rows", default=",".join(ROWS), help="comma list of " + ", ".join(ROWS))
     parser.add_argument("--guidance", type=float, default=0.0)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the teacher's")
+    parser.add_argument("--pairs", type=int, default=None, help="reflow's; default 4 per image")
+    parser.add_argument("--pair-steps", type=int, default=None, help="reflow's Euler steps")
+    parser.add_argument("--overrides", default="", help="comma list of the teacher's key=value")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     rows = args.rows.split(",")
@@ -92,9 +103,10 @@ def main() -> None:
         parser.error(f"unknown rows {', '.join(sorted(unknown))}: choose from {', '.join(ROWS)}")
     if args.guidance and (unguided := set(rows) - {"progressive", "consistency-distillation"}):
         parser.error(f"--guidance applies to the distillation rows only, not {', '.join(unguided)}")
-    labels = torch.arange(10).repeat_interleave(args.n_per_class)
-    judge = load_digits_classifier()
+    args.overrides = [o for o in args.overrides.split(",") if o]
     teacher = difflab.load(args.teacher, args.device)
+    data = args.data = teacher.config.data.name
+    labels = torch.arange(teacher.model.num_classes).repeat_interleave(args.n_per_class)
 
     def draw(run, seed: int = 0, **options) -> torch.Tensor:
         return run.sample(len(labels), label=labels, seed=seed, **options).x.clamp(-1, 1).cpu()
@@ -103,14 +115,14 @@ def main() -> None:
         return draw(teacher, seed, guidance=args.guidance, **options)
 
     reference = draw_teacher(sampler="ddim", steps=50)
-    ref_features = judge.features(reference)
-    data_features = judge.features(load_dataset("digits").x)
+    ref_features, _ = judged.read(data, reference)
+    data_features, _ = judged.read(data, load_dataset(data).x)
 
     def row(x: torch.Tensor) -> str:
-        features = judge.features(x)
+        features, classes = judged.read(data, x)
         to_reference = frechet_distance_from_samples(features, ref_features)
         pixels = frechet_distance_from_samples(x.flatten(1), reference.flatten(1))
-        accuracy = float((judge.predict(x).cpu() == labels).double().mean())
+        accuracy = float((classes == labels).double().mean())
         to_data = frechet_distance_from_samples(features, data_features)
         return f"{to_reference:.2f} / {pixels:.2f} / {100 * accuracy:.0f}% / {to_data:.2f}"
 
@@ -134,8 +146,8 @@ def main() -> None:
         lines += _flow_rows(args, draw, row)
     if "consistency-distillation" in rows:
         cd = work / "consistency-distillation"
-        seconds = _timed_distill(args.teacher, cd, method="consistency",
-                                 train_steps=args.cd_steps, guidance=args.guidance)  # fmt: skip
+        seconds = _timed_distill(args.teacher, cd, method="consistency", train_steps=args.cd_steps,
+                                 guidance=args.guidance, batch_size=args.batch_size)  # fmt: skip
         student = difflab.load(cd / "consistency", args.device)
         cells = [row(draw(student, steps=k)) for k in CALLS]
         lines.append(f"| consistency distillation ({args.cd_steps} steps) | {' | '.join(cells)} "
@@ -144,8 +156,9 @@ def main() -> None:
         ct = work / "consistency-training"
         start = time.perf_counter()
         if not is_run(ct):
-            difflab.train("digits", [f"train.out={ct}", f"train.steps={args.ct_steps}",
-                                     f"train.max_minutes={args.ct_minutes}"],
+            difflab.train(data, [*args.overrides, f"train.out={ct}",
+                                 f"train.steps={args.ct_steps}",
+                                 f"train.max_minutes={args.ct_minutes}"],
                           recipe="consistency", progress=False)  # fmt: skip
         seconds = time.perf_counter() - start
         trained = difflab.load(ct, args.device)
@@ -159,7 +172,8 @@ def main() -> None:
 def _progressive_row(args, draw, row) -> str:
     pd = args.work / "progressive"
     seconds = _timed_distill(args.teacher, pd, method="progressive", to_steps=1, from_steps=16,
-                             train_steps=args.train_steps, guidance=args.guidance)  # fmt: skip
+                             train_steps=args.train_steps, guidance=args.guidance,
+                             batch_size=args.batch_size)  # fmt: skip
     cells = [row(draw(difflab.load(pd / f"steps-{k}", args.device))) for k in CALLS]
     return f"| progressive distillation (16 -> 1) | {' | '.join(cells)} | {seconds:.0f} s |"
 
@@ -170,7 +184,7 @@ def _flow_rows(args, draw, row) -> list[str]:
     start = time.perf_counter()
     if not is_run(flow):
         steps = args.flow_steps or difflab.load(args.teacher).step
-        difflab.train("digits", [f"train.out={flow}", f"train.steps={steps}"],
+        difflab.train(args.data, [*args.overrides, f"train.out={flow}", f"train.steps={steps}"],
                       recipe="flow", progress=False)  # fmt: skip
     flow_seconds = time.perf_counter() - start
     flow_run = difflab.load(flow, args.device)
@@ -178,13 +192,16 @@ def _flow_rows(args, draw, row) -> list[str]:
     lines.append(f"| rectified flow ({flow_run.step} steps), Euler | {' | '.join(cells)} "
                  f"| {flow_seconds:.0f} s |")  # fmt: skip
     reflow_dir = work / "reflow"
-    seconds = _timed_distill(flow, reflow_dir, method="reflow", train_steps=args.reflow_steps)
+    seconds = _timed_distill(flow, reflow_dir, method="reflow", train_steps=args.reflow_steps,
+                             batch_size=args.batch_size, pairs=args.pairs,
+                             pair_steps=args.pair_steps)  # fmt: skip
     reflowed = difflab.load(reflow_dir / "reflow-1", args.device)
     cells = [row(draw(reflowed, sampler="euler", steps=k)) for k in CALLS]
     lines.append(f"| + reflow, Euler | {' | '.join(cells)} | {seconds:.0f} s |")
     rpd = work / "reflow-progressive"
     seconds = _timed_distill(reflow_dir / "reflow-1", rpd, method="progressive", to_steps=1,
-                             from_steps=16, train_steps=args.train_steps)  # fmt: skip
+                             from_steps=16, train_steps=args.train_steps,
+                             batch_size=args.batch_size)  # fmt: skip
     cells = [row(draw(difflab.load(rpd / f"steps-{k}", args.device))) for k in CALLS]
     lines.append(
         f"| + progressive distillation (16 -> 1) | {' | '.join(cells)} | {seconds:.0f} s |"

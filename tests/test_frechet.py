@@ -150,11 +150,31 @@ def test_from_samples_converges_to_closed_form():
     assert frechet_distance_from_samples(b, a) == pytest.approx(estimate, rel=1e-9)
 
 
+def test_from_samples_in_more_dimensions_than_points_equals_covariance_form():
+    # Fewer points than dimensions: the distance comes from the N x N singular values of
+    # B A^T (module docstring); it must equal the D x D covariance computation.
+    g = torch.Generator().manual_seed(6)
+    dim = 300
+    mix = torch.randn(dim, dim, generator=g, dtype=F64) / dim**0.5
+    a = torch.randn(120, dim, generator=g, dtype=F64) @ mix
+    b = 0.3 + torch.randn(90, dim, generator=g, dtype=F64) @ (1.5 * mix)
+    by_covariances = frechet_distance(*feature_statistics(a), *feature_statistics(b))
+    assert frechet_distance_from_samples(a, b) == pytest.approx(by_covariances, rel=1e-9)
+    assert frechet_distance_from_samples(b, a) == pytest.approx(by_covariances, rel=1e-9)
+    assert frechet_distance_from_samples(a.reshape(120, 3, 10, 10), a) == pytest.approx(
+        0.0, abs=1e-9
+    )
+    with pytest.raises(ValueError, match="at least 2"):
+        frechet_distance_from_samples(a[:1], b)
+
+
 def test_shape_errors():
     with pytest.raises(ValueError, match="equal length"):
         frechet_distance(torch.zeros(3), torch.eye(3), torch.zeros(4), torch.eye(4))
     with pytest.raises(ValueError, match="covariances"):
         frechet_distance(torch.zeros(3), torch.eye(3), torch.zeros(3), torch.eye(4))
+    with pytest.raises(ValueError, match="equal dimensions"):
+        frechet_distance_from_samples(torch.zeros(5, 3), torch.zeros(5, 4))
     with pytest.raises(ValueError, match="dimension"):
         kernel_distance(torch.zeros(5, 3), torch.zeros(5, 4))
 

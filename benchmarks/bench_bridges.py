@@ -29,8 +29,9 @@
 
 ``--parts`` picks among ``likelihood`` (1, the models trained), ``generation`` (2), ``cost`` (3)
 and ``speculative`` (4); ``--block-mask-range BETA,OMEGA`` trains the block runs with that
-``diffusion.mask_range`` (empty: the block kind's default). ``--adapt-minutes 0`` leaves the
-adapted model out. ``--steps NAME=N,...`` trains the named runs (``ar``, ``mdlm``,
+``diffusion.mask_range`` (empty: the block kind's default) and ``--block-lr`` at that learning
+rate (default: the preset's). ``--adapt-minutes 0`` leaves the adapted model out.
+``--steps NAME=N,...`` trains the named runs (``ar``, ``mdlm``,
 ``adapted``, ``block-L``, ``spec-target``, ``spec-drafter``) for ``N`` steps instead of
 ``--minutes``: on a shared machine, equal CPU time is set by steps in the ratio of the step
 costs of part 3. ``--only NAME,...`` trains those runs and stops (several processes may train
@@ -334,6 +335,8 @@ def main() -> None:
     parser.add_argument("--anneal-steps", type=int, default=100)
     parser.add_argument("--adapt-lr", type=float, default=None,
                         help="learning rate of the adaptation (default: the preset's)")  # fmt: skip
+    parser.add_argument("--block-lr", type=float, default=None,
+                        help="learning rate of the block runs (default: the preset's)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("runs/bench-bridges"))
     parser.add_argument("--preset", default="text-demo")
     parser.add_argument("--length", type=int, default=256)
@@ -377,8 +380,10 @@ def main() -> None:
         "",
         f"Command: `python benchmarks/bench_bridges.py {' '.join(sys.argv[1:])}`",
     ]
-    clip = [] if args.block_mask_range is None else [
+    block = [] if args.block_mask_range is None else [
         f"diffusion.mask_range=[{args.block_mask_range}]"]  # fmt: skip
+    if args.block_lr is not None:
+        block.append(f"train.lr={args.block_lr}")
     trainers = {"ar": lambda: train_text(args, "ar", "diffusion.kind=ar"),
                 "mdlm": lambda: train_text(args, "mdlm", "diffusion.kind=mdlm")}  # fmt: skip
     if args.adapt_minutes > 0 or "adapted" in args.steps:
@@ -388,7 +393,7 @@ def main() -> None:
         )
     for size in args.block_sizes:
         trainers[f"block-{size}"] = lambda s=size: train_text(
-            args, f"block-{s}", "diffusion.kind=block", f"diffusion.block_size={s}", *clip
+            args, f"block-{s}", "diffusion.kind=block", f"diffusion.block_size={s}", *block
         )
     pair = speculative_pair(args)
     if args.only:  # train these runs alone (a later call with --skip-train evaluates)

@@ -454,3 +454,45 @@ def test_the_distillation_loss_option_reaches_the_training(teacher, tmp_path):
         assert read_run_config(out / "consistency")["distilled"]["loss"] == loss
         students[loss] = difflab.load(out / "consistency").model.denoiser.net.state_dict()
     assert any(not torch.equal(students["ict"][k], students["l2"][k]) for k in students["l2"])
+
+
+def test_consistency_training_can_start_from_a_diffusion_run(tmp_path, monkeypatch, capsys):
+    """``consistency.init`` (consistency tuning): the network starts from the run's EMA
+    weights, so after two steps at a learning rate of 1e-12 the run still holds them, and the
+    same run without it (its own random start) does not. The diffusion run is initialised with
+    another seed, so that its weights are not the consistency run's own start."""
+    source = tmp_path / "diffusion"
+    difflab.train("digits-tiny", [*TINY, "train.seed=7"], out=str(source), progress=False)
+    same = [*TINY[:-1], "diffusion.schedule=cosine", "diffusion.prediction=eps", "train.lr=1e-12"]
+    weights = {}
+    for name, extra in (("tuned", [f"consistency.init={source}"]), ("scratch", [])):
+        code, _, err = run(monkeypatch, capsys, "train", "digits-tiny", "--recipe", "consistency",
+                           f"train.out={tmp_path / name}", *same, *extra, "--quiet")  # fmt: skip
+        assert code == 0, err
+        weights[name] = difflab.load(tmp_path / name).model.denoiser.net.state_dict()
+    start = difflab.load(source).model.denoiser.net.state_dict()
+    assert all(torch.allclose(weights["tuned"][k], start[k], atol=1e-6) for k in start)
+    assert not all(torch.allclose(weights["scratch"][k], start[k], atol=1e-2) for k in start)
+
+
+@pytest.mark.parametrize(
+    ("source", "args", "message"),
+    [
+        ("{tmp}/nothing", [], "is not a run folder"),
+        ("{trained}", [], "is a run of the consistency recipe; start from a diffusion run"),
+        ("{teacher}", [], "give its values: diffusion.T=20 diffusion.prediction=eps "
+                          "diffusion.schedule=cosine"),
+        ("{teacher}", ["diffusion.schedule=cosine", "diffusion.prediction=eps", "diffusion.T=20",
+                       "model.unet.channels=16"], "give its values: model.unet.channels=8"),
+    ],
+)  # fmt: skip
+def test_a_start_that_is_not_a_matching_diffusion_run_is_refused(
+    source, args, message, teacher, trained, tmp_path, monkeypatch, capsys
+):
+    source = source.format(tmp=tmp_path, trained=trained, teacher=teacher)
+    out = tmp_path / "r"
+    code, _, err = run(monkeypatch, capsys, "train", "digits-tiny", "--recipe", "consistency",
+                       *TINY[:-2], *args, f"consistency.init={source}", f"train.out={out}",
+                       "--quiet")  # fmt: skip
+    assert code == 2 and err.startswith("difflab: error: consistency.init: ") and message in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()

@@ -236,6 +236,18 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested dict keyed by dotted names, ``{"a": {"b": 1}} -> {"a.b": 1}`` (lists and empty
+    dicts stay values)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def coerce(value: Any, hint: Any, key: str) -> Any:
     """Check and convert ``value`` to the annotated type (int -> float allowed; NaN refused;
     a YAML date such as ``2024-01-01`` is the string it was written as)."""

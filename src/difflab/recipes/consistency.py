@@ -14,6 +14,13 @@ A run of this recipe comes from one of two commands:
   and preconditioning (``diffusion.schedule=edm``, ``diffusion.prediction=edm``) and drops the
   preset's sampler keys (:meth:`ConsistencyRecipe.adopt`); any other schedule and
   parameterization may be given.
+  With ``consistency.init=RUN`` the network starts from the (EMA) weights of a trained
+  diffusion run (``image`` or ``flow`` recipe) instead of at random: consistency tuning (Geng et
+  al. 2024, "Consistency Models Made Easy"), still no teacher ODE, the diffusion model being
+  the first stage of the model's own training. Its data, network and parameterization
+  (``diffusion.schedule``, ``T``, ``shift``, ``prediction``, ``sigma_data``,
+  ``class_conditional``) must be given equal to the run's: since ``f -> D`` for ``sigma >>
+  sigma_min``, the run's denoiser is then already the consistency function at high noise.
 - ``difflab distill RUN --method consistency`` (``recipes/distill.py``): consistency
   distillation of a trained run; the student keeps its teacher's schedule.
 
@@ -33,6 +40,7 @@ guidance, fixed at distillation), nor is any sampler or grid.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +49,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from difflab.config import check, check_seed
+from difflab.config import check, check_seed, flatten, to_dict
 from difflab.errors import UserError
 from difflab.gaussian import guidance as g
 from difflab.gaussian.consistency import (
@@ -53,7 +61,15 @@ from difflab.gaussian.consistency import (
     training_levels,
 )
 from difflab.gaussian.schedules import Schedule
-from difflab.recipes import Evaluation, Samples, is_run, positive_int, run_metadata, seed_value
+from difflab.recipes import (
+    Evaluation,
+    Samples,
+    is_run,
+    load,
+    positive_int,
+    run_metadata,
+    seed_value,
+)
 from difflab.recipes.image import (
     SAMPLE_CHUNK,
     THRESHOLDS,
@@ -77,6 +93,13 @@ SIGMA_MAX = 80.0
 #: EDM's smallest level: the default ``sigma_min`` of continuous-time schedules.
 SIGMA_MIN = 0.002
 
+#: The recipes of the runs ``consistency.init`` may start from, and the keys that must equal
+#: theirs (whole sections, or ``section.key``).
+INIT_RECIPES = ("image", "flow")
+INIT_KEYS = ("data.name", "data.path", "data.image_size", "model", "diffusion.schedule",
+             "diffusion.T", "diffusion.shift", "diffusion.prediction", "diffusion.sigma_data",
+             "diffusion.class_conditional")  # fmt: skip
+
 #: The keys an image preset sets that mean another model here (``None``: removed, so the
 #: default applies; otherwise this recipe's value).
 ADOPTED = {
@@ -92,7 +115,8 @@ class ConsistencySection:
     defaults, see the module docstring; ``rho``: Karras spacing) and the settings of
     consistency training (levels doubling from ``levels_start`` to ``levels_end``; the
     log-normal ``p_mean``, ``p_std`` of the levels; ``huber_c``: the pseudo-Huber constant,
-    empty: ``0.00054 sqrt(D)``)."""
+    empty: ``0.00054 sqrt(D)``); ``init``: a diffusion run whose weights start the network
+    (module docstring)."""
 
     sigma_min: float | None = None
     sigma_max: float | None = None
@@ -102,6 +126,7 @@ class ConsistencySection:
     p_mean: float = -1.1
     p_std: float = 2.0
     huber_c: float | None = None
+    init: str | None = None
 
     def validate(self) -> None:
         check(self.sigma_min is None or self.sigma_min > 0, "consistency.sigma_min must be > 0")
@@ -186,6 +211,32 @@ def sigma_range(cfg: ConsistencyConfig) -> tuple[float, float]:
     return sigma_min, sigma_max
 
 
+def initial_weights(cfg: ConsistencyConfig) -> dict[str, Tensor]:
+    """The (EMA) network weights of the run ``consistency.init``, after checking that it is a
+    diffusion run (:data:`INIT_RECIPES`) whose :data:`INIT_KEYS` equal this config's."""
+    source = Path(str(cfg.consistency.init))
+    if not is_run(source):
+        raise UserError(f"consistency.init: {source} is not a run folder")
+    run = load(source, "cpu")
+    if run.recipe.name not in INIT_RECIPES:
+        raise UserError(f"consistency.init: {source} is a run of the {run.recipe.name} recipe; "
+                        f"start from a diffusion run ({' or '.join(INIT_RECIPES)})")  # fmt: skip
+    differ = sorted(set(init_overrides(run.config)) - set(init_overrides(cfg)))
+    if differ:
+        raise UserError(f"consistency.init: {source} has another network or parameterization; "
+                        f"give its values: {' '.join(differ)}")  # fmt: skip
+    return run.model.denoiser.net.state_dict()
+
+
+def init_overrides(cfg: Any) -> list[str]:
+    """The ``key=value`` overrides that give a config the :data:`INIT_KEYS` values of ``cfg``
+    (``model.unet.channels=32``, ``model.unet.channel_mults=[1,2,2]``, ``diffusion.T=null``)."""
+    flat = flatten(to_dict(cfg))
+    return [f"{key}={v if isinstance(v, str) else json.dumps(v, separators=(',', ':'))}"
+            for key, v in flat.items()
+            if any(key == k or key.startswith(k + ".") for k in INIT_KEYS)]  # fmt: skip
+
+
 def consistency_function(denoiser: Any, cfg: ConsistencyConfig) -> ConsistencyFunction:
     """The consistency function of a denoiser of this recipe's config (``sigma_data``: the
     denoiser's own, 0.5 unless ``diffusion.sigma_data`` says otherwise)."""
@@ -216,11 +267,14 @@ class ConsistencyRecipe(ImageRecipe):
             raise UserError(f"{out} was written by difflab distill --method consistency; "
                             "--resume would continue it by consistency training: distil it "
                             "again with more --train-steps")  # fmt: skip
+        start = None if cfg.consistency.init is None else initial_weights(cfg)
         train_data, _ = self.training_data(cfg)
         meta = image_run_metadata(self.name, cfg, train_data)
         num_classes = num_classes_of(meta)
         torch.manual_seed(cfg.train.seed)
         net = self.build(cfg, meta)
+        if start is not None:
+            net.load_state_dict(start)
         tensors = (train_data.x,) if num_classes is None else (train_data.x, train_data.labels)
         schedule, c, d = build_schedule(cfg.diffusion), cfg.consistency, cfg.diffusion
         grids: dict[int, Tensor] = {}

@@ -65,7 +65,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from difflab.config import TrainConfig
+from difflab.config import TrainConfig, flatten
 from difflab.errors import UserError
 from difflab.files import file_error, make_folder, remove_stale_temp_files, write_text
 from difflab.train import distributed
@@ -656,7 +656,7 @@ def _config_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]
     dotted key (``model.channels is 32 in the checkpoint but 64 now``); ``train.out`` and
     :data:`RESUMABLE_KEYS` may differ. A key the checkpoint lacks and that is empty now is no
     difference: it is one added to the config since, whose empty value keeps the run as it was."""
-    a, b = _flat(_comparable(saved)), _flat(_comparable(now))
+    a, b = flatten(_comparable(saved)), flatten(_comparable(now))
     absent = object()
     out = []
     for key in sorted(a.keys() | b.keys()):
@@ -675,17 +675,6 @@ def _comparable(run_config: dict[str, Any]) -> dict[str, Any]:
     for key in (*RESUMABLE_KEYS, "out"):
         train.pop(key, None)
     return cfg
-
-
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}} -> {"a.b": 1}`` (lists stay values)."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _truncate_log(path: Path, step: int) -> None:

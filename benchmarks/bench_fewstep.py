@@ -12,7 +12,9 @@ Rows (class-conditional samples, ``--n-per-class`` of each class, seed 0):
 - consistency distillation of the teacher (``--method consistency``, ``--cd-steps`` training
   steps), sampled in 1 step and by multistep consistency sampling in 2, 4 and 8;
 - consistency training (``difflab train digits --recipe consistency``, no teacher, for
-  ``--ct-steps`` steps or ``--ct-minutes``), sampled likewise.
+  ``--ct-steps`` steps or ``--ct-minutes``), sampled likewise; with ``--ct-init`` it starts from
+  the teacher's weights (``consistency.init``: consistency tuning, the teacher's network and
+  parameterization, still no teacher ODE), so its budget is the teacher's training plus its own.
 
 Each row: the Frechet distance to the teacher's DDIM 50-step samples (same labels, same seed) in
 the features of the data's judge (:mod:`difflab.evaluate.judged`: 64-d for digits, 128-d for
@@ -33,7 +35,8 @@ Usage::
 
     python benchmarks/bench_fewstep.py --teacher runs/demo [--work runs/bench-fewstep]
         [--n-per-class 100] [--train-steps 300] [--reflow-steps 1000] [--flow-steps N]
-        [--cd-steps 1000] [--ct-steps 1000] [--ct-minutes 0] [--rows progressive,flow,...]
+        [--cd-steps 1000] [--ct-steps 1000] [--ct-minutes 0] [--ct-init] [--ct-overrides K=V,...]
+        [--rows progressive,flow,...]
         [--guidance 0] [--batch-size B] [--pairs P] [--pair-steps S] [--overrides K=V,...]
 
 ``--teacher`` is a digits or glyphs run of the image recipe (the ``make demo`` checkpoint, or
@@ -42,7 +45,8 @@ preset of the teacher's data (``digits``, ``glyphs``) and ``--overrides`` (the t
 changes to that preset, e.g. ``model.unet.channels=32``), the flow for ``--flow-steps``
 (default: as many as the teacher had). ``--batch-size`` is every distillation's (default: the
 teacher's); ``--pairs`` and ``--pair-steps`` are reflow's (default: 4 pairs per training image,
-by the flow's own number of sampling steps).
+by the flow's own number of sampling steps). ``--ct-overrides`` are the consistency-training
+run's own (e.g. ``train.lr=2e-4,train.ema=0.99`` for a short tuning).
 The students are written under ``--work`` (re-using those already there; a re-used one's
 time is printed as 0). ``--rows`` picks the method rows (``progressive``, ``flow``,
 ``consistency-distillation``, ``consistency-training``; default all); the DPM-Solver++(2M) row
@@ -63,6 +67,7 @@ from difflab.data.images import load_dataset
 from difflab.evaluate import judged
 from difflab.evaluate.frechet import frechet_distance_from_samples
 from difflab.recipes import is_run
+from difflab.recipes.consistency import init_overrides
 from difflab.recipes.distill import distill
 
 CALLS = (1, 2, 4, 8)
@@ -90,6 +95,8 @@ def main() -> None:
     parser.add_argument("--cd-steps", type=int, default=1000)
     parser.add_argument("--ct-steps", type=int, default=1000)
     parser.add_argument("--ct-minutes", type=float, default=0.0, help="0: no limit")
+    parser.add_argument("--ct-init", action="store_true", help="start from the teacher's weights")
+    parser.add_argument("--ct-overrides", default="", help="comma list of its key=value")
     parser.add_argument("--rows", default=",".join(ROWS), help="comma list of " + ", ".join(ROWS))
     parser.add_argument("--guidance", type=float, default=0.0)
     parser.add_argument("--batch-size", type=int, default=None, help="default: the teacher's")
@@ -104,6 +111,9 @@ def main() -> None:
     if args.guidance and (unguided := set(rows) - {"progressive", "consistency-distillation"}):
         parser.error(f"--guidance applies to the distillation rows only, not {', '.join(unguided)}")
     args.overrides = [o for o in args.overrides.split(",") if o]
+    ct_overrides = [o for o in args.ct_overrides.split(",") if o]
+    if (args.ct_init or ct_overrides) and "consistency-training" not in rows:
+        parser.error("--ct-init and --ct-overrides apply to the consistency-training row only")
     teacher = difflab.load(args.teacher, args.device)
     data = args.data = teacher.config.data.name
     labels = torch.arange(teacher.model.num_classes).repeat_interleave(args.n_per_class)
@@ -155,15 +165,19 @@ def main() -> None:
     if "consistency-training" in rows:
         ct = work / "consistency-training"
         start = time.perf_counter()
+        if args.ct_init:
+            ct_overrides = [f"consistency.init={args.teacher}",
+                            *init_overrides(teacher.config), *ct_overrides]  # fmt: skip
         if not is_run(ct):
-            difflab.train(data, [*args.overrides, f"train.out={ct}",
+            difflab.train(data, [*args.overrides, *ct_overrides, f"train.out={ct}",
                                  f"train.steps={args.ct_steps}",
                                  f"train.max_minutes={args.ct_minutes}"],
                           recipe="consistency", progress=False)  # fmt: skip
         seconds = time.perf_counter() - start
         trained = difflab.load(ct, args.device)
         cells = [row(draw(trained, steps=k)) for k in CALLS]
-        lines.append(f"| consistency training ({trained.step} steps, no teacher) | "
+        start_from = "from the teacher's weights" if args.ct_init else "no teacher"
+        lines.append(f"| consistency training ({trained.step} steps, {start_from}) | "
                      f"{' | '.join(cells)} | {seconds:.0f} s |")  # fmt: skip
     print("\n".join(lines))
     print(f"\n{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")

@@ -3,9 +3,9 @@ training (issue 15; seed 004, "Fine-tuning"): the Computer Modern typewriter fon
 (token ``<tt>``) and the Greek capital Omega as a subject ("a [V] letter"), 8 training pictures
 each rendered by :mod:`difflab.data.glyphs`, taught by each method: LoRA, textual inversion,
 DreamBooth with and without prior preservation, DreamBooth-LoRA. The training pictures are
-captioned in the folder's ``metadata.jsonl`` (``--captions``): by default every other one with
-its colours ("a yellow {} letter on a red background") and the rest with the concept's prompt,
-so that the token carries the concept and not the 8 pictures' colours.
+captioned in the folder's ``metadata.jsonl`` (``--captions``): by default each picture twice
+(two files), once with its colours ("a yellow {} letter on a red background") and once with
+the concept's prompt, so that the token carries the concept and not the 8 pictures' colours.
 
 What the glyphs judge can read: its character head knows the 62 Latin classes and its family
 head was trained on the six families of the training split, so it can name neither concept (the
@@ -87,7 +87,7 @@ CONCEPTS = {
     "omega": {
         "prompt": "a {} letter",
         "token": "<om>",
-        "init_word": "O",
+        "init_word": "U",  # the Latin letter closest to its shape (a sweep: U 86%, n 81%, O 76%)
         "identifier": "O",
         "class_prompt": "a letter",
         "described": "a {colour} {{}} letter on a {background} background",
@@ -154,11 +154,14 @@ def write_folder(
     """The pictures as PNG files in ``folder``; unless ``captions`` is ``plain``, a caption for
     each in ``folder/metadata.jsonl`` (``difflab finetune`` reads it): the ``concept``'s
     ``described`` template with the picture's colours (``described``: every picture;
-    ``mixed``: every other one, the rest its plain ``prompt``)."""
+    ``mixed``: every other one, the rest its plain ``prompt``; ``both``: every picture, and a
+    copy of it, ``{i}-plain.png``, with the plain ``prompt``)."""
     images, attributes = pictures
     folder.mkdir(parents=True, exist_ok=True)
     for i, picture in enumerate(images):
         Image.fromarray(picture).save(folder / f"{i}.png")
+        if captions == "both":
+            Image.fromarray(picture).save(folder / f"{i}-plain.png")
     if captions == "plain":
         return folder
     lines = []
@@ -167,6 +170,9 @@ def write_folder(
         plain = captions == "mixed" and i % 2
         text = concept["prompt"] if plain else concept["described"].format(**colours)
         lines.append(json.dumps({"file_name": f"{i}.png", "text": text}) + "\n")
+        if captions == "both":
+            lines.append(json.dumps({"file_name": f"{i}-plain.png", "text": concept["prompt"]})
+                         + "\n")  # fmt: skip
     (folder / ft.CAPTIONS).write_text("".join(lines))
     return folder
 
@@ -304,8 +310,9 @@ def main() -> None:
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--probe-n", type=int, default=600, help="real glyphs per probe class")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--captions", choices=("mixed", "described", "plain"), default="mixed",
-                   help="training captions: every other picture's names its colours, the rest "
+    p.add_argument("--captions", choices=("both", "mixed", "described", "plain"), default="both",
+                   help="training captions: each picture twice, with its colours and with the "
+                   "concept's prompt (both); every other picture's names its colours, the rest "
                    "are the concept's prompt (mixed); every picture's names them (described); "
                    "all the concept's prompt (plain)")  # fmt: skip
     a = p.parse_args()

@@ -87,7 +87,7 @@ CONCEPTS = {
     "omega": {
         "prompt": "a {} letter",
         "token": "<om>",
-        "init_word": "U",  # the Latin letter closest to its shape (a sweep: U 86%, n 81%, O 76%)
+        "init_word": "U",  # its closest Latin shape; a 90-sample sweep: U 86%, n 81%, O 76%
         "identifier": "O",
         "class_prompt": "a letter",
         "described": "a {colour} {{}} letter on a {background} background",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -473,6 +474,10 @@ def test_consistency_training_can_start_from_a_diffusion_run(tmp_path, monkeypat
     start = difflab.load(source).model.denoiser.net.state_dict()
     assert all(torch.allclose(weights["tuned"][k], start[k], atol=1e-6) for k in start)
     assert not all(torch.allclose(weights["scratch"][k], start[k], atol=1e-2) for k in start)
+    shutil.rmtree(source)  # a resumed run needs its checkpoint, not the run it started from
+    code, _, err = run(monkeypatch, capsys, "train", str(tmp_path / "tuned"), "--resume",
+                       "--quiet")  # fmt: skip
+    assert code == 0, err
 
 
 @pytest.mark.parametrize(

@@ -267,7 +267,8 @@ class ConsistencyRecipe(ImageRecipe):
             raise UserError(f"{out} was written by difflab distill --method consistency; "
                             "--resume would continue it by consistency training: distil it "
                             "again with more --train-steps")  # fmt: skip
-        start = None if cfg.consistency.init is None else initial_weights(cfg)
+        continued = resume and is_run(out)  # its checkpoint holds the weights: no init needed
+        start = None if cfg.consistency.init is None or continued else initial_weights(cfg)
         train_data, _ = self.training_data(cfg)
         meta = image_run_metadata(self.name, cfg, train_data)
         num_classes = num_classes_of(meta)

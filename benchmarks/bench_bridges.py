@@ -30,7 +30,9 @@
 ``--parts`` picks among ``likelihood`` (1, the models trained), ``generation`` (2), ``cost`` (3)
 and ``speculative`` (4); ``--block-mask-range BETA,OMEGA`` trains the block runs with that
 ``diffusion.mask_range`` (empty: the block kind's default) and ``--block-lr`` at that learning
-rate (default: the preset's). ``--adapt-minutes 0`` leaves the adapted model out.
+rate (default: the preset's). ``--lr-schedule cosine`` decays every run's learning rate to zero
+over its ``--steps`` (default: constant, which a ``--minutes`` budget needs).
+``--adapt-minutes 0`` leaves the adapted model out.
 ``--steps NAME=N,...`` trains the named runs (``ar``, ``mdlm``,
 ``adapted``, ``block-L``, ``spec-target``, ``spec-drafter``) for ``N`` steps instead of
 ``--minutes``: on a shared machine, equal CPU time is set by steps in the ratio of the step
@@ -71,10 +73,12 @@ from difflab.recipes.text.train import count_parameters
 def common(args: argparse.Namespace, out: Path, minutes: float) -> list[str]:
     """The training keys of every run: ``--steps`` for its name if given, else ``minutes``."""
     steps = args.steps.get(out.name)
+    if args.lr_schedule == "cosine" and not steps:
+        sys.exit(f"bench_bridges: --lr-schedule cosine needs a --steps budget for {out.name}")
     budget = [f"train.steps={steps}", "train.max_minutes=0"] if steps else [
         f"train.max_minutes={minutes}", "train.steps=1000000"]  # fmt: skip
     return [
-        f"train.out={out}", *budget, "train.lr_schedule=constant",
+        f"train.out={out}", *budget, f"train.lr_schedule={args.lr_schedule}",
         f"train.batch_size={args.batch_size}", f"train.device={args.device}",
         f"data.length={args.length}",
     ]  # fmt: skip
@@ -337,6 +341,8 @@ def main() -> None:
                         help="learning rate of the adaptation (default: the preset's)")  # fmt: skip
     parser.add_argument("--block-lr", type=float, default=None,
                         help="learning rate of the block runs (default: the preset's)")  # fmt: skip
+    parser.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                        help="of every run (cosine: needs --steps budgets)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("runs/bench-bridges"))
     parser.add_argument("--preset", default="text-demo")
     parser.add_argument("--length", type=int, default=256)

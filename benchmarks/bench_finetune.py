@@ -252,14 +252,14 @@ def finetune(method: str, concept: dict, base: Path, images: Path, out: Path, a)
                                   out=out.with_suffix(".safetensors"), **common)  # fmt: skip
     elif method == "textual-inversion":
         result = ft.finetune_embedding(base, token=concept["token"], lr=a.ti_lr,
-                                       init_word=concept["init_word"],
+                                       init_word=concept["init_word"], vectors=a.ti_vectors,
                                        out=out.with_suffix(".safetensors"), **common)  # fmt: skip
     elif method == "dreambooth-lora":
         result = ft.finetune_dreambooth(base, rank=a.rank, targets=a.targets, lr=a.lora_lr,
                                         out=out.with_suffix(".safetensors"),
                                         **dreambooth)  # fmt: skip
     else:
-        weight = 0.0 if method == "dreambooth-no-prior" else 1.0
+        weight = 0.0 if method == "dreambooth-no-prior" else a.prior_weight
         result = ft.finetune_dreambooth(base, prior_weight=weight, lr=a.db_lr, out=out,
                                         **dreambooth)  # fmt: skip
     path = result.path
@@ -302,8 +302,12 @@ def main() -> None:
                    help="comma list of " + ", ".join(METHODS))  # fmt: skip
     p.add_argument("--lora-lr", type=float, default=2e-3, help="LoRA and DreamBooth-LoRA")
     p.add_argument("--ti-lr", type=float, default=1e-2, help="textual inversion")
+    p.add_argument("--ti-vectors", type=int, default=1, help="textual inversion's vectors")
     p.add_argument("--db-lr", type=float, default=1e-4, help="DreamBooth")
     p.add_argument("--class-images", type=int, default=8)
+    p.add_argument("--prior-weight", type=float, default=1.0, help="DreamBooth with prior")
+    p.add_argument("--concepts", type=lambda text: text.split(","), default=list(CONCEPTS),
+                   help="comma list of " + ", ".join(CONCEPTS))  # fmt: skip
     p.add_argument("--samples", type=int, default=12, help="samples per concept prompt")
     p.add_argument("--drift-samples", type=int, default=6, help="samples per ordinary prompt")
     p.add_argument("--sample-steps", type=int, default=10, help="DPM-Solver++(2M) steps")
@@ -318,6 +322,9 @@ def main() -> None:
     a = p.parse_args()
     if unknown := set(a.methods) - set(METHODS):
         p.error(f"unknown methods {', '.join(sorted(unknown))}: choose from {', '.join(METHODS)}")
+    if unknown := set(a.concepts) - set(CONCEPTS):
+        p.error(f"unknown concepts {', '.join(sorted(unknown))}: choose from "
+                f"{', '.join(CONCEPTS)}")  # fmt: skip
     try:
         ft.parse_targets(a.targets)
     except UserError as e:
@@ -364,8 +371,8 @@ def main() -> None:
                                                                          real)  # fmt: skip
     methods = a.methods
     rows: dict[str, list[torch.Tensor]] = {m: [] for m in ("base", *methods)}
-    for name, concept in CONCEPTS.items():
-        record: dict = {}
+    for name in a.concepts:
+        concept, record = CONCEPTS[name], {}
         metrics, x = concept_metrics(base_run, concept["identifier"], concept, name)
         record["base"] = {"metrics": metrics}
         rows["base"].append(grid_part(x, a.samples))
@@ -380,7 +387,7 @@ def main() -> None:
             record[method] = made
             print(json.dumps(made), flush=True)
         results[name] = record
-    if "lora" in methods:  # the font LoRA trained above is one of the two
+    if "lora" in methods and "typewriter" in a.concepts:  # the font LoRA above is one of two
         results["combined"] = combined(a, folders, judge, probe["typewriter"])
     grid = torch.cat([torch.cat(rows[m], 0) for m in ("base", *methods)])
     save_grid(grid, a.out / "grid.png", nrow=len(grid) // (1 + len(methods)))
@@ -432,7 +439,7 @@ def tables(r: dict) -> str:
              "before -> after | trainable params | file | time (CPU s) |",
              "|---|---|---:|---|---|---|---:|---:|---:|"]  # fmt: skip
     before = r["base_drift"]
-    for name in CONCEPTS:
+    for name in r["settings"]["concepts"]:
         for method in ("base", *r["settings"]["methods"]):
             m = r[name][method]
             q = m["metrics"]

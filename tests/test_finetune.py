@@ -527,7 +527,7 @@ def test_textual_inversion_trains_its_new_row_alone(base, images, tmp_path):
     before = {k: v.clone() for k, v in plain.model.denoiser.net.state_dict().items()}
     with safe_open(str(out), framework="pt") as f:
         meta, keys = f.metadata(), list(f.keys())
-        row = f.get_tensor("embedding")
+        (row,) = f.get_tensor("embedding")
     dim = before["encoder.words.weight"].shape[1]
     assert keys == ["embedding"] and row.shape == (dim,) and result.trainable == dim
     assert out.stat().st_size < 2048
@@ -557,6 +557,42 @@ def test_textual_inversion_trains_its_new_row_alone(base, images, tmp_path):
     assert float((new - old).abs().max()) > 0
 
 
+def test_textual_inversion_with_several_vectors_trains_them_alone_and_apart(base, images, tmp_path):
+    out = tmp_path / "tt3.safetensors"
+    result = ft.finetune_embedding(base, images=images, prompt=PROMPT, token=TOKEN,
+                                   init_word=WORD, out=out, vectors=3, steps=4, lr=0.1,
+                                   progress=False)  # fmt: skip
+    plain = load(base, "cpu")
+    before = plain.model.denoiser.net.state_dict()
+    meta, rows = ft.read_embedding(out)
+    dim = before["encoder.words.weight"].shape[1]
+    assert rows.shape == (3, dim) and result.trainable == 3 * dim and meta["vectors"] == "3"
+    start = before["encoder.words.weight"][t2i.VOCAB.index(WORD)]
+    # All three started as the init word's row; the position embeddings set them apart.
+    assert all(float((r - start).abs().max()) > 1e-3 for r in rows)
+    assert float((rows[0] - rows[1]).abs().max()) > 1e-4
+    assert float((rows[1] - rows[2]).abs().max()) > 1e-4
+
+    loaded = load(base, "cpu")
+    ft.apply_embeddings(loaded, [out])
+    words = loaded.model.denoiser.net.encoder.words.weight
+    assert torch.equal(words[:-3], before["encoder.words.weight"]) and torch.equal(words[-3:], rows)
+    assert loaded.model.added_words == ("tt",) * 3
+    assert torch.equal(outputs(loaded.model.denoiser.net), outputs(plain.model.denoiser.net))
+    # The prompt's token reads as the three rows: the same output as the rows put in by hand.
+    x, c, _ = inputs()
+    tokens = t2i.tokenize(["a red <tt> letter k"] * 3, loaded.model.added_words)[0]
+    v = len(t2i.VOCAB)
+    assert tokens[0, 2:5].tolist() == [v, v + 1, v + 2]
+    by_hand, stand_in = copy.deepcopy(plain.model.denoiser.net), tokens.clone()
+    ids = [t2i.VOCAB.index(w) for w in ("yellow", "purple", "pink")]  # words the prompt lacks
+    stand_in[:, 2:5] = torch.tensor(ids)
+    with torch.no_grad():
+        by_hand.encoder.words.weight[ids] = rows
+        torch.testing.assert_close(loaded.model.denoiser.net(x, c, tokens),
+                                   by_hand(x, c, stand_in), rtol=0, atol=1e-6)  # fmt: skip
+
+
 def test_textual_inversion_from_the_command_line_and_its_refusals(
     base, images, other_bases, tmp_path, monkeypatch, capsys
 ):
@@ -570,6 +606,7 @@ def test_textual_inversion_from_the_command_line_and_its_refusals(
         (["--token", TOKEN, "--init-word", "zebra"], "unknown words"),
         (["--token", TOKEN, "--init-word", WORD, "--rank", "2"], "--rank applies"),
         (["--token", TOKEN, "--init-word", WORD, "--targets", "q"], "--targets applies"),
+        (["--token", TOKEN, "--init-word", WORD, "--vectors", "0"], "vectors must be"),
     ):
         assert says in refused(monkeypatch, capsys, *args, *extra), extra
     assert not out.exists()

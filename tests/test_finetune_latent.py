@@ -97,7 +97,7 @@ def test_textual_inversion_on_a_latent_run_learns_the_encoded_pictures(base, ima
     tokens = t2i.tokenize([PROMPT.format(TOKEN)], ("tt",))[0].expand(len(z), -1)
     objective = make_objective(model.config.diffusion.prediction, model.config.diffusion.weighting)
     objective(model.denoiser, z, {"tokens": tokens}, torch.Generator().manual_seed(SEED)).backward()
-    _, row = ft.read_embedding(out)
+    _, (row,) = ft.read_embedding(out)
     grad = weight.grad[-1]
     assert float(grad.abs().max()) > 1e-9  # small on a 3-step base, but not zero
     torch.testing.assert_close(row, adam_first_step(start, grad), rtol=1e-4, atol=1e-10)

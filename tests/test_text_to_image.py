@@ -69,6 +69,22 @@ def test_characters_after_a_kind_word_are_characters_and_a_stays_an_article():
             t2i.tokenize([bad])
 
 
+def test_a_pseudo_word_of_several_vectors_reads_as_its_ids_in_a_row():
+    v = len(t2i.VOCAB)
+    added = ("tt", "om", "om", "om")  # "tt" one vector (id v), "om" three (v + 1 .. v + 3)
+    tokens, groups = t2i.tokenize(["a red <om> letter on a <tt> background"], added)
+    ids = [t2i.VOCAB.index(w) for w in ("a", "red")]
+    ids += [v + 1, v + 2, v + 3, t2i.VOCAB.index("letter"), t2i.VOCAB.index("on"),
+            t2i.VOCAB.index("a"), v, t2i.VOCAB.index("background")]  # fmt: skip
+    assert tokens[0, : len(ids)].tolist() == ids and (tokens[0, len(ids) :] == t2i.PAD).all()
+    colour = t2i.GROUPS.index("colour")
+    assert groups[0, : len(ids)].tolist() == [0, colour, 0, 0, 0, 0, 6, 6, 6, 6]
+    # The limit counts ids: 13 words and a word of three vectors are 16; one word more is not.
+    t2i.tokenize([" ".join(["red"] * 13 + ["om"])], added)
+    with pytest.raises(ValueError, match="17 words; at most 16"):
+        t2i.tokenize([" ".join(["red"] * 14 + ["om"])], added)
+
+
 def test_attribute_dropout_drops_each_group_at_its_rate_and_closes_the_gaps(glyphs):
     captions = glyphs.captions()
     tokens, groups = t2i.tokenize(captions)

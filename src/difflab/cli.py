@@ -425,19 +425,19 @@ def distill(
 
 
 @app.command(
-    help="Teach a text-to-image run a new concept from a folder of 32x32 RGB pictures "
-    "(seed 004, fine-tuning). --method textual-inversion: a new word --token in the text "
-    "encoder's vocabulary, initialised from --init-word, its row alone trained; OUT holds that "
-    "row, for difflab sample RUN --embedding OUT. --method lora: low-rank adapters (A "
-    "Gaussian, B zero, scale alpha/rank; Hugging Face peft) on the denoiser's attention "
-    "projections, the base frozen; OUT is a small safetensors file of the adapter alone, for "
-    "difflab sample RUN --adapter OUT[:SCALE] and difflab merge. Both train with the run's "
-    "objective on --prompt with --token in its {}. --method dreambooth: the whole denoiser "
-    "fine-tuned on --prompt with a known word as identifier, with the prior-preservation loss "
-    "on --num-class-images pictures of --class-prompt the frozen run draws first; OUT is a "
-    "new run folder; --train-text-encoder tunes the text encoder too. --method dreambooth "
-    "--rank R: DreamBooth-LoRA, adapters trained with that loss (--train-text-encoder: on the "
-    "text encoder's feed-forward maps too); OUT is an adapter file as LoRA's."
+    help="Teach a text-to-image run a new concept from a folder of 32x32 RGB pictures (seed 004, "
+    "fine-tuning). --method textual-inversion: a new word --token in the text encoder's "
+    "vocabulary, initialised from --init-word, its row alone trained (--vectors K: K rows, read "
+    "in a row); OUT holds them, for difflab sample RUN --embedding OUT. --method lora: low-rank "
+    "adapters (A Gaussian, B zero, scale alpha/rank; Hugging Face peft) on the denoiser's "
+    "attention projections, the base frozen; OUT is a small safetensors file of the adapter "
+    "alone, for difflab sample RUN --adapter OUT[:SCALE] and difflab merge. Both train with the "
+    "run's objective on --prompt with --token in its {}. --method dreambooth: the whole denoiser "
+    "fine-tuned on --prompt with a known word as identifier, with the prior-preservation loss on "
+    "--num-class-images pictures of --class-prompt the frozen run draws first; OUT is a new run "
+    "folder; --train-text-encoder tunes the text encoder too. --method dreambooth --rank R: "
+    "DreamBooth-LoRA, adapters trained with that loss (--train-text-encoder: on the text "
+    "encoder's feed-forward maps too); OUT is an adapter file as LoRA's."
 )
 def finetune(
     run: Annotated[Path, typer.Argument(help="The text-to-image run folder.")],
@@ -459,6 +459,10 @@ def finetune(
             help="LoRA: a word the run knows that an unknown token stands for; textual "
             "inversion: the word whose row the new one starts from."
         ),
+    ] = None,
+    vectors: Annotated[
+        int | None,
+        typer.Option(help="Textual inversion: vectors the token stands for, read in a row (1)."),
     ] = None,
     rank: Annotated[
         int | None, typer.Option(help="LoRA rank r (4); with dreambooth: DreamBooth-LoRA.")
@@ -519,17 +523,20 @@ def finetune(
                   seed=seed, device=device, progress=not quiet)  # fmt: skip
     common |= _given(steps=steps, lr=lr)
     lora_only = _given(rank=rank, targets=targets, alpha=alpha)
+    inversion_only = _given(vectors=vectors)
     dreambooth_only = _given(class_prompt=class_prompt, num_class_images=num_class_images,
                              prior_weight=prior_weight)  # fmt: skip
     dreambooth_only |= {"train_text_encoder": True} if train_text_encoder else {}
-    for only, names in ((lora_only, ("lora", "dreambooth")), (dreambooth_only, ("dreambooth",))):
+    for only, names in ((lora_only, ("lora", "dreambooth")),
+                        (inversion_only, ("textual-inversion",)),
+                        (dreambooth_only, ("dreambooth",))):  # fmt: skip
         if only and method not in names:
             option = "--" + next(iter(only)).replace("_", "-")
             raise UserError(f"{option} applies to --method {' or '.join(names)} only")
     if method == "lora":
         result = finetuning.finetune_lora(run, **common, **lora_only)
     elif method == "textual-inversion":
-        result = finetuning.finetune_embedding(run, **common)
+        result = finetuning.finetune_embedding(run, **common, **inversion_only)
     else:
         if common.pop("init_word") is not None:
             raise UserError("--init-word does not apply to DreamBooth: its identifier --token "

@@ -609,9 +609,10 @@ def word_id(word: str) -> int:
 
 
 def add_rows(model: TextToImageModel, words: Sequence[str], rows: Tensor) -> None:
-    """Append ``rows`` ``(k, dim)`` to the text encoder's word embeddings as the pseudo-words
-    ``words`` (ids ``V, V + 1, ...`` after the ``V`` the model has); every existing row is kept
-    as it is."""
+    """Append ``rows`` ``(k, dim)`` to the text encoder's word embeddings, row ``i`` a vector
+    of the pseudo-word ``words[i]`` (ids ``V, V + 1, ...`` after the ``V`` the model has; a word
+    given ``n`` times has ``n`` vectors, :func:`~difflab.recipes.text_to_image.tokenize`); every
+    existing row is kept as it is."""
     encoder = model.denoiser.net.encoder
     old = encoder.words
     if rows.shape[1:] != old.weight.shape[1:]:
@@ -635,19 +636,20 @@ def apply_embeddings(run: Run, paths: Sequence[str | Path]) -> None:
     base_hash = loaded_hash(model.denoiser.net)
     words, rows = [], []
     for path in map(Path, paths):
-        meta, row = read_embedding(path)
+        meta, vectors = read_embedding(path)
         check_base(meta, path, model, base_hash)
         if meta["word"] in words:
             raise UserError(f"two embeddings of the word {meta['word']!r}: give one")
-        words.append(meta["word"])
-        rows.append(row)
-    add_rows(model, words, torch.stack(rows))
+        words += [meta["word"]] * len(vectors)
+        rows.append(vectors)
+    add_rows(model, words, torch.cat(rows))
     model.denoiser.net.requires_grad_(False)
     model.denoiser.net.difflab_base_hash = base_hash
 
 
 def read_embedding(path: Path) -> tuple[dict[str, str], Tensor]:
-    """The metadata and the row ``(dim,)`` of a textual-inversion file."""
+    """The metadata and the vectors ``(k, dim)`` of a textual-inversion file (files written
+    before multi-vector tokens hold their one vector as ``(dim,)``)."""
     if not path.is_file():
         raise UserError(f"no embedding file at {path}")
     try:
@@ -658,11 +660,11 @@ def read_embedding(path: Path) -> tuple[dict[str, str], Tensor]:
         raise file_error(e, path) from None
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"{path} is not a readable embedding file: {e}") from None
-    if meta.get("format") != EMBEDDING_FORMAT or row is None or row.ndim != 1:
+    if meta.get("format") != EMBEDDING_FORMAT or row is None or row.ndim not in (1, 2):
         raise UserError(f"{path} is not a difflab textual-inversion file")
     if {"base", "architecture", "word", "token"} - set(meta):
         raise UserError(f"{path} has a damaged header")
-    return meta, row
+    return meta, row.reshape(-1, row.shape[-1])
 
 
 def finetune_embedding(
@@ -673,6 +675,7 @@ def finetune_embedding(
     token: str,
     init_word: str | None,
     out: str | Path,
+    vectors: int = 1,
     steps: int = DEFAULT_STEPS,
     lr: float = DEFAULT_EMBEDDING_LR,
     seed: int = 0,
@@ -683,8 +686,14 @@ def finetune_embedding(
     encoder's vocabulary, initialised as ``init_word``'s row, and train that row alone (AdamW,
     no weight decay; the gradient of every other row is masked to zero, so they stay
     bit-identical) with the run's objective on the pictures of ``images`` captioned ``prompt``
-    or their own captions (:func:`concept_captions`); write the row alone to ``out``."""
+    or their own captions (:func:`concept_captions`); write the row alone to ``out``.
+
+    ``vectors = k > 1``: the token is ``k`` new rows, read as ``k`` words in a row wherever it
+    appears (as the multi-vector variant of the diffusers example), all starting from
+    ``init_word``'s row (the text encoder's position embeddings tell them apart, so they part
+    as they train); ``out`` holds the ``(k, dim)`` rows."""
     steps, seed = positive_int("steps", steps), seed_value(seed)
+    vectors = positive_int("vectors", vectors)
     if not (math.isfinite(lr) and lr > 0):
         raise UserError("--lr must be a positive number")
     pictures, captions = concept_images(images), concept_captions(images, prompt)
@@ -697,7 +706,7 @@ def finetune_embedding(
         raise UserError(f"--out {out} is a folder: give the embedding file's name")
     texts = [caption.replace("{}", token) for caption in captions]
     try:
-        tokenize(texts, (word,))
+        tokenize(texts, (word,) * vectors)
     except ValueError as e:
         raise UserError(str(e)) from None
     run = text_to_image_run(run_path, device)
@@ -705,12 +714,13 @@ def finetune_embedding(
     x0 = _to_model_space(model, pictures.to(model.device))
     net = model.denoiser.net
     base_hash, base_params = weights_hash(net), sum(p.numel() for p in net.parameters())
-    add_rows(model, [word], net.encoder.words.weight[start_id : start_id + 1].detach().clone())
+    start_row = net.encoder.words.weight[start_id].detach()
+    add_rows(model, [word] * vectors, start_row.expand(vectors, -1).clone())
     tokens = tokenize(texts, model.added_words)[0].to(model.device)
     net.requires_grad_(False)
     weight = net.encoder.words.weight
     weight.requires_grad_(True)
-    new = len(weight) - 1
+    new = slice(len(weight) - vectors, len(weight))
     only_new = torch.zeros_like(weight[:, :1])
     only_new[new] = 1
     weight.register_hook(lambda grad: grad * only_new)
@@ -729,12 +739,12 @@ def finetune_embedding(
             "architecture": architecture(model), "base_run": str(Path(run_path).resolve()),
             "base_step": str(model.step), "token": token, "word": word,
             "init_word": init_word, "captions": json.dumps(captions), "steps": str(steps),
-            "lr": repr(lr), "images": str(len(x0))}  # fmt: skip
-    row = weight[new].detach().cpu().clone()
+            "lr": repr(lr), "images": str(len(x0)), "vectors": str(vectors)}  # fmt: skip
+    rows = weight[new].detach().cpu().clone()
     if out.parent != Path():
         make_folder(out.parent)
-    write_bytes(out, safetensors_bytes({"embedding": row}, metadata=meta))
-    return FinetuneResult(out, steps, seconds, row.numel(), base_params, float(loss.detach()))
+    write_bytes(out, safetensors_bytes({"embedding": rows}, metadata=meta))
+    return FinetuneResult(out, steps, seconds, rows.numel(), base_params, float(loss.detach()))
 
 
 # ================================================================================================

@@ -147,9 +147,12 @@ def tokenize(texts: Sequence[str], added: Sequence[str] = ()) -> tuple[Tensor, T
     """``(tokens, groups)``, both ``(N, MAX_TOKENS)`` long, left-aligned and padded: the token
     id of each word and the index in :data:`GROUPS` of the attribute it names (the words from
     "on" to "background" name the background). ``added``: pseudo-words of textual inversion
-    (lower case), read as ids ``len(VOCAB), len(VOCAB) + 1, ...`` (group 0). Raises
-    ``ValueError`` for unknown words and captions longer than :data:`MAX_TOKENS` words."""
-    ids = {**_TOKEN, **{word: len(VOCAB) + i for i, word in enumerate(added)}}
+    (lower case), one entry per new row, read as ids ``len(VOCAB), len(VOCAB) + 1, ...``
+    (group 0); a word listed ``k`` times has ``k`` vectors and reads as its ``k`` ids in a row.
+    Raises ``ValueError`` for unknown words and captions longer than :data:`MAX_TOKENS` ids."""
+    ids = {word: [i] for word, i in _TOKEN.items()}
+    for i, word in enumerate(added):
+        ids.setdefault(word, []).append(len(VOCAB) + i)
     tokens, groups = [], []
     for text in texts:
         words = _words(text)
@@ -159,12 +162,14 @@ def tokenize(texts: Sequence[str], added: Sequence[str] = ()) -> tuple[Tensor, T
                 f"unknown words {unknown} in {text!r}; the captions use: {', '.join(WORDS[1:])}, "
                 "and a digit or Latin letter after digit, capital or letter"
             )
-        if len(words) > MAX_TOKENS:
-            raise ValueError(f"{text!r} has {len(words)} words; at most {MAX_TOKENS}")
         background = words.index("on") if "on" in words else len(words)
+        word_ids = [i for w in words for i in ids[w]]
         group = [_GROUP_OF.get(w, 0) if i < background else 6 for i, w in enumerate(words)]
-        pad = [PAD] * (MAX_TOKENS - len(words))
-        tokens.append([ids[w] for w in words] + pad)
+        group = [g for w, g in zip(words, group, strict=True) for _ in ids[w]]
+        if len(word_ids) > MAX_TOKENS:
+            raise ValueError(f"{text!r} has {len(word_ids)} words; at most {MAX_TOKENS}")
+        pad = [PAD] * (MAX_TOKENS - len(word_ids))
+        tokens.append(word_ids + pad)
         groups.append(group + pad)
     return (torch.tensor(tokens, dtype=torch.long).reshape(-1, MAX_TOKENS),
             torch.tensor(groups, dtype=torch.long).reshape(-1, MAX_TOKENS))  # fmt: skip

@@ -14,8 +14,10 @@
    generative perplexity under the AR model, acceptance rate and mean tokens per verification.
 3. ``cost``: the CPU time of one training step (forward and backward, batch and context as
    above, the best of ``--cost-repeats``) of AR, MDLM and block diffusion's two streams, the
-   latter with the whole last layer run for both streams (as before the ``outputs`` cut) and
-   for the ``x_t`` stream alone.
+   latter as it was first written (one attention call under the dense ``(2L, 2L)`` mask, the
+   whole last layer run for both streams), after the ``outputs`` cut (the last layer for the
+   ``x_t`` stream alone) and as it is now (two attention calls, the clean queries without the
+   noisy keys).
 4. ``speculative``: an AR target of ``--target-width`` x ``--target-depth`` and a shallow MDLM
    drafter (``--drafter-width`` x ``--drafter-depth``, trained on rows of ``--drafter-length``
    tokens, which bounds the window it reads), each trained for ``--spec-minutes`` (or
@@ -191,8 +193,15 @@ def cost_table(args: argparse.Namespace) -> list[str]:
     net = TextTransformer(vocab, args.length, time_conditioning=False, **size)
     x = torch.randint(0, vocab - 1, (args.batch_size, args.length))
 
-    def whole_last_layer(*a, outputs=None, **k):  # the two streams' logits, then x_t's kept
-        return net(*a, **k)[:, :outputs]
+    def dense(attn_mask):  # the (2L, 2L) mask the pair of two_stream_mask stands for
+        noisy, clean = attn_mask
+        return torch.cat([noisy, torch.cat([torch.zeros_like(clean), clean], 1)])
+
+    def dense_whole(*a, attn_mask, outputs=None, **k):  # as first written: both streams out
+        return net(*a, attn_mask=dense(attn_mask), **k)[:, :outputs]
+
+    def dense_mask(*a, attn_mask, **k):  # with the outputs cut
+        return net(*a, attn_mask=dense(attn_mask), **k)
 
     def ar_step():
         logits = ar(x[:, :-1])
@@ -201,10 +210,12 @@ def cost_table(args: argparse.Namespace) -> list[str]:
     steps = {"autoregressive": ar_step,
              "MDLM": lambda: continuous_time_loss(net, process, x).loss.backward()}  # fmt: skip
     for size in args.block_sizes:
-        steps[f"block L = {size}, whole last layer"] = lambda s=size: block_diffusion_loss(
-            whole_last_layer, process, x, s).loss.backward()  # fmt: skip
-        steps[f"block L = {size}, last layer x_t only"] = lambda s=size: block_diffusion_loss(
-            net, process, x, s).loss.backward()  # fmt: skip
+        steps[f"block L = {size}, dense mask, whole last layer"] = lambda s=size: (
+            block_diffusion_loss(dense_whole, process, x, s).loss.backward())  # fmt: skip
+        steps[f"block L = {size}, dense mask, last layer x_t only"] = lambda s=size: (
+            block_diffusion_loss(dense_mask, process, x, s).loss.backward())  # fmt: skip
+        steps[f"block L = {size}, two attention calls, last layer x_t only"] = lambda s=size: (
+            block_diffusion_loss(net, process, x, s).loss.backward())  # fmt: skip
     best = {name: float("inf") for name in steps}
     for _ in range(args.cost_repeats):  # interleaved: a busy spell hits every row alike
         for name, step in steps.items():

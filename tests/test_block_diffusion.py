@@ -44,9 +44,15 @@ def data(batch: int = 6) -> torch.Tensor:
     return torch.randint(0, MASK, (batch, LENGTH), generator=torch.Generator().manual_seed(1))
 
 
+def dense_two_stream_mask(length: int, size: int) -> torch.Tensor:
+    """The ``(2L, 2L)`` mask over ``[x_t, x_0]`` that :func:`two_stream_mask`'s pair stands for."""
+    noisy, clean = two_stream_mask(length, size)
+    return torch.cat([noisy, torch.cat([torch.zeros_like(clean), clean], 1)], 0)
+
+
 def test_two_stream_mask_is_the_definition():
     L, size = 6, 2
-    mask = two_stream_mask(L, size)
+    mask = dense_two_stream_mask(L, size)
     for q in range(2 * L):
         for k in range(2 * L):
             bq, bk = (q % L) // size, (k % L) // size
@@ -85,7 +91,8 @@ def test_blocks_of_one_fully_masked_are_the_autoregressive_loss():
     embed[:, MASK] = -1e4  # the mask is never predicted (SUBS leaves it out)
 
     def two_streams(x, t, cond, attn_mask=None, positions=None, outputs=None):
-        return (attn_mask.double() @ embed.double()[x])[:, :outputs]
+        noisy_queries, _ = attn_mask  # (L, 2L): the rows of the outputs asked for
+        return (noisy_queries.double() @ embed.double()[x])[:, :outputs]
 
     def autoregressive(inputs, cond=None):
         n = inputs.shape[1]
@@ -115,6 +122,26 @@ def test_each_block_sees_what_the_sampler_shows_it(size):
     only = net(torch.cat([x_t, x0], 1), attn_mask=two_stream_mask(LENGTH, size),
                positions=torch.arange(LENGTH).repeat(2), outputs=LENGTH)  # fmt: skip
     torch.testing.assert_close(only, both, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [1, 4])
+def test_the_two_stream_attention_equals_one_call_under_the_dense_mask(size):
+    """Both streams' logits, and the gradients, of the two-call attention equal one attention
+    call under the ``(2L, 2L)`` mask (which computes the noisy keys' scores for clean queries
+    and masks them out)."""
+    x0, p = data(3), process()
+    x_t = p.sample(x0, torch.full((3,), 0.5), torch.Generator().manual_seed(2))
+    tokens, positions = torch.cat([x_t, x0], 1), torch.arange(LENGTH).repeat(2)
+    results = []
+    for mask in (two_stream_mask(LENGTH, size), dense_two_stream_mask(LENGTH, size)):
+        net = network()
+        logits = net(tokens, attn_mask=mask, positions=positions)
+        logits.square().mean().backward()
+        results.append((logits, [q.grad for q in net.parameters()]))
+    (split, split_grads), (dense, dense_grads) = results
+    torch.testing.assert_close(split, dense, rtol=1e-5, atol=1e-6)
+    for a, b in zip(split_grads, dense_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("size", [4, LENGTH])

@@ -68,17 +68,17 @@ def block_causal_mask(length: int, block_size: int, device: Any = None) -> Tenso
     return block[None, :] <= block[:, None]
 
 
-def two_stream_mask(length: int, block_size: int, device: Any = None) -> Tensor:
-    """``(2L, 2L)`` bool mask over ``[x_t, x_0]``: a noisy query of block ``b`` sees the noisy
+def two_stream_mask(length: int, block_size: int, device: Any = None) -> tuple[Tensor, Tensor]:
+    """The attention pattern over ``[x_t, x_0]``: a noisy query of block ``b`` sees the noisy
     keys of block ``b`` and the clean keys of blocks ``< b``; a clean query of block ``b`` sees
-    the clean keys of blocks ``<= b``; no clean query sees a noisy key."""
+    the clean keys of blocks ``<= b``; no clean query sees a noisy key. As the network takes
+    it, two bool masks: the noisy queries' ``(L, 2L)`` over all keys and the clean queries'
+    ``(L, L)`` over the clean keys (the ``(L, L)`` block of noisy keys they never see is not
+    computed)."""
     block = torch.arange(length, device=device) // block_size
     same = block[:, None] == block[None, :]
     before = block[None, :] < block[:, None]
-    causal = block[None, :] <= block[:, None]
-    top = torch.cat([same, before], dim=1)
-    bottom = torch.cat([torch.zeros_like(same), causal], dim=1)
-    return torch.cat([top, bottom], dim=0)
+    return torch.cat([same, before], dim=1), block_causal_mask(length, block_size, device)
 
 
 def block_diffusion_loss(

@@ -102,7 +102,7 @@ class RotarySelfAttention(nn.Module):
         sin: Tensor,
         cache: tuple[Tensor, Tensor] | None = None,
         start: int = 0,
-        attn_mask: Tensor | None = None,
+        attn_mask: Tensor | tuple[Tensor, Tensor] | None = None,
         queries: int | None = None,
     ) -> Tensor:
         """The outputs of all tokens of ``h``, or of its first ``queries`` only (all of them
@@ -112,9 +112,15 @@ class RotarySelfAttention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         if queries is not None:
             q = q[:, :, :queries]
-            attn_mask = None if attn_mask is None else attn_mask[:queries]
         q = apply_rotary(q, cos[: q.shape[2]], sin[: q.shape[2]])
         k = apply_rotary(k, cos, sin)
+        if isinstance(attn_mask, tuple):
+            if cache is not None:
+                raise ValueError("a two-stream mask is for training, without a cache")
+            out = self._two_streams(q, k, v, attn_mask)
+            return self.out(out.transpose(1, 2).reshape(batch, q.shape[2], width))
+        if queries is not None and attn_mask is not None:
+            attn_mask = attn_mask[:queries]
         mask, is_causal = None, self.causal
         if cache is not None:
             keys, values = cache
@@ -136,6 +142,29 @@ class RotarySelfAttention(nn.Module):
             is_causal=is_causal,
         )
         return self.out(out.transpose(1, 2).reshape(batch, q.shape[2], width))
+
+    def _two_streams(self, q: Tensor, k: Tensor, v: Tensor, masks: tuple[Tensor, Tensor]) -> Tensor:
+        """Attention over a sequence ``[a, b]`` in which no query of ``b`` reads a key of ``a``
+        (block diffusion's ``[x_t, x_0]``), for the first ``q.shape[2]`` queries: ``first``
+        (bool ``(La, La + Lb)``) masks the queries of ``a`` over all keys, ``second`` (bool
+        ``(Lb, Lb)``) those of ``b`` over the keys of ``b``. Two calls, the second without the
+        ``La`` keys it cannot see: for ``La = Lb = L``, ``3 L^2`` scores where one dense
+        ``(2L, 2L)`` mask costs ``4 L^2``."""
+        (first, second), dropout = masks, self.dropout if self.training else 0.0
+        split = first.shape[0]
+        out = F.scaled_dot_product_attention(
+            q[:, :, :split], k, v, attn_mask=first[: q.shape[2]], dropout_p=dropout
+        )
+        if q.shape[2] <= split:
+            return out
+        rest = F.scaled_dot_product_attention(
+            q[:, :, split:],
+            k[:, :, split:],
+            v[:, :, split:],
+            attn_mask=second[: q.shape[2] - split],
+            dropout_p=dropout,
+        )
+        return torch.cat([out, rest], dim=2)
 
 
 class TextBlock(nn.Module):
@@ -170,7 +199,7 @@ class TextBlock(nn.Module):
         sin: Tensor,
         cache: tuple[Tensor, Tensor] | None = None,
         start: int = 0,
-        attn_mask: Tensor | None = None,
+        attn_mask: Tensor | tuple[Tensor, Tensor] | None = None,
         queries: int | None = None,
     ) -> Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada_ln(emb_act)
@@ -314,7 +343,7 @@ class TextTransformer(nn.Module):
         t: Tensor | None = None,
         cond: Tensor | None = None,
         cache: KVCache | None = None,
-        attn_mask: Tensor | None = None,
+        attn_mask: Tensor | tuple[Tensor, Tensor] | None = None,
         positions: Tensor | None = None,
         outputs: int | None = None,
     ) -> Tensor:
@@ -325,8 +354,9 @@ class TextTransformer(nn.Module):
         tokens after the ``cache.length`` cached, at positions ``cache.length ..``, which see
         the cached ones and (causal) the new ones before them or (bidirectional) all new ones,
         and their keys and values are appended. ``attn_mask`` (bool ``(L, keys)``, true where
-        a query may attend) replaces that pattern; ``positions`` (``(L,)``, without a cache)
-        places the tokens for the rotary embeddings (default ``0..L-1``): block diffusion's two
+        a query may attend, or the pair of masks of two streams: ``RotarySelfAttention.
+        _two_streams``) replaces that pattern; ``positions`` (``(L,)``, without a cache) places
+        the tokens for the rotary embeddings (default ``0..L-1``): block diffusion's two
         streams (:mod:`difflab.discrete.block`) read ``[x_t, x_0]`` at the same positions.
         ``outputs``: the logits of the first ``outputs`` tokens only, ``(B, outputs, V)``; the
         last layer then computes its queries and MLP for those alone (the others are read as

@@ -2,7 +2,8 @@
 training (issue 15; seed 004, "Fine-tuning"): the Computer Modern typewriter font as a style
 (token ``<tt>``) and the Greek capital Omega as a subject ("a [V] letter"), 8 training pictures
 each rendered by :mod:`difflab.data.glyphs`, taught by each method: LoRA, textual inversion,
-DreamBooth with and without prior preservation, DreamBooth-LoRA. The training pictures are
+LoRA over that textual inversion's token (pivotal tuning), DreamBooth with and without prior
+preservation, DreamBooth-LoRA. The training pictures are
 captioned in the folder's ``metadata.jsonl`` (``--captions``): by default each picture twice
 (two files), once with its colours ("a yellow {} letter on a red background") and once with
 the concept's prompt, so that the token carries the concept and not the 8 pictures' colours.
@@ -111,7 +112,10 @@ ORDINARY = (
     "a purple serif letter e on a pale blue background",
     "a white bold mono capital M on a red background",
 )
-METHODS = ("lora", "textual-inversion", "dreambooth", "dreambooth-no-prior", "dreambooth-lora")
+#: "lora-over-ti": LoRA trained over the textual-inversion embedding of the same run (pivotal
+#: tuning: ``finetune_lora(..., embeddings=...)``), the token read with the embedding's rows.
+METHODS = ("lora", "textual-inversion", "lora-over-ti", "dreambooth", "dreambooth-no-prior",
+           "dreambooth-lora")  # fmt: skip
 
 
 # ------------------------------------------------------------------ pictures of the concepts
@@ -237,9 +241,11 @@ def probes(judge, n: int) -> tuple[dict[str, Probe], dict[str, dict[str, float]]
 # ------------------------------------------------------------------ fine-tuning and sampling
 
 
-def finetune(method: str, concept: dict, base: Path, images: Path, out: Path, a) -> dict:
+def finetune(
+    method: str, concept: dict, base: Path, images: Path, out: Path, a, embedding: str | None
+) -> dict:
     """Teach ``concept`` to ``base`` by ``method``; what it wrote, its size, time and trained
-    parameters."""
+    parameters (``embedding``: the concept's textual-inversion file, for ``lora-over-ti``)."""
     prompt = None if (images / ft.CAPTIONS).exists() else concept["prompt"]
     common = dict(images=images, prompt=prompt, steps=a.steps, seed=a.seed,
                   device="cpu", progress=False)  # fmt: skip
@@ -248,6 +254,10 @@ def finetune(method: str, concept: dict, base: Path, images: Path, out: Path, a)
     wall, cpu = time.perf_counter(), time.process_time()
     if method == "lora":
         result = ft.finetune_lora(base, token=concept["token"], init_word=concept["init_word"],
+                                  rank=a.rank, targets=a.targets, lr=a.lora_lr,
+                                  out=out.with_suffix(".safetensors"), **common)  # fmt: skip
+    elif method == "lora-over-ti":
+        result = ft.finetune_lora(base, token=concept["token"], embeddings=[embedding],
                                   rank=a.rank, targets=a.targets, lr=a.lora_lr,
                                   out=out.with_suffix(".safetensors"), **common)  # fmt: skip
     elif method == "textual-inversion":
@@ -264,7 +274,7 @@ def finetune(method: str, concept: dict, base: Path, images: Path, out: Path, a)
                                         **dreambooth)  # fmt: skip
     path = result.path
     size = (path / "checkpoint.safetensors" if path.is_dir() else path).stat().st_size
-    return {"path": str(path), "bytes": size, "trainable": result.trainable,
+    return {"path": str(path), "embedding": embedding, "bytes": size, "trainable": result.trainable,
             "base_params": result.base_params, "seconds": time.perf_counter() - wall,
             "cpu_seconds": time.process_time() - cpu, "final_loss": result.final_loss}  # fmt: skip
 
@@ -273,8 +283,10 @@ def tuned(method: str, base: Path, record: dict | None, concept: dict | None):
     """The run to sample and the word its concept prompts carry."""
     if record is None:
         return load(base, "cpu"), concept["identifier"] if concept else None
-    if method in ("lora", "dreambooth-lora"):
+    if method in ("lora", "lora-over-ti", "dreambooth-lora"):
         run = load(base, "cpu")
+        if record["embedding"]:
+            ft.apply_embeddings(run, [record["embedding"]])
         words = ft.apply_adapters(run, [record["path"]])
         return run, words.get(concept["token"], concept["identifier"]) if concept else None
     if method == "textual-inversion":
@@ -322,6 +334,12 @@ def main() -> None:
     a = p.parse_args()
     if unknown := set(a.methods) - set(METHODS):
         p.error(f"unknown methods {', '.join(sorted(unknown))}: choose from {', '.join(METHODS)}")
+    if (
+        "lora-over-ti" in a.methods
+        and "textual-inversion" not in a.methods[: a.methods.index("lora-over-ti")]
+    ):
+        p.error("lora-over-ti trains over the textual-inversion embedding: list "
+                "textual-inversion before it")  # fmt: skip
     if unknown := set(a.concepts) - set(CONCEPTS):
         p.error(f"unknown concepts {', '.join(sorted(unknown))}: choose from "
                 f"{', '.join(CONCEPTS)}")  # fmt: skip
@@ -378,7 +396,9 @@ def main() -> None:
         rows["base"].append(grid_part(x, a.samples))
         for method in methods:
             print(f"{name}: {method} ...", flush=True)
-            made = finetune(method, concept, a.base, folders[name], a.out / f"{name}-{method}", a)
+            embedding = record.get("textual-inversion", {}).get("path")
+            made = finetune(method, concept, a.base, folders[name], a.out / f"{name}-{method}", a,
+                            embedding if method == "lora-over-ti" else None)  # fmt: skip
             run, word = tuned(method, a.base, made, concept)
             made["metrics"], x = concept_metrics(run, word, concept, name)
             if method != "textual-inversion":  # its other outputs are provably unchanged

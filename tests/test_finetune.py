@@ -629,6 +629,59 @@ def test_textual_inversion_from_the_command_line_and_its_refusals(
     )
 
 
+def test_lora_over_a_textual_inversion_embedding(base, images, tmp_path, monkeypatch, capsys):
+    """Pivotal tuning: the adapter trains with the token read as the embedding's rows (another
+    embedding, another adapter; the rows themselves frozen: only the adapter's parameters
+    train), records those rows, and samples only with them."""
+
+    def inverted(name: str, steps: int) -> Path:
+        return ft.finetune_embedding(base, images=images, prompt=PROMPT, token=TOKEN,
+                                     init_word=WORD, out=tmp_path / name, steps=steps, lr=0.1,
+                                     progress=False).path  # fmt: skip
+
+    def adapted(name: str, **options) -> ft.FinetuneResult:
+        return ft.finetune_lora(base, images=images, prompt=PROMPT, token=TOKEN, lr=0.05,
+                                out=tmp_path / f"{name}.safetensors", steps=3, progress=False,
+                                **options)  # fmt: skip
+
+    emb, other_emb = inverted("tt.safetensors", 3), inverted("tt2.safetensors", 1)
+    results = {"over": adapted("over", embeddings=[emb]),
+               "over_other": adapted("over_other", embeddings=[other_emb]),
+               "plain": adapted("plain", init_word=WORD)}  # fmt: skip
+    adapters = {name: ft.read_adapter(result.path) for name, result in results.items()}
+    assert results["over"].trainable == results["plain"].trainable  # the adapter alone trains
+    meta = adapters["over"].meta
+    assert meta["word"] == "" and json.loads(meta["embeddings"]) == {
+        "tt": ft.rows_hash(ft.read_embedding(emb)[1])
+    }
+    assert json.loads(adapters["plain"].meta["embeddings"]) == {}
+    for a, b in (("over", "over_other"), ("over", "plain")):  # the rows the token reads matter
+        assert any(not torch.equal(adapters[a].tensors[k], adapters[b].tensors[k])
+                   for k in adapters[a].tensors)  # fmt: skip
+    with pytest.raises(UserError, match="does not apply"):
+        adapted("x", init_word=WORD, embeddings=[emb])
+
+    adapter = str(results["over"].path)
+    prompt = ["--prompt", "a red <tt> letter A", "--n", "2", "--out", str(tmp_path / "s")]
+    code, _, err = run(monkeypatch, capsys, "sample", str(base), "--embedding", str(emb),
+                       "--adapter", adapter, *prompt)  # fmt: skip
+    assert code == 0, err
+    for given in ([], ["--embedding", str(other_emb)]):
+        assert "give the --embedding file(s) it was trained with" in refused(
+            monkeypatch, capsys, "sample", str(base), *given, "--adapter", adapter, *prompt
+        )
+    merged = tmp_path / "merged"
+    assert "cannot hold" in refused(monkeypatch, capsys, "merge", str(base), "--adapter",
+                                    adapter, "--out", str(merged))  # fmt: skip
+    assert not merged.exists()
+    inversion = ["finetune", str(base), "--method", "textual-inversion", "--images", str(images),
+                 "--prompt", PROMPT, "--token", "<uu>", "--init-word", WORD,
+                 "--out", str(tmp_path / "y.safetensors")]  # fmt: skip
+    assert "--embedding applies to --method lora only" in refused(
+        monkeypatch, capsys, *inversion, "--embedding", str(emb)
+    )
+
+
 # ------------------------------------------------------------------ DreamBooth
 
 CLASS_PROMPT = "a letter A"

@@ -231,12 +231,12 @@ def sample(
     if format_ not in ("npz", "png"):
         raise UserError(f"--format must be npz or png, got {format_!r}")
     loaded = difflab.load(run, device)
+    if embedding:  # first: an adapter trained over an embedding needs it
+        _finetune_module().apply_embeddings(loaded, embedding)
     if adapter:
         finetuning = _finetune_module()
         tokens = finetuning.apply_adapters(loaded, adapter)
         prompt = None if prompt is None else finetuning.read_prompt(prompt, tokens)
-    if embedding:
-        _finetune_module().apply_embeddings(loaded, embedding)
     options = _given(
         sampler=sampler, steps=steps, grid=grid, eta=eta, sampler_options=_pairs(opt),
         label=class_, guidance=guidance, convention=convention, classifier=classifier,
@@ -464,6 +464,13 @@ def finetune(
         int | None,
         typer.Option(help="Textual inversion: vectors the token stands for, read in a row (1)."),
     ] = None,
+    embedding: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="LoRA: train over a textual-inversion embedding of this run (repeatable; its "
+            "token is read with its own frozen rows: pivotal tuning); sample with it too."
+        ),
+    ] = None,
     rank: Annotated[
         int | None, typer.Option(help="LoRA rank r (4); with dreambooth: DreamBooth-LoRA.")
     ] = None,
@@ -527,6 +534,8 @@ def finetune(
     dreambooth_only = _given(class_prompt=class_prompt, num_class_images=num_class_images,
                              prior_weight=prior_weight)  # fmt: skip
     dreambooth_only |= {"train_text_encoder": True} if train_text_encoder else {}
+    if embedding and method != "lora":
+        raise UserError("--embedding applies to --method lora only")
     for only, names in ((lora_only, ("lora", "dreambooth")),
                         (inversion_only, ("textual-inversion",)),
                         (dreambooth_only, ("dreambooth",))):  # fmt: skip
@@ -534,7 +543,7 @@ def finetune(
             option = "--" + next(iter(only)).replace("_", "-")
             raise UserError(f"{option} applies to --method {' or '.join(names)} only")
     if method == "lora":
-        result = finetuning.finetune_lora(run, **common, **lora_only)
+        result = finetuning.finetune_lora(run, **common, **lora_only, embeddings=embedding or ())
     elif method == "textual-inversion":
         result = finetuning.finetune_embedding(run, **common, **inversion_only)
     else:

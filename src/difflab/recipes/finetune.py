@@ -32,7 +32,11 @@ attention).
 The new token: LoRA changes the denoiser, not the vocabulary, so a token the run does not know
 ("<tt>") stands for a word it knows, ``--init-word`` ("mono"): the prompt is read with that word
 in the token's place, and the adapter learns what the word now means. The adapter file records
-the pair, and sampling with the adapter reads the token the same way.
+the pair, and sampling with the adapter reads the token the same way. Or the token is a word of
+its own: LoRA trained over textual-inversion embeddings (``--embedding``, pivotal tuning in the
+order of Roich et al. 2022: invert first, then tune the network around the inverted code) reads
+the captions with their learnt rows, frozen, and the adapter records which rows (a hash of
+each), so that it samples only with the same ``--embedding``.
 
 An adapter file is a safetensors file of the ``lora_A``/``lora_B`` tensors alone, with its
 metadata: the method, the base run's architecture and a hash of its weights (an adapter is
@@ -243,10 +247,15 @@ def weights_hash(net: nn.Module) -> str:
     left out."""
     digest = hashlib.sha256()
     for name, tensor in sorted(base_state(net).items()):
-        t = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{name}:{t.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        _add_tensor(digest, name, tensor)
     return digest.hexdigest()
+
+
+def _add_tensor(digest: Any, name: str, tensor: Tensor) -> None:
+    """Feed ``name``, dtype, shape and values of ``tensor`` to the hash ``digest``."""
+    t = tensor.detach().cpu().contiguous().reshape(-1)
+    digest.update(f"{name}:{t.dtype}:{tuple(tensor.shape)}".encode())
+    digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
 
 def loaded_hash(net: nn.Module) -> str:
@@ -381,17 +390,24 @@ def attach(net: nn.Module, adapters: Sequence[tuple[Adapter, float]]) -> None:
 
 def apply_adapters(run: Run, specs: Sequence[str]) -> dict[str, str]:
     """Attach the adapters ``specs`` (``FILE[:SCALE]``) to the loaded text-to-image ``run``
-    after checking each was made for it; returns what their tokens stand for."""
+    after checking each was made for it (and, if trained over embeddings, that those are
+    applied already: :func:`apply_embeddings` first); returns what their tokens stand for."""
     if run.recipe is not TEXT_TO_IMAGE:
         raise UserError(f"--adapter applies to text-to-image runs, not to {run.recipe.name} runs")
     model: TextToImageModel = run.model
     net = model.denoiser.net
     base_hash = loaded_hash(net)
     adapters = []
+    applied = getattr(net, "difflab_embeddings", {})
     for spec in specs:
         path, scale = parse_scale(spec)
         adapter = read_adapter(path)
         check_base(adapter.meta, path, model, base_hash)
+        needed = json.loads(adapter.meta.get("embeddings", "{}"))
+        if any(applied.get(word) != digest for word, digest in needed.items()):
+            raise UserError(f"{path} was trained over the textual-inversion word(s) "
+                            f"{', '.join(sorted(needed))}: give the --embedding file(s) it was "
+                            "trained with")  # fmt: skip
         adapters.append((adapter, scale))
     attach(net, adapters)
     net.difflab_base_hash = base_hash
@@ -436,11 +452,14 @@ def add_lora(
     return [p for p in net.parameters() if p.requires_grad]
 
 
-def caption_word(captions: Sequence[str], token: str, init_word: str | None) -> str:
-    """The word the captions are read with in the token's place (see the module docstring)."""
+def caption_word(
+    captions: Sequence[str], token: str, init_word: str | None, added: Sequence[str] = ()
+) -> str:
+    """The word the captions are read with in the token's place (see the module docstring);
+    ``added``: the pseudo-words of the embeddings the captions are read with."""
     if not token or token.split() != [token] or "{}" in token:
         raise UserError(f"--token must be one word without spaces, got {token!r}")
-    known = all(_tokenizes(caption.replace("{}", token)) for caption in captions)
+    known = all(_tokenizes(caption.replace("{}", token), added) for caption in captions)
     if known and init_word is not None:
         raise UserError(f"--init-word does not apply: the run knows the token {token!r} "
                         "already")  # fmt: skip
@@ -457,9 +476,9 @@ def caption_word(captions: Sequence[str], token: str, init_word: str | None) -> 
     return init_word
 
 
-def _tokenizes(text: str) -> bool:
+def _tokenizes(text: str, added: Sequence[str] = ()) -> bool:
     try:
-        tokenize([text])
+        tokenize([text], added)
     except ValueError:
         return False
     return True
@@ -476,6 +495,7 @@ def finetune_lora(
     targets: str = DEFAULT_TARGETS,
     alpha: float | None = None,
     init_word: str | None = None,
+    embeddings: Sequence[str | Path] = (),
     steps: int = DEFAULT_STEPS,
     lr: float = DEFAULT_LR,
     seed: int = 0,
@@ -485,7 +505,8 @@ def finetune_lora(
     """Train a LoRA adapter of ``run_path``'s denoiser on the pictures of ``images`` captioned
     ``prompt`` or their own captions (:func:`concept_captions`) with ``token`` in the ``{}``,
     with the run's own objective (``alpha`` defaults to ``rank``: scale 1), then write it alone
-    to ``out``. Every input is checked before anything is written."""
+    to ``out``; over the textual-inversion ``embeddings`` (their rows frozen) when given. Every
+    input is checked before anything is written."""
     rank, steps, seed = positive_int("rank", rank), positive_int("steps", steps), seed_value(seed)
     alpha = float(rank if alpha is None else alpha)
     if not (math.isfinite(alpha) and alpha > 0) or not (math.isfinite(lr) and lr > 0):
@@ -495,15 +516,17 @@ def finetune_lora(
     if out.is_dir():
         raise UserError(f"--out {out} is a folder: give the adapter file's name")
     pictures, captions = concept_images(images), concept_captions(images, prompt)
-    word = caption_word(captions, token, init_word)
+    word = caption_word(captions, token, init_word, embedding_words(embeddings))
     run = text_to_image_run(run_path, device)
     model: TextToImageModel = run.model
-    x0 = _to_model_space(model, pictures.to(model.device))
-    tokens = tokenize([caption.replace("{}", word or token) for caption in captions])[0]
-    tokens = tokens.to(model.device)
-
     net = model.denoiser.net
-    base_hash, base_params = weights_hash(net), sum(p.numel() for p in net.parameters())
+    base_params = sum(p.numel() for p in net.parameters())
+    if embeddings:
+        apply_embeddings(run, embeddings)
+    x0 = _to_model_space(model, pictures.to(model.device))
+    texts = [caption.replace("{}", word or token) for caption in captions]
+    tokens = tokenize(texts, model.added_words)[0].to(model.device)
+    base_hash = loaded_hash(net)
     params = add_lora(net, chosen, rank, alpha, seed)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     d = model.config.diffusion
@@ -522,6 +545,7 @@ def finetune_lora(
             "base_run": str(Path(run_path).resolve()), "base_step": str(model.step),
             "targets": ",".join(chosen), "rank": str(rank), "alpha": repr(alpha),
             "text_encoder": "false", "token": token, "word": word,
+            "embeddings": json.dumps(getattr(net, "difflab_embeddings", {})),
             "captions": json.dumps(captions), "steps": str(steps), "lr": repr(lr),
             "images": str(len(x0))}  # fmt: skip
     write_adapter(net, out, meta)
@@ -551,6 +575,12 @@ def merge(run_path: str | Path, specs: Sequence[str], out: str | Path) -> Path:
     (the run's config and step, the merged weights) that samples as the run with the adapters
     on. ``out`` must be new or empty."""
     out = new_folder(out)
+    for spec in specs:
+        path = parse_scale(spec)[0]
+        if json.loads(read_adapter(path).meta.get("embeddings", "{}")):
+            raise UserError(f"{path} was trained over textual-inversion words, which a merged "
+                            "run's vocabulary cannot hold: sample RUN --embedding FILE "
+                            "--adapter ADAPTER instead")  # fmt: skip
     run = text_to_image_run(run_path, "cpu")
     apply_adapters(run, specs)
     net = run.model.denoiser.net
@@ -634,17 +664,38 @@ def apply_embeddings(run: Run, paths: Sequence[str | Path]) -> None:
         raise UserError(f"--embedding applies to text-to-image runs, not to {run.recipe.name} runs")
     model: TextToImageModel = run.model
     base_hash = loaded_hash(model.denoiser.net)
-    words, rows = [], []
+    net = model.denoiser.net
+    words, rows, applied = [], [], dict(getattr(net, "difflab_embeddings", {}))
     for path in map(Path, paths):
         meta, vectors = read_embedding(path)
         check_base(meta, path, model, base_hash)
-        if meta["word"] in words:
+        if meta["word"] in words or meta["word"] in applied:
             raise UserError(f"two embeddings of the word {meta['word']!r}: give one")
         words += [meta["word"]] * len(vectors)
         rows.append(vectors)
+        applied[meta["word"]] = rows_hash(vectors)
     add_rows(model, words, torch.cat(rows))
-    model.denoiser.net.requires_grad_(False)
-    model.denoiser.net.difflab_base_hash = base_hash
+    net.requires_grad_(False)
+    net.difflab_base_hash = base_hash
+    net.difflab_embeddings = applied
+
+
+def rows_hash(rows: Tensor) -> str:
+    """SHA-256 of an embedding's rows (dtype, shape and values): which rows an adapter trained
+    over them needs."""
+    digest = hashlib.sha256()
+    _add_tensor(digest, "embedding", rows)
+    return digest.hexdigest()
+
+
+def embedding_words(paths: Sequence[str | Path]) -> list[str]:
+    """The pseudo-words of the embedding files ``paths``, one entry per row (as
+    :func:`~difflab.recipes.text_to_image.tokenize` takes them)."""
+    words = []
+    for path in map(Path, paths):
+        meta, vectors = read_embedding(path)
+        words += [meta["word"]] * len(vectors)
+    return words
 
 
 def read_embedding(path: Path) -> tuple[dict[str, str], Tensor]:

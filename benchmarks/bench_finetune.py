@@ -288,6 +288,8 @@ def tuned(method: str, base: Path, record: dict | None, concept: dict | None):
         if record["embedding"]:
             ft.apply_embeddings(run, [record["embedding"]])
         words = ft.apply_adapters(run, [record["path"]])
+        if method == "lora-over-ti":  # the token is the embedding's word
+            return run, concept["token"]
         return run, words.get(concept["token"], concept["identifier"]) if concept else None
     if method == "textual-inversion":
         run = load(base, "cpu")

@@ -483,10 +483,12 @@ def tables(r: dict) -> str:
             lines.append(f"| {name} | {method} | {q['concept']:.0%} | {fidelity} | {drift} | "
                          f"{adherence} | {m['trainable']:,} ({share:.2%}) | {m['bytes']:,} B | "
                          f"{m['cpu_seconds']:.0f} |")  # fmt: skip
-    lines += ["", "| LoRAs on 'a <tt> capital A' | typewriter (probe) | pink | purple "
-              "background |", "|---|---:|---:|---:|"]  # fmt: skip
-    for label, s in r.get("combined", {}).items():
-        lines.append(f"| {label} | {s['typewriter']:.0%} | {s['pink']:.0%} | {s['purple']:.0%} |")
+    if "combined" in r:  # only with the typewriter LoRA
+        lines += ["", "| LoRAs on 'a <tt> capital A' | typewriter (probe) | pink | purple "
+                  "background |", "|---|---:|---:|---:|"]  # fmt: skip
+        for label, s in r["combined"].items():
+            lines.append(f"| {label} | {s['typewriter']:.0%} | {s['pink']:.0%} | "
+                         f"{s['purple']:.0%} |")  # fmt: skip
     checks = r["probes"]
     lines += ["", "probes on held-out real glyphs: " + "; ".join(
         f"{k} true positives {v['true_positive']:.1%}, false positives {v['false_positive']:.1%}"

@@ -25,7 +25,9 @@ prompt fidelity (the judge's glyph colour, background colour and weight against 
 the coloured concept prompts), prior drift (the judged Frechet distance to real test glyphs and
 the mean prompt adherence over the six heads on 10 ordinary prompts without the token, before
 and after: textual inversion leaves those outputs bit-identical by construction and is not
-resampled), trainable parameters, file size and fine-tuning time. Then two LoRAs (the font and
+resampled), the leak (the probe's share of samples of the class prompt without the concept's
+word, "a capital A" or "a letter", before and after: what prior preservation protects),
+trainable parameters, file size and fine-tuning time. Then two LoRAs (the font and
 a pink-on-purple colour style) at 0.5 / 0.5 against each alone, and a grid of prompts x
 methods.
 
@@ -382,6 +384,13 @@ def main() -> None:
                 "concept_coloured": float(probe[name].says(coloured).double().mean()),
                 **{k: shares[k] for k in ("colour", "background", "weight")}}, x  # fmt: skip
 
+    def leak(run, concept: dict, name: str) -> float:
+        """The share of the class prompt's samples ("a capital A", "a letter": the concept
+        prompt without its word) that the probe calls the concept: the language drift that
+        DreamBooth's prior term is there to stop (Ruiz et al.'s PRES)."""
+        x = draw(run, [concept["class_prompt"]], a.samples, a.seed + 3, a)
+        return float(probe[name].says(x).double().mean())
+
     results: dict = {"probes": probe_checks, "settings": vars(a) | {"base": str(a.base),
                                                                     "out": str(a.out)}}  # fmt: skip
     base_run, _ = tuned("base", a.base, None, None)
@@ -394,7 +403,7 @@ def main() -> None:
     for name in a.concepts:
         concept, record = CONCEPTS[name], {}
         metrics, x = concept_metrics(base_run, concept["identifier"], concept, name)
-        record["base"] = {"metrics": metrics}
+        record["base"] = {"metrics": metrics, "leak": leak(base_run, concept, name)}
         rows["base"].append(grid_part(x, a.samples))
         for method in methods:
             print(f"{name}: {method} ...", flush=True)
@@ -404,7 +413,7 @@ def main() -> None:
             run, word = tuned(method, a.base, made, concept)
             made["metrics"], x = concept_metrics(run, word, concept, name)
             if method != "textual-inversion":  # its other outputs are provably unchanged
-                made["drift"] = drift(run)
+                made["drift"], made["leak"] = drift(run), leak(run, concept, name)
             rows[method].append(grid_part(x, a.samples))
             record[method] = made
             print(json.dumps(made), flush=True)
@@ -458,8 +467,9 @@ def tables(r: dict) -> str:
     """Markdown tables of the results."""
     lines = ["| concept | method | concept fidelity (probe) | prompt fidelity: colour / "
              "background / weight | prior drift: FD before -> after (relative) | adherence "
-             "before -> after | trainable params | file | time (CPU s) |",
-             "|---|---|---:|---|---|---|---:|---:|---:|"]  # fmt: skip
+             "before -> after | class prompt drawn as the concept (leak) | trainable params | "
+             "file | time (CPU s) |",
+             "|---|---|---:|---|---|---|---|---:|---:|---:|"]  # fmt: skip
     before = r["base_drift"]
     for name in r["settings"]["concepts"]:
         for method in ("base", *r["settings"]["methods"]):
@@ -470,19 +480,20 @@ def tables(r: dict) -> str:
             if method == "base":
                 lines.append(f"| {name} | base (no fine-tuning) | {q['concept']:.0%} | "
                              f"{fidelity} | {before['fd']:.0f} | {before['adherence']:.1%} "
-                             "| | | |")  # fmt: skip
+                             f"| {m['leak']:.0%} | | | |")  # fmt: skip
                 continue
             if "drift" in m:
                 d = m["drift"]
                 drift = (f"{before['fd']:.0f} -> {d['fd']:.0f} "
                          f"({d['fd'] / before['fd'] - 1:+.0%})")  # fmt: skip
                 adherence = f"{before['adherence']:.1%} -> {d['adherence']:.1%}"
+                leaked = f"{r[name]['base']['leak']:.0%} -> {m['leak']:.0%}"
             else:
-                drift, adherence = "unchanged (bit-identical)", "unchanged"
+                drift, adherence, leaked = "unchanged (bit-identical)", "unchanged", "unchanged"
             share = m["trainable"] / m["base_params"]
             lines.append(f"| {name} | {method} | {q['concept']:.0%} | {fidelity} | {drift} | "
-                         f"{adherence} | {m['trainable']:,} ({share:.2%}) | {m['bytes']:,} B | "
-                         f"{m['cpu_seconds']:.0f} |")  # fmt: skip
+                         f"{adherence} | {leaked} | {m['trainable']:,} ({share:.2%}) | "
+                         f"{m['bytes']:,} B | {m['cpu_seconds']:.0f} |")  # fmt: skip
     if "combined" in r:  # only with the typewriter LoRA
         lines += ["", "| LoRAs on 'a <tt> capital A' | typewriter (probe) | pink | purple "
                   "background |", "|---|---:|---:|---:|"]  # fmt: skip

@@ -27,9 +27,9 @@ the mean prompt adherence over the six heads on 10 ordinary prompts without the 
 and after: textual inversion leaves those outputs bit-identical by construction and is not
 resampled), the leak (the probe's share of samples of the class prompt without the concept's
 word, "a capital A" or "a letter", before and after: what prior preservation protects),
-trainable parameters, file size and fine-tuning time. Then two LoRAs (the font and
-a pink-on-purple colour style) at 0.5 / 0.5 against each alone, and a grid of prompts x
-methods.
+trainable parameters, file size and fine-tuning time. Then two LoRAs (the font and a
+pink-on-purple colour style, each with its own trigger word) at 0.5 / 0.5 against each alone,
+and a grid of prompts x methods.
 
 Usage (one thread; every size is an option, the defaults are the short run of BENCHMARKS.md):
 ``OMP_NUM_THREADS=1 python benchmarks/bench_finetune.py --base runs/t2i-latent-v --out
@@ -435,13 +435,14 @@ def grid_part(x: torch.Tensor, per_prompt: int) -> torch.Tensor:
 
 
 def combined(a, folders: dict, judge, typewriter: Probe) -> dict:
-    """Two LoRAs, the font (<tt>) and the pink-on-purple colour style (<op>), both standing
-    for "mono" in "a {} capital A", each alone at 1 and together at 0.5 / 0.5: the share of
-    "a <tt> capital A" samples in the typewriter font, in pink, on purple."""
+    """Two LoRAs, the font (<tt>, read as "mono") and the pink-on-purple colour style (<op>,
+    read as "medium", a word no ordinary prompt has: each adapter its own trigger word, as
+    users combine them), each alone at 1 and together at 0.5 / 0.5 and 1 / 1: the share of
+    "a <op> <tt> capital A" samples in the typewriter font, in pink, on purple."""
     paths = {"typewriter": a.out / "typewriter-lora.safetensors",  # trained above
              "pink": a.out / "pink-lora.safetensors"}  # fmt: skip
     ft.finetune_lora(a.base, images=folders["pink"], prompt="a {} capital A", token="<op>",
-                     init_word="mono", rank=a.rank, targets=a.targets, lr=a.lora_lr,
+                     init_word="medium", rank=a.rank, targets=a.targets, lr=a.lora_lr,
                      steps=a.steps, seed=a.seed,
                      out=paths["pink"], device="cpu", progress=False)  # fmt: skip
     shares = {}
@@ -453,7 +454,7 @@ def combined(a, folders: dict, judge, typewriter: Probe) -> dict:
     ):
         run = load(a.base, "cpu")
         ft.apply_adapters(run, specs)
-        x = draw(run, ["a mono capital A"], 2 * a.samples, a.seed, a)
+        x = draw(run, ["a medium mono capital A"], 2 * a.samples, a.seed, a)
         read = judge.predict(x)
         shares[label] = {
             "typewriter": float(typewriter.says(x).double().mean()),
@@ -495,7 +496,7 @@ def tables(r: dict) -> str:
                          f"{adherence} | {leaked} | {m['trainable']:,} ({share:.2%}) | "
                          f"{m['bytes']:,} B | {m['cpu_seconds']:.0f} |")  # fmt: skip
     if "combined" in r:  # only with the typewriter LoRA
-        lines += ["", "| LoRAs on 'a <tt> capital A' | typewriter (probe) | pink | purple "
+        lines += ["", "| LoRAs on 'a <op> <tt> capital A' | typewriter (probe) | pink | purple "
                   "background |", "|---|---:|---:|---:|"]  # fmt: skip
         for label, s in r["combined"].items():
             lines.append(f"| {label} | {s['typewriter']:.0%} | {s['pink']:.0%} | "

@@ -437,7 +437,8 @@ def grid_part(x: torch.Tensor, per_prompt: int) -> torch.Tensor:
 def combined(a, folders: dict, judge, typewriter: Probe) -> dict:
     """Two LoRAs, the font (<tt>, read as "mono") and the pink-on-purple colour style (<op>,
     read as "medium", a word no ordinary prompt has: each adapter its own trigger word, as
-    users combine them), each alone at 1 and together at 0.5 / 0.5 and 1 / 1: the share of
+    users combine them), each alone at 1, the font alone at 0.5 (its share in the pair at
+    0.5 / 0.5 without the colour's), and both at 0.5 / 0.5 and at 1 / 1: the share of
     "a <op> <tt> capital A" samples in the typewriter font, in pink, on purple."""
     paths = {"typewriter": a.out / "typewriter-lora.safetensors",  # trained above
              "pink": a.out / "pink-lora.safetensors"}  # fmt: skip
@@ -449,6 +450,7 @@ def combined(a, folders: dict, judge, typewriter: Probe) -> dict:
     for label, specs in (
         ("font alone", [f"{paths['typewriter']}:1"]),
         ("colour alone", [f"{paths['pink']}:1"]),
+        ("font alone at 0.5", [f"{paths['typewriter']}:0.5"]),
         ("both at 0.5 / 0.5", [f"{paths['typewriter']}:0.5", f"{paths['pink']}:0.5"]),
         ("both at 1 / 1", [f"{paths['typewriter']}:1", f"{paths['pink']}:1"]),
     ):

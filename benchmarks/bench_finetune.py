@@ -46,6 +46,7 @@ import argparse
 import json
 import platform
 import shutil
+import string
 import time
 from pathlib import Path
 
@@ -59,6 +60,7 @@ from difflab.data.glyphs import (
     COLOUR_PAIRS,
     GREEK,
     SIZES,
+    caption,
     glyphs_dataset,
     render,
     sample_attributes,
@@ -74,14 +76,16 @@ from difflab.viz.images import save_grid
 SUBJECT_CHAR = "Ω"
 CONCEPTS = {
     # name: training prompt template, LoRA / textual-inversion token and word, DreamBooth
-    # identifier and class prompt, a training caption naming the picture's colours (--captions
-    # described or mixed), prompts of the evaluation ({} where the token goes)
+    # identifier, class prompt and the class's characters, a training caption naming the
+    # picture's colours (--captions described or mixed), prompts of the evaluation ({} where
+    # the token goes)
     "typewriter": {
         "prompt": "a {} capital A",
         "token": "<tt>",
         "init_word": "mono",
         "identifier": "mono",
         "class_prompt": "a capital A",
+        "class_characters": "A",
         "described": "a {colour} {{}} capital A on a {background} background",
         "plain": ["a {} capital A"],
         "coloured": [
@@ -95,6 +99,7 @@ CONCEPTS = {
         "init_word": "U",  # its closest Latin shape; a 90-sample sweep: U 86%, n 81%, O 76%
         "identifier": "O",
         "class_prompt": "a letter",
+        "class_characters": string.ascii_lowercase,
         "described": "a {colour} {{}} letter on a {background} background",
         "plain": ["a {} letter"],
         "coloured": [
@@ -172,6 +177,24 @@ def prompt_renders(prompts: tuple[str, ...], n: int, seed: int) -> np.ndarray:
             attributes["size"][:] = sizes[0]
         pictures.append(render(labels, attributes))
     return np.concatenate(pictures)
+
+
+def class_prompts(concept: dict, kind: str, n: int, seed: int) -> list[str]:
+    """DreamBooth's class captions: ``class``, the concept's class prompt ("a capital A");
+    ``varied``, ``n`` captions of the class's characters as the training split captions its
+    glyphs (size, colours, weight, slant and family drawn), none with the identifier (the
+    concept's own captions): a prior over the class's variety, not over one caption."""
+    if kind == "class":
+        return [concept["class_prompt"]]
+    rng = np.random.default_rng([seed, 13])
+    chosen: list[str] = []
+    while len(chosen) < n:
+        _, attributes = sample_attributes(1, rng, "train")
+        char = concept["class_characters"][rng.integers(len(concept["class_characters"]))]
+        text = caption(CHARACTERS.index(char), {k: int(v[0]) for k, v in attributes.items()})
+        if concept["identifier"].lower() not in text.lower().split():
+            chosen.append(text)
+    return chosen
 
 
 def write_folder(
@@ -274,7 +297,8 @@ def finetune(
     prompt = None if (images / ft.CAPTIONS).exists() else concept["prompt"]
     common = dict(images=images, prompt=prompt, steps=a.steps, seed=a.seed,
                   device="cpu", progress=False)  # fmt: skip
-    dreambooth = dict(token=concept["identifier"], class_prompt=concept["class_prompt"],
+    dreambooth = dict(token=concept["identifier"],
+                      class_prompt=class_prompts(concept, a.class_prompts, a.class_images, a.seed),
                       num_class_images=a.class_images, **common)  # fmt: skip
     wall, cpu = time.perf_counter(), time.process_time()
     if method == "lora":
@@ -344,6 +368,12 @@ def main() -> None:
     p.add_argument("--ti-vectors", type=int, default=1, help="textual inversion's vectors")
     p.add_argument("--db-lr", type=float, default=1e-4, help="DreamBooth")
     p.add_argument("--class-images", type=int, default=8)
+    p.add_argument(
+        "--class-prompts",
+        choices=("class", "varied"),
+        default="class",
+        help="DreamBooth's prior: the class prompt, or a varied caption per picture",
+    )
     p.add_argument("--prior-weight", type=float, default=1.0, help="DreamBooth with prior")
     p.add_argument("--concepts", type=lambda text: text.split(","), default=list(CONCEPTS),
                    help="comma list of " + ", ".join(CONCEPTS))  # fmt: skip

@@ -689,11 +689,17 @@ CLASS_PROMPT = "a letter A"
 
 def test_class_pictures_come_from_the_frozen_base_with_the_same_seed(base):
     model = load(base, "cpu").model
-    first = ft.class_images(model, CLASS_PROMPT, 3, seed=4)
-    again = ft.class_images(load(base, "cpu").model, CLASS_PROMPT, 3, seed=4)
-    assert torch.equal(first, again)
+    first, captions = ft.class_images(model, [CLASS_PROMPT], 3, seed=4)
+    again, _ = ft.class_images(load(base, "cpu").model, [CLASS_PROMPT], 3, seed=4)
+    assert torch.equal(first, again) and captions == [CLASS_PROMPT] * 3
     assert torch.equal(first, load(base, "cpu").sample(3, prompt=CLASS_PROMPT, seed=4).x)
-    assert not torch.equal(first, ft.class_images(model, CLASS_PROMPT, 3, seed=5))
+    assert not torch.equal(first, ft.class_images(model, [CLASS_PROMPT], 3, seed=5)[0])
+    # several class prompts share the pictures out in order, as `difflab sample` does
+    prompts = [CLASS_PROMPT, "a red letter b", "a bold digit 3"]
+    shared, captions = ft.class_images(model, prompts, 5, seed=4)
+    assert captions == [CLASS_PROMPT, CLASS_PROMPT, "a red letter b", "a red letter b",
+                        "a bold digit 3"]  # fmt: skip
+    assert torch.equal(shared, load(base, "cpu").sample(5, prompt=prompts, seed=4).x)
 
 
 def test_the_dreambooth_loss_is_its_two_terms_and_without_prior_plain_fine_tuning(base):
@@ -727,6 +733,11 @@ def test_dreambooth_from_the_command_line(base, images, tmp_path, monkeypatch, c
         (["--class-prompt", CLASS_PROMPT, "--prior-weight", "-1"], "--prior-weight"),
         (["--class-prompt", CLASS_PROMPT, "--num-class-images", "0"], "--num-class-images"),
         (["--class-prompt", "a zebra"], "does not know"),
+        (
+            ["--class-prompt", f"{CLASS_PROMPT}; a letter b", "--num-class-images", "1"],
+            "fewer than the 2 class prompts",
+        ),
+        (["--class-prompt", " ; "], "needs --class-prompt"),
         (["--class-prompt", CLASS_PROMPT, "--targets", "q"], "give --rank too"),
         (["--class-prompt", CLASS_PROMPT, "--init-word", "mono"], "--init-word"),
     ):

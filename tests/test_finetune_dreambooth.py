@@ -29,6 +29,7 @@ from difflab.recipes import finetune as ft
 from difflab.recipes import load
 from difflab.recipes import text_to_image as t2i
 from difflab.recipes.autoencoder import encode_means
+from difflab.train.checkpoint import load_checkpoint
 
 PROMPT, IDENTIFIER = "a {} letter A", "stix"
 LR, LAMBDA, CLASS_IMAGES, SEED = 1e-3, 0.6, 3, 2
@@ -52,14 +53,16 @@ def one_step(base: Path, images: Path, out: Path, **options) -> ft.FinetuneResul
 
 
 def oracle_gradients(
-    base: Path, images: Path, lora: dict | None, text_encoder: bool, captions=None
-):
+    base: Path, images: Path, lora: dict | None, text_encoder: bool, captions=None,
+    class_prompts=(CLASS_PROMPT,),
+):  # fmt: skip
     """The base network (with fresh adapters as ``finetune_dreambooth`` draws them when
     ``lora``), its parameters before the step, and the gradient of ``L_instance + lambda
-    L_prior`` on the run's own objective, the class targets drawn by the frozen base; the
-    pictures captioned ``PROMPT`` or ``captions[i]`` each."""
+    L_prior`` on the run's own objective, the class targets drawn by the frozen base for
+    ``class_prompts`` (one or three: a picture each); the pictures captioned ``PROMPT`` or
+    ``captions[i]`` each."""
     model = load(base, "cpu").model
-    x_class = ft.class_images(model, CLASS_PROMPT, CLASS_IMAGES, SEED)
+    x_class, _ = ft.class_images(model, class_prompts, CLASS_IMAGES, SEED)
     x = in_model_space(model, ft.concept_images(images))
     net = model.denoiser.net
     if lora is not None:
@@ -74,7 +77,8 @@ def oracle_gradients(
     objective = make_objective(model.config.diffusion.prediction, model.config.diffusion.weighting)
     captions = [PROMPT] * len(x) if captions is None else captions
     instance = (x, t2i.tokenize([c.format(IDENTIFIER) for c in captions])[0])
-    prior = (x_class, t2i.tokenize([CLASS_PROMPT])[0].expand(len(x_class), -1))
+    per_picture = list(class_prompts) * (CLASS_IMAGES // len(class_prompts))
+    prior = (x_class, t2i.tokenize(per_picture)[0])
     net.train()
     g = torch.Generator().manual_seed(SEED)
     l_instance = objective(model.denoiser, instance[0], {"tokens": instance[1]}, g)
@@ -200,6 +204,23 @@ def test_each_picture_trains_with_its_own_caption_from_metadata_jsonl(base, tmp_
                                    atol=1e-10)  # fmt: skip
     # the captions matter: one caption for all pictures takes another step
     assert any(not torch.allclose(grads[n], one_caption[n]) for n in grads)
+
+
+def test_several_class_prompts_share_the_prior_pictures_out(base, images, tmp_path):
+    prompts = (CLASS_PROMPT, "a red capital B on a white background", "a bold digit 3")
+    out = ft.finetune_dreambooth(base, images=images, prompt=PROMPT, token=IDENTIFIER,
+                                 out=tmp_path / "db", class_prompt=" ; ".join(prompts),
+                                 num_class_images=CLASS_IMAGES, prior_weight=LAMBDA, steps=1,
+                                 lr=LR, seed=SEED, progress=False).path  # fmt: skip
+    _, before, grads = oracle_gradients(base, images, None, False, class_prompts=prompts)
+    _, _, one_prompt = oracle_gradients(base, images, None, False)
+    tuned = load(out, "cpu").model.denoiser.net.state_dict()
+    for name, g in grads.items():
+        torch.testing.assert_close(tuned[name], adam_first_step(before[name], g), rtol=1e-4,
+                                   atol=1e-10)  # fmt: skip
+    # the class captions matter: one class prompt for all the pictures takes another step
+    assert any(not torch.allclose(grads[n], one_prompt[n]) for n in grads)
+    assert load_checkpoint(out).extra["dreambooth"]["class_prompt"] == "; ".join(prompts)
 
 
 # ------------------------------------------------------------------ the command line

@@ -486,7 +486,10 @@ def finetune(
     ] = None,
     class_prompt: Annotated[
         str | None,
-        typer.Option(help="DreamBooth: the class caption of the prior-preservation pictures."),
+        typer.Option(
+            help="DreamBooth: the class caption of the prior-preservation pictures; several, "
+            "separated by ';', share them out in order."
+        ),
     ] = None,
     num_class_images: Annotated[
         int | None,

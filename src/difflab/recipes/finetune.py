@@ -806,16 +806,22 @@ def finetune_embedding(
 DEFAULT_DREAMBOOTH_LR = 5e-5
 
 
-def class_images(model: TextToImageModel, class_prompt: str, n: int, seed: int) -> Tensor:
-    """The ``n`` prior-preservation targets ``x_class`` that the frozen base draws for
-    ``class_prompt`` with ``seed`` (its own sampling settings), in the space its denoiser
-    learns: pictures, or for a latent run the latents it draws, not decoded (and encoded
-    again). The same seed, the same targets."""
+def class_images(
+    model: TextToImageModel, class_prompts: Sequence[str], n: int, seed: int
+) -> tuple[Tensor, list[str]]:
+    """The ``n`` prior-preservation targets ``x_class`` that the frozen base draws with
+    ``seed`` (its own sampling settings) and their captions: ``class_prompts`` shared out in
+    order, ``ceil(n / k)`` pictures each of the ``k``, as ``difflab sample`` shares them. The
+    targets are in the space the denoiser learns: pictures, or for a latent run the latents it
+    draws, not decoded (and encoded again). The same seed, the same targets."""
+    per_prompt = -(-n // len(class_prompts))
+    captions = [text for text in class_prompts for _ in range(per_prompt)][:n]
     latent = model.autoencoder is not None
     frozen = dataclasses.replace(model, autoencoder=None)
     with torch.no_grad():
-        return TEXT_TO_IMAGE.sample(frozen, n, prompt=class_prompt, seed=seed,
-                                    threshold="none" if latent else None).x  # fmt: skip
+        x = TEXT_TO_IMAGE.sample(frozen, n, prompt=captions, seed=seed,
+                                 threshold="none" if latent else None).x  # fmt: skip
+    return x, captions
 
 
 def dreambooth_loss(
@@ -847,7 +853,7 @@ def finetune_dreambooth(
     prompt: str | None,
     token: str,
     out: str | Path,
-    class_prompt: str | None = None,
+    class_prompt: str | Sequence[str] | None = None,
     num_class_images: int = 16,
     prior_weight: float = 1.0,
     rank: int | None = None,
@@ -864,7 +870,9 @@ def finetune_dreambooth(
     ``prompt`` or their own captions (:func:`concept_captions`) with the identifier ``token``
     (a word the run knows, rarely used, as the paper's rare tokens) in the ``{}``, with the
     class-specific prior-preservation loss on ``num_class_images`` targets the frozen run first
-    draws for ``class_prompt`` (:func:`dreambooth_loss`).
+    draws for ``class_prompt`` (:func:`dreambooth_loss`); several class captions (separated by
+    ``;``, or a list) share the targets out (:func:`class_images`), a prior over the variety
+    the class shows (its colours, weights, sizes) rather than over one caption.
 
     Without ``rank`` the whole denoiser trains (with ``train_text_encoder`` the whole text
     encoder too) and ``out`` is a new run folder. With ``rank`` (DreamBooth-LoRA) only rank-
@@ -887,17 +895,24 @@ def finetune_dreambooth(
         raise UserError("--lr must be a positive number")
     if not (math.isfinite(prior_weight) and prior_weight >= 0):
         raise UserError(f"--prior-weight must be a number >= 0, got {prior_weight}")
+    if isinstance(class_prompt, str):
+        class_prompt = class_prompt.split(";")
+    class_prompts = [text.strip() for text in class_prompt or () if text.strip()]
     if prior_weight > 0:
         positive_int("num_class_images", num_class_images)
-        if class_prompt is None:
+        if not class_prompts:
             raise UserError("DreamBooth with a prior weight needs --class-prompt (the class "
                             "without the identifier, e.g. 'a letter A')")  # fmt: skip
+        if num_class_images < len(class_prompts):
+            raise UserError(f"--num-class-images {num_class_images} is fewer than the "
+                            f"{len(class_prompts)} class prompts: each needs a "
+                            f"picture")  # fmt: skip
     x_instance, templates = concept_images(images), concept_captions(images, prompt)
     captions = [template.replace("{}", token) for template in templates]
     if token.split() != [token] or not _tokenizes(token):
         raise UserError(f"DreamBooth's identifier must be one word the run knows (it tunes the "
                         f"denoiser, not the vocabulary), got {token!r}")  # fmt: skip
-    for text in (*captions, class_prompt or ""):
+    for text in (*captions, *class_prompts):
         if not _tokenizes(text):
             raise UserError(f"the caption {text!r} has words the run does not know")
     if lora:
@@ -911,8 +926,8 @@ def finetune_dreambooth(
     x_instance = x_instance.to(model.device)
     prior = None
     if prior_weight > 0:
-        x_class = class_images(model, class_prompt, num_class_images, seed).to(model.device)
-        prior = (x_class, tokenize([class_prompt])[0].to(model.device).expand(len(x_class), -1))
+        x_class, class_captions = class_images(model, class_prompts, num_class_images, seed)
+        prior = (x_class.to(model.device), tokenize(class_captions)[0].to(model.device))
     instance = (_to_model_space(model, x_instance), tokenize(captions)[0].to(model.device))
     net = model.denoiser.net
     base_hash, base_params = weights_hash(net), sum(p.numel() for p in net.parameters())
@@ -938,7 +953,7 @@ def finetune_dreambooth(
         optimizer.step()
     net.eval()
     seconds = time.perf_counter() - start
-    settings = {"token": token, "captions": templates, "class_prompt": class_prompt,
+    settings = {"token": token, "captions": templates, "class_prompt": "; ".join(class_prompts),
                 "num_class_images": num_class_images if prior else 0,
                 "prior_weight": prior_weight, "train_text_encoder": train_text_encoder,
                 "steps": steps, "lr": lr}  # fmt: skip

@@ -28,14 +28,15 @@ adherence over the six heads on 10 ordinary prompts without the token, before
 and after: textual inversion leaves those outputs bit-identical by construction and is not
 resampled), the leak (the probe's share of samples of the class prompt without the concept's
 word, "a capital A" or "a letter", before and after: what prior preservation protects),
-trainable parameters, file size and fine-tuning time. Then two LoRAs (the font and a
-pink-on-purple colour style, each with its own trigger word) at 0.5 / 0.5 against each alone,
-and a grid of prompts x methods.
+trainable parameters, file size and fine-tuning time. Then two LoRAs (the font, plain or
+pivotal, and a pink-on-purple colour style, each with its own trigger word) at 0.5 / 0.5
+against each alone, and a grid of prompts x methods. DreamBooth's prior is drawn for the class
+prompt or for varied captions of the class (``--class-prompts``, :func:`class_prompts`).
 
 Usage (one thread; every size is an option, the defaults are the short run of BENCHMARKS.md):
 ``OMP_NUM_THREADS=1 python benchmarks/bench_finetune.py --base runs/t2i-latent-v --out
-runs/bench/finetune``; ``--methods`` runs some of the methods only (the two-LoRA row needs
-``lora``), ``--targets`` chooses LoRA's and DreamBooth-LoRA's targets. Writes
+runs/bench/finetune``; ``--methods`` runs some of the methods only (the two-LoRA rows need
+``lora`` or ``lora-over-ti``), ``--targets`` chooses LoRA's and DreamBooth-LoRA's targets. Writes
 ``OUT/results.json``, ``OUT/grid.png`` and the concept folders, adapters, embeddings and
 DreamBooth runs under ``OUT``; prints markdown tables.
 """
@@ -474,8 +475,10 @@ def main() -> None:
             record[method] = made
             print(json.dumps(made), flush=True)
         results[name] = record
-    if "lora" in methods and "typewriter" in a.concepts:  # the font LoRA above is one of two
-        results["combined"] = combined(a, folders, judge, probe["typewriter"])
+    fonts = {m: r for m, r in results.get("typewriter", {}).items()
+             if m in ("lora", "lora-over-ti")}  # fmt: skip
+    if fonts:  # the font LoRAs above are one of two
+        results["combined"] = combined(a, folders, judge, probe["typewriter"], fonts)
     grid = torch.cat([torch.cat(rows[m], 0) for m in ("base", *methods)])
     save_grid(grid, a.out / "grid.png", nrow=len(grid) // (1 + len(methods)))
     results["wall_seconds"] = time.perf_counter() - start_wall
@@ -490,36 +493,45 @@ def grid_part(x: torch.Tensor, per_prompt: int) -> torch.Tensor:
     return torch.cat([x[:2], x[per_prompt : per_prompt + 2]])
 
 
-def combined(a, folders: dict, judge, typewriter: Probe) -> dict:
-    """Two LoRAs, the font (<tt>, read as "mono") and the pink-on-purple colour style (<op>,
-    read as "medium", a word no ordinary prompt has: each adapter its own trigger word, as
-    users combine them), each alone at 1, the font alone at 0.5 (its share in the pair at
-    0.5 / 0.5 without the colour's), and both at 0.5 / 0.5 and at 1 / 1: the share of
-    "a <op> <tt> capital A" samples in the typewriter font, in pink, on purple."""
-    paths = {"typewriter": a.out / "typewriter-lora.safetensors",  # trained above
-             "pink": a.out / "pink-lora.safetensors"}  # fmt: skip
+def combined(a, folders: dict, judge, typewriter: Probe, fonts: dict) -> dict:
+    """The font and a pink-on-purple colour style (<op>, read as "medium", a word no ordinary
+    prompt has: each adapter its own trigger word, as users combine them) as two LoRAs: each
+    alone at 1, the font alone at 0.5 (its share in the pair at 0.5 / 0.5 without the
+    colour's), and both at 0.5 / 0.5 and at 1 / 1: the share of "a <op> <tt> capital A"
+    samples in the typewriter font, in pink, on purple. ``fonts``: the typewriter records of
+    ``lora`` (the font read as "mono") and of ``lora-over-ti`` (pivotal: its embedding loaded
+    as it is, the adapter alone scaled, the font read as "<tt>"), those the run trained."""
+    pink = a.out / "pink-lora.safetensors"
     ft.finetune_lora(a.base, images=folders["pink"], prompt="a {} capital A", token="<op>",
                      init_word="medium", rank=a.rank, targets=a.targets, lr=a.lora_lr,
-                     steps=a.steps, seed=a.seed,
-                     out=paths["pink"], device="cpu", progress=False)  # fmt: skip
-    shares = {}
-    for label, specs in (
-        ("font alone", [f"{paths['typewriter']}:1"]),
-        ("colour alone", [f"{paths['pink']}:1"]),
-        ("font alone at 0.5", [f"{paths['typewriter']}:0.5"]),
-        ("both at 0.5 / 0.5", [f"{paths['typewriter']}:0.5", f"{paths['pink']}:0.5"]),
-        ("both at 1 / 1", [f"{paths['typewriter']}:1", f"{paths['pink']}:1"]),
-    ):
+                     steps=a.steps, seed=a.seed, out=pink, device="cpu",
+                     progress=False)  # fmt: skip
+
+    def shares(specs: list[str], embedding: str | None, word: str) -> dict:
         run = load(a.base, "cpu")
+        if embedding:
+            ft.apply_embeddings(run, [embedding])
         ft.apply_adapters(run, specs)
-        x = draw(run, ["a medium mono capital A"], 2 * a.samples, a.seed, a)
+        x = draw(run, [f"a medium {word} capital A"], 2 * a.samples, a.seed, a)
         read = judge.predict(x)
-        shares[label] = {
+        return {
             "typewriter": float(typewriter.says(x).double().mean()),
             "pink": float((read["colour"] == COLOUR_NAMES.index("pink")).double().mean()),
             "purple": float((read["background"] == COLOUR_NAMES.index("purple")).double().mean()),
         }
-    return shares
+
+    result = {"colour alone": shares([f"{pink}:1"], None, "mono")}
+    for method, record in fonts.items():
+        font, word = record["path"], "mono" if method == "lora" else "<tt>"
+        label = "font" if method == "lora" else "pivotal font"
+        for name, specs in (
+            (f"{label} alone", [f"{font}:1"]),
+            (f"{label} alone at 0.5", [f"{font}:0.5"]),
+            (f"{label} and colour at 0.5 / 0.5", [f"{font}:0.5", f"{pink}:0.5"]),
+            (f"{label} and colour at 1 / 1", [f"{font}:1", f"{pink}:1"]),
+        ):
+            result[name] = shares(specs, record["embedding"], word)
+    return result
 
 
 def tables(r: dict) -> str:
@@ -557,7 +569,7 @@ def tables(r: dict) -> str:
             lines.append(f"| {name} | {method} | {q['concept']:.0%} | {fidelity} | {drift} | "
                          f"{adherence} | {leaked} | {m['trainable']:,} ({share:.2%}) | "
                          f"{m['bytes']:,} B | {m['cpu_seconds']:.0f} |")  # fmt: skip
-    if "combined" in r:  # only with the typewriter LoRA
+    if "combined" in r:  # only with a typewriter LoRA
         lines += ["", "| LoRAs on 'a <op> <tt> capital A' | typewriter (probe) | pink | purple "
                   "background |", "|---|---:|---:|---:|"]  # fmt: skip
         for label, s in r["combined"].items():

@@ -300,7 +300,8 @@ def finetune(
                   device="cpu", progress=False)  # fmt: skip
     dreambooth = dict(token=concept["identifier"],
                       class_prompt=class_prompts(concept, a.class_prompts, a.class_images, a.seed),
-                      num_class_images=a.class_images, **common)  # fmt: skip
+                      num_class_images=a.class_images, class_guidance=a.class_guidance,
+                      **common)  # fmt: skip
     wall, cpu = time.perf_counter(), time.process_time()
     if method == "lora":
         result = ft.finetune_lora(base, token=concept["token"], init_word=concept["init_word"],
@@ -374,6 +375,12 @@ def main() -> None:
         choices=("class", "varied"),
         default="class",
         help="DreamBooth's prior: the class prompt, or a varied caption per picture",
+    )
+    p.add_argument(
+        "--class-guidance",
+        type=float,
+        default=None,
+        help="DreamBooth's class pictures' guidance (the run's default)",
     )
     p.add_argument("--prior-weight", type=float, default=1.0, help="DreamBooth with prior")
     p.add_argument("--concepts", type=lambda text: text.split(","), default=list(CONCEPTS),

@@ -700,6 +700,11 @@ def test_class_pictures_come_from_the_frozen_base_with_the_same_seed(base):
     assert captions == [CLASS_PROMPT, CLASS_PROMPT, "a red letter b", "a red letter b",
                         "a bold digit 3"]  # fmt: skip
     assert torch.equal(shared, load(base, "cpu").sample(5, prompt=prompts, seed=4).x)
+    # drawn with the guidance asked for (0: the model's own conditional), else the run's
+    plain, _ = ft.class_images(model, [CLASS_PROMPT], 3, seed=4, guidance=0)
+    assert torch.equal(plain, load(base, "cpu").sample(3, prompt=CLASS_PROMPT, seed=4,
+                                                       guidance=0).x)  # fmt: skip
+    assert not torch.equal(plain, first)
 
 
 def test_the_dreambooth_loss_is_its_two_terms_and_without_prior_plain_fine_tuning(base):
@@ -738,10 +743,15 @@ def test_dreambooth_from_the_command_line(base, images, tmp_path, monkeypatch, c
             "fewer than the 2 class prompts",
         ),
         (["--class-prompt", " ; "], "needs --class-prompt"),
+        (["--class-prompt", CLASS_PROMPT, "--class-guidance", "-1"], "--class-guidance must be"),
         (["--class-prompt", CLASS_PROMPT, "--targets", "q"], "give --rank too"),
         (["--class-prompt", CLASS_PROMPT, "--init-word", "mono"], "--init-word"),
     ):
         assert says in refused(monkeypatch, capsys, *args, *extra), extra
+    assert "--class-guidance applies" in refused(
+        monkeypatch, capsys, *[a if a != "dreambooth" else "textual-inversion" for a in args],
+        "--class-guidance", "0", "--init-word", "mono",
+    )  # fmt: skip
     assert "--class-prompt applies" in refused(
         monkeypatch, capsys, *[a if a != "dreambooth" else "lora" for a in args],
         "--class-prompt", CLASS_PROMPT, "--init-word", "mono",

@@ -495,6 +495,13 @@ def finetune(
         int | None,
         typer.Option(help="DreamBooth: class pictures the frozen run draws first (16)."),
     ] = None,
+    class_guidance: Annotated[
+        float | None,
+        typer.Option(
+            help="DreamBooth: guidance scale of the class pictures (the run's default; 0: "
+            "samples of the model's own conditional)."
+        ),
+    ] = None,
     prior_weight: Annotated[
         float | None,
         typer.Option(help="DreamBooth: weight lambda of the prior-preservation loss (1; 0: off)."),
@@ -535,7 +542,7 @@ def finetune(
     lora_only = _given(rank=rank, targets=targets, alpha=alpha)
     inversion_only = _given(vectors=vectors)
     dreambooth_only = _given(class_prompt=class_prompt, num_class_images=num_class_images,
-                             prior_weight=prior_weight)  # fmt: skip
+                             class_guidance=class_guidance, prior_weight=prior_weight)  # fmt: skip
     dreambooth_only |= {"train_text_encoder": True} if train_text_encoder else {}
     if embedding and method != "lora":
         raise UserError("--embedding applies to --method lora only")

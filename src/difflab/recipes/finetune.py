@@ -74,7 +74,7 @@ from difflab.files import file_error, make_folder, write_bytes
 from difflab.gaussian.objectives import make_objective
 from difflab.nets.attention import CrossAttention, SelfAttention
 from difflab.nets.unet import ResBlock
-from difflab.recipes import Run, load, positive_int, seed_value
+from difflab.recipes import Run, finite, load, positive_int, seed_value
 from difflab.recipes.autoencoder import encode_means
 from difflab.recipes.text_to_image import RECIPE as TEXT_TO_IMAGE
 from difflab.recipes.text_to_image import TextToImageModel, tokenize
@@ -807,19 +807,24 @@ DEFAULT_DREAMBOOTH_LR = 5e-5
 
 
 def class_images(
-    model: TextToImageModel, class_prompts: Sequence[str], n: int, seed: int
+    model: TextToImageModel,
+    class_prompts: Sequence[str],
+    n: int,
+    seed: int,
+    guidance: float | None = None,
 ) -> tuple[Tensor, list[str]]:
     """The ``n`` prior-preservation targets ``x_class`` that the frozen base draws with
-    ``seed`` (its own sampling settings) and their captions: ``class_prompts`` shared out in
-    order, ``ceil(n / k)`` pictures each of the ``k``, as ``difflab sample`` shares them. The
-    targets are in the space the denoiser learns: pictures, or for a latent run the latents it
-    draws, not decoded (and encoded again). The same seed, the same targets."""
+    ``seed`` and classifier-free ``guidance`` (its own sampling settings where ``None``) and
+    their captions: ``class_prompts`` shared out in order, ``ceil(n / k)`` pictures each of the
+    ``k``, as ``difflab sample`` shares them. The targets are in the space the denoiser learns:
+    pictures, or for a latent run the latents it draws, not decoded (and encoded again). The
+    same seed, the same targets."""
     per_prompt = -(-n // len(class_prompts))
     captions = [text for text in class_prompts for _ in range(per_prompt)][:n]
     latent = model.autoencoder is not None
     frozen = dataclasses.replace(model, autoencoder=None)
     with torch.no_grad():
-        x = TEXT_TO_IMAGE.sample(frozen, n, prompt=captions, seed=seed,
+        x = TEXT_TO_IMAGE.sample(frozen, n, prompt=captions, seed=seed, guidance=guidance,
                                  threshold="none" if latent else None).x  # fmt: skip
     return x, captions
 
@@ -855,6 +860,7 @@ def finetune_dreambooth(
     out: str | Path,
     class_prompt: str | Sequence[str] | None = None,
     num_class_images: int = 16,
+    class_guidance: float | None = None,
     prior_weight: float = 1.0,
     rank: int | None = None,
     targets: str | None = None,
@@ -872,7 +878,10 @@ def finetune_dreambooth(
     class-specific prior-preservation loss on ``num_class_images`` targets the frozen run first
     draws for ``class_prompt`` (:func:`dreambooth_loss`); several class captions (separated by
     ``;``, or a list) share the targets out (:func:`class_images`), a prior over the variety
-    the class shows (its colours, weights, sizes) rather than over one caption.
+    the class shows (its colours, weights, sizes) rather than over one caption. The targets
+    are drawn with ``class_guidance`` (the run's own default where ``None``): at 0, samples of
+    the model's conditional ``p(x | c_class)`` itself, which the prior term then keeps; with
+    guidance, of the sharper guided distribution, which it then teaches.
 
     Without ``rank`` the whole denoiser trains (with ``train_text_encoder`` the whole text
     encoder too) and ``out`` is a new run folder. With ``rank`` (DreamBooth-LoRA) only rank-
@@ -903,6 +912,8 @@ def finetune_dreambooth(
         if not class_prompts:
             raise UserError("DreamBooth with a prior weight needs --class-prompt (the class "
                             "without the identifier, e.g. 'a letter A')")  # fmt: skip
+        if class_guidance is not None:
+            finite("class_guidance", class_guidance, 0.0)
         if num_class_images < len(class_prompts):
             raise UserError(f"--num-class-images {num_class_images} is fewer than the "
                             f"{len(class_prompts)} class prompts: each needs a "
@@ -926,7 +937,8 @@ def finetune_dreambooth(
     x_instance = x_instance.to(model.device)
     prior = None
     if prior_weight > 0:
-        x_class, class_captions = class_images(model, class_prompts, num_class_images, seed)
+        x_class, class_captions = class_images(model, class_prompts, num_class_images, seed,
+                                               class_guidance)  # fmt: skip
         prior = (x_class.to(model.device), tokenize(class_captions)[0].to(model.device))
     instance = (_to_model_space(model, x_instance), tokenize(captions)[0].to(model.device))
     net = model.denoiser.net
@@ -955,6 +967,7 @@ def finetune_dreambooth(
     seconds = time.perf_counter() - start
     settings = {"token": token, "captions": templates, "class_prompt": "; ".join(class_prompts),
                 "num_class_images": num_class_images if prior else 0,
+                "class_guidance": class_guidance,
                 "prior_weight": prior_weight, "train_text_encoder": train_text_encoder,
                 "steps": steps, "lr": lr}  # fmt: skip
     if lora:

@@ -36,9 +36,9 @@ prompt or for varied captions of the class (``--class-prompts``, :func:`class_pr
 Usage (one thread; every size is an option, the defaults are the short run of BENCHMARKS.md):
 ``OMP_NUM_THREADS=1 python benchmarks/bench_finetune.py --base runs/t2i-latent-v --out
 runs/bench/finetune``; ``--methods`` runs some of the methods only (the two-LoRA rows need
-``lora`` or ``lora-over-ti``), ``--targets`` chooses LoRA's and DreamBooth-LoRA's targets. Writes
-``OUT/results.json``, ``OUT/grid.png`` and the concept folders, adapters, embeddings and
-DreamBooth runs under ``OUT``; prints markdown tables.
+``lora`` or ``lora-over-ti``), ``--targets`` chooses LoRA's and DreamBooth-LoRA's targets.
+Writes ``OUT/results.json``, ``OUT/grid.png``, ``OUT/combined.png`` and the concept folders,
+adapters, embeddings and DreamBooth runs under ``OUT``; prints markdown tables.
 """
 
 from __future__ import annotations
@@ -507,12 +507,15 @@ def combined(a, folders: dict, judge, typewriter: Probe, fonts: dict) -> dict:
     colour's), and both at 0.5 / 0.5 and at 1 / 1: the share of "a <op> <tt> capital A"
     samples in the typewriter font, in pink, on purple. ``fonts``: the typewriter records of
     ``lora`` (the font read as "mono") and of ``lora-over-ti`` (pivotal: its embedding loaded
-    as it is, the adapter alone scaled, the font read as "<tt>"), those the run trained."""
+    as it is, the adapter alone scaled, the font read as "<tt>"), those the run trained. The
+    first 8 samples of each setting, a row each, go to ``OUT/combined.png``."""
     pink = a.out / "pink-lora.safetensors"
     ft.finetune_lora(a.base, images=folders["pink"], prompt="a {} capital A", token="<op>",
                      init_word="medium", rank=a.rank, targets=a.targets, lr=a.lora_lr,
                      steps=a.steps, seed=a.seed, out=pink, device="cpu",
                      progress=False)  # fmt: skip
+
+    rows = []
 
     def shares(specs: list[str], embedding: str | None, word: str) -> dict:
         run = load(a.base, "cpu")
@@ -520,6 +523,7 @@ def combined(a, folders: dict, judge, typewriter: Probe, fonts: dict) -> dict:
             ft.apply_embeddings(run, [embedding])
         ft.apply_adapters(run, specs)
         x = draw(run, [f"a medium {word} capital A"], 2 * a.samples, a.seed, a)
+        rows.append(x[:8])
         read = judge.predict(x)
         return {
             "typewriter": float(typewriter.says(x).double().mean()),
@@ -538,6 +542,7 @@ def combined(a, folders: dict, judge, typewriter: Probe, fonts: dict) -> dict:
             (f"{label} and colour at 1 / 1", [f"{font}:1", f"{pink}:1"]),
         ):
             result[name] = shares(specs, record["embedding"], word)
+    save_grid(torch.cat(rows), a.out / "combined.png", nrow=8)
     return result
 
 

@@ -26,7 +26,8 @@ the coloured concept prompts), prior drift (the judged Frechet distance to real 
 for the same prompts, :func:`prompt_renders`, and to real test glyphs, and the mean prompt
 adherence over the six heads on 10 ordinary prompts without the token, before
 and after: textual inversion leaves those outputs bit-identical by construction and is not
-resampled), the leak (the probe's share of samples of the class prompt without the concept's
+resampled; where the method's word is one the run knows and some ordinary prompts say it, as
+"mono" for the typewriter, the FD over the other prompts too), the leak (the probe's share of samples of the class prompt without the concept's
 word, "a capital A" or "a letter", before and after: what prior preservation protects),
 trainable parameters, file size and fine-tuning time. Then two LoRAs (the font, plain or
 pivotal, and a pink-on-purple colour style, each with its own trigger word) at 0.5 / 0.5
@@ -421,6 +422,7 @@ def main() -> None:
     probe, probe_checks = probes(judge, a.probe_n)
     real = judge.features(glyphs_to_tensor(glyphs_dataset("test").images[:1000]))
     asked = judge.features(glyphs_to_tensor(prompt_renders(ORDINARY, 100, a.seed)))
+    asked_by_prompt = asked.reshape(len(ORDINARY), 100, -1)
     folders = {
         "typewriter": write_folder(rendered("typewriter-A", a.images, 1), a.out / "typewriter",
                                    CONCEPTS["typewriter"], a.captions),
@@ -429,14 +431,30 @@ def main() -> None:
         "pink": write_folder(rendered("pink-A", a.images, 3), a.out / "pink"),
     }  # fmt: skip
 
-    def drift(run) -> dict:
+    def drift(run) -> tuple[dict, torch.Tensor]:
+        """The run's drift on the ordinary prompts, and the judge's features of its samples."""
         x = draw(run, list(ORDINARY), a.drift_samples, a.seed + 1, a)
         prompts = [q for q in ORDINARY for _ in range(a.drift_samples)]
         adherence = prompt_adherence(judge, x, prompts)
         features = judge.features(x)
         return {"fd": frechet_distance_from_samples(features, real),
                 "fd_asked": frechet_distance_from_samples(features, asked),
-                "adherence": float(np.mean(list(adherence.values()))), **adherence}  # fmt: skip
+                "adherence": float(np.mean(list(adherence.values()))),
+                **adherence}, features  # fmt: skip
+
+    def without_word(before: torch.Tensor, after: torch.Tensor, word: str) -> dict:
+        """The FD to the renders, before and after, over the ordinary prompts without the
+        method's word: a word the run knows (LoRA's, DreamBooth's identifier) is redefined on
+        purpose, and the prompts that say it draw the concept."""
+        keep = [i for i, q in enumerate(ORDINARY) if word not in q.split()]
+
+        def fd(features: torch.Tensor) -> float:
+            dim = features.shape[-1]
+            f = features.reshape(len(ORDINARY), -1, dim)[keep].reshape(-1, dim)
+            return frechet_distance_from_samples(f, asked_by_prompt[keep].reshape(-1, dim))
+
+        return {"word": word, "prompts": len(keep), "before": fd(before),
+                "after": fd(after)}  # fmt: skip
 
     def concept_metrics(run, word: str, concept: dict, name: str) -> tuple[dict, torch.Tensor]:
         templates = [*concept["plain"], *concept["coloured"]]
@@ -458,7 +476,7 @@ def main() -> None:
     results: dict = {"probes": probe_checks, "settings": vars(a) | {"base": str(a.base),
                                                                     "out": str(a.out)}}  # fmt: skip
     base_run, _ = tuned("base", a.base, None, None)
-    results["base_drift"] = drift(base_run)
+    results["base_drift"], base_features = drift(base_run)
     again = judge.features(draw(base_run, list(ORDINARY), a.drift_samples, a.seed + 2, a))
     results["base_drift_other_seeds_fd"] = frechet_distance_from_samples(again, real)
     results["base_drift_other_seeds_fd_asked"] = frechet_distance_from_samples(again, asked)
@@ -477,7 +495,9 @@ def main() -> None:
             run, word = tuned(method, a.base, made, concept)
             made["metrics"], x = concept_metrics(run, word, concept, name)
             if method != "textual-inversion":  # its other outputs are provably unchanged
-                made["drift"], made["leak"] = drift(run), leak(run, concept, name)
+                (made["drift"], features), made["leak"] = drift(run), leak(run, concept, name)
+                if any(word in q.split() for q in ORDINARY):
+                    made["drift"]["without_word"] = without_word(base_features, features, word)
             rows[method].append(grid_part(x, a.samples))
             record[method] = made
             print(json.dumps(made), flush=True)
@@ -573,6 +593,10 @@ def tables(r: dict) -> str:
                          f"({d['fd_asked'] / before['fd_asked'] - 1:+.0%}); test glyphs "
                          f"{before['fd']:.0f} -> {d['fd']:.0f} "
                          f"({d['fd'] / before['fd'] - 1:+.0%})")  # fmt: skip
+                if w := d.get("without_word"):
+                    drift += (f"; the {w['prompts']} prompts without '{w['word']}' "
+                              f"{w['before']:.0f} -> {w['after']:.0f} "
+                              f"({w['after'] / w['before'] - 1:+.0%})")  # fmt: skip
                 adherence = f"{before['adherence']:.1%} -> {d['adherence']:.1%}"
                 leaked = f"{r[name]['base']['leak']:.0%} -> {m['leak']:.0%}"
             else:

@@ -310,7 +310,7 @@ def finetune(
                                   out=out.with_suffix(".safetensors"), **common)  # fmt: skip
     elif method == "lora-over-ti":
         result = ft.finetune_lora(base, token=concept["token"], embeddings=[embedding],
-                                  rank=a.rank, targets=a.targets, lr=a.lora_lr,
+                                  rank=a.rank, targets=a.targets, lr=a.pivot_lr or a.lora_lr,
                                   out=out.with_suffix(".safetensors"), **common)  # fmt: skip
     elif method == "textual-inversion":
         result = ft.finetune_embedding(base, token=concept["token"], lr=a.ti_lr,
@@ -367,6 +367,7 @@ def main() -> None:
     p.add_argument("--methods", type=lambda text: text.split(","), default=list(METHODS),
                    help="comma list of " + ", ".join(METHODS))  # fmt: skip
     p.add_argument("--lora-lr", type=float, default=2e-3, help="LoRA and DreamBooth-LoRA")
+    p.add_argument("--pivot-lr", type=float, default=None, help="lora-over-ti (--lora-lr)")
     p.add_argument("--ti-lr", type=float, default=1e-2, help="textual inversion")
     p.add_argument("--ti-vectors", type=int, default=1, help="textual inversion's vectors")
     p.add_argument("--db-lr", type=float, default=1e-4, help="DreamBooth")

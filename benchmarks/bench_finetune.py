@@ -24,11 +24,12 @@ Per concept and method: concept fidelity (the probe's share of samples of the co
 prompt fidelity (the judge's glyph colour, background colour and weight against the prompt, on
 the coloured concept prompts), prior drift (the judged Frechet distance to real glyphs rendered
 for the same prompts, :func:`prompt_renders`, and to real test glyphs, and the mean prompt
-adherence over the six heads on 10 ordinary prompts without the token, before
-and after: textual inversion leaves those outputs bit-identical by construction and is not
-resampled; where the method's word is one the run knows and some ordinary prompts say it, as
-"mono" for the typewriter, the FD over the other prompts too), the leak (the probe's share of samples of the class prompt without the concept's
-word, "a capital A" or "a letter", before and after: what prior preservation protects),
+adherence over the six heads on 10 ordinary prompts without the token, before and after:
+textual inversion leaves those outputs bit-identical by construction and is not resampled;
+where the method's word is one the run knows and some ordinary prompts say it, as "mono" for
+the typewriter, the FD over the other prompts too), the leak (the probe's share of samples of
+the class prompt without the concept's word, "a capital A" or "a letter", before and after:
+what prior preservation protects),
 trainable parameters, file size and fine-tuning time. Then two LoRAs (the font, plain or
 pivotal, and a pink-on-purple colour style, each with its own trigger word) at 0.5 / 0.5
 against each alone, and a grid of prompts x methods. DreamBooth's prior is drawn for the class

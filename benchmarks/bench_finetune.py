@@ -321,9 +321,11 @@ def finetune(
         result = ft.finetune_dreambooth(base, rank=a.rank, targets=a.targets, lr=a.lora_lr,
                                         out=out.with_suffix(".safetensors"),
                                         **dreambooth)  # fmt: skip
+    elif method == "dreambooth-no-prior":
+        result = ft.finetune_dreambooth(base, prior_weight=0.0, lr=a.db_lr, out=out,
+                                        **dreambooth | {"class_guidance": None})  # fmt: skip
     else:
-        weight = 0.0 if method == "dreambooth-no-prior" else a.prior_weight
-        result = ft.finetune_dreambooth(base, prior_weight=weight, lr=a.db_lr, out=out,
+        result = ft.finetune_dreambooth(base, prior_weight=a.prior_weight, lr=a.db_lr, out=out,
                                         **dreambooth)  # fmt: skip
     path = result.path
     size = (path / "checkpoint.safetensors" if path.is_dir() else path).stat().st_size

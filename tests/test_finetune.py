@@ -744,6 +744,7 @@ def test_dreambooth_from_the_command_line(base, images, tmp_path, monkeypatch, c
         ),
         (["--class-prompt", " ; "], "needs --class-prompt"),
         (["--class-prompt", CLASS_PROMPT, "--class-guidance", "-1"], "--class-guidance must be"),
+        (["--prior-weight", "0", "--class-guidance", "0"], "--class-guidance applies with a prior"),
         (["--class-prompt", CLASS_PROMPT, "--targets", "q"], "give --rank too"),
         (["--class-prompt", CLASS_PROMPT, "--init-word", "mono"], "--init-word"),
     ):

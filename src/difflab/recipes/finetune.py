@@ -907,6 +907,9 @@ def finetune_dreambooth(
     if isinstance(class_prompt, str):
         class_prompt = class_prompt.split(";")
     class_prompts = [text.strip() for text in class_prompt or () if text.strip()]
+    if prior_weight == 0 and class_guidance is not None:
+        raise UserError("--class-guidance applies with a prior weight above 0: without the "
+                        "prior term no class picture is drawn")  # fmt: skip
     if prior_weight > 0:
         positive_int("num_class_images", num_class_images)
         if not class_prompts:

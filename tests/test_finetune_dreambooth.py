@@ -46,10 +46,12 @@ def images(tmp_path_factory) -> Path:
 
 
 def one_step(base: Path, images: Path, out: Path, **options) -> ft.FinetuneResult:
-    return ft.finetune_dreambooth(base, images=images, prompt=PROMPT, token=IDENTIFIER, out=out,
-                                  class_prompt=CLASS_PROMPT, num_class_images=CLASS_IMAGES,
-                                  prior_weight=LAMBDA, steps=1, lr=LR, seed=SEED,
-                                  progress=False, **options)  # fmt: skip
+    """One DreamBooth step on ``PROMPT`` with ``CLASS_PROMPT``'s prior, unless ``options``
+    say otherwise."""
+    options = {"prompt": PROMPT, "class_prompt": CLASS_PROMPT} | options
+    return ft.finetune_dreambooth(base, images=images, token=IDENTIFIER, out=out,
+                                  num_class_images=CLASS_IMAGES, prior_weight=LAMBDA, steps=1,
+                                  lr=LR, seed=SEED, progress=False, **options)  # fmt: skip
 
 
 def oracle_gradients(
@@ -100,6 +102,14 @@ def in_model_space(model: t2i.TextToImageModel, x: torch.Tensor) -> torch.Tensor
 def adam_first_step(before: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """AdamW's first step without weight decay: ``m_hat = g``, ``v_hat = g^2``."""
     return before - LR * grad / (grad.abs() + 1e-8)
+
+
+def assert_took_the_step(out: Path, before: dict, grads: dict) -> None:
+    """The run ``out`` is ``before`` moved by AdamW's first step on ``grads``."""
+    tuned = load(out, "cpu").model.denoiser.net.state_dict()
+    for name, g in grads.items():
+        torch.testing.assert_close(tuned[name], adam_first_step(before[name], g), rtol=1e-4,
+                                   atol=1e-10)  # fmt: skip
 
 
 # ------------------------------------------------------------------ DreamBooth-LoRA
@@ -192,32 +202,20 @@ def test_each_picture_trains_with_its_own_caption_from_metadata_jsonl(base, tmp_
     with (images / ft.CAPTIONS).open("w") as f:  # lines out of order: matched by file name
         for i in reversed(range(len(colours))):
             f.write(json.dumps({"file_name": f"{i}.png", "text": captions[i]}) + "\n")
-    out = ft.finetune_dreambooth(base, images=images, prompt=None, token=IDENTIFIER,
-                                 out=tmp_path / "db", class_prompt=CLASS_PROMPT,
-                                 num_class_images=CLASS_IMAGES, prior_weight=LAMBDA, steps=1,
-                                 lr=LR, seed=SEED, progress=False).path  # fmt: skip
+    out = one_step(base, images, tmp_path / "db", prompt=None).path
     _, before, grads = oracle_gradients(base, images, None, False, captions)
     _, _, one_caption = oracle_gradients(base, images, None, False)
-    tuned = load(out, "cpu").model.denoiser.net.state_dict()
-    for name, g in grads.items():
-        torch.testing.assert_close(tuned[name], adam_first_step(before[name], g), rtol=1e-4,
-                                   atol=1e-10)  # fmt: skip
+    assert_took_the_step(out, before, grads)
     # the captions matter: one caption for all pictures takes another step
     assert any(not torch.allclose(grads[n], one_caption[n]) for n in grads)
 
 
 def test_several_class_prompts_share_the_prior_pictures_out(base, images, tmp_path):
     prompts = (CLASS_PROMPT, "a red capital B on a white background", "a bold digit 3")
-    out = ft.finetune_dreambooth(base, images=images, prompt=PROMPT, token=IDENTIFIER,
-                                 out=tmp_path / "db", class_prompt=" ; ".join(prompts),
-                                 num_class_images=CLASS_IMAGES, prior_weight=LAMBDA, steps=1,
-                                 lr=LR, seed=SEED, progress=False).path  # fmt: skip
+    out = one_step(base, images, tmp_path / "db", class_prompt=" ; ".join(prompts)).path
     _, before, grads = oracle_gradients(base, images, None, False, class_prompts=prompts)
     _, _, one_prompt = oracle_gradients(base, images, None, False)
-    tuned = load(out, "cpu").model.denoiser.net.state_dict()
-    for name, g in grads.items():
-        torch.testing.assert_close(tuned[name], adam_first_step(before[name], g), rtol=1e-4,
-                                   atol=1e-10)  # fmt: skip
+    assert_took_the_step(out, before, grads)
     # the class captions matter: one class prompt for all the pictures takes another step
     assert any(not torch.allclose(grads[n], one_prompt[n]) for n in grads)
     assert load_checkpoint(out).extra["dreambooth"]["class_prompt"] == "; ".join(prompts)

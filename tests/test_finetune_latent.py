@@ -109,7 +109,7 @@ def test_textual_inversion_on_a_latent_run_learns_the_encoded_pictures(base, ima
 
 def test_dreambooth_on_a_latent_run_keeps_to_latents(base, images, tmp_path):
     model = load(base, "cpu").model
-    z_class = ft.class_images(model, CLASS_PROMPT, 3, seed=2)
+    z_class, _ = ft.class_images(model, [CLASS_PROMPT], 3, seed=2)
     assert z_class.shape == (3, 4, 8, 8)  # latents, not decoded pictures
     pictures = load(base, "cpu").sample(3, prompt=CLASS_PROMPT, seed=2).x
     torch.testing.assert_close(t2i.decode(model.autoencoder, z_class), pictures, rtol=0, atol=1e-6)

@@ -303,7 +303,7 @@ def finetune(
     dreambooth = dict(token=concept["identifier"],
                       class_prompt=class_prompts(concept, a.class_prompts, a.class_images, a.seed),
                       num_class_images=a.class_images, class_guidance=a.class_guidance,
-                      **common)  # fmt: skip
+                      train_text_encoder=a.db_text_encoder, **common)  # fmt: skip
     wall, cpu = time.perf_counter(), time.process_time()
     if method == "lora":
         result = ft.finetune_lora(base, token=concept["token"], init_word=concept["init_word"],
@@ -386,6 +386,11 @@ def main() -> None:
         type=float,
         default=None,
         help="DreamBooth's class pictures' guidance (the run's default)",
+    )
+    p.add_argument(
+        "--db-text-encoder",
+        action="store_true",
+        help="DreamBooth and DreamBooth-LoRA tune the text encoder too",
     )
     p.add_argument("--prior-weight", type=float, default=1.0, help="DreamBooth with prior")
     p.add_argument("--concepts", type=lambda text: text.split(","), default=list(CONCEPTS),

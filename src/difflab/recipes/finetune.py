@@ -77,7 +77,7 @@ from difflab.nets.unet import ResBlock
 from difflab.recipes import Run, finite, load, positive_int, seed_value
 from difflab.recipes.autoencoder import encode_means
 from difflab.recipes.text_to_image import RECIPE as TEXT_TO_IMAGE
-from difflab.recipes.text_to_image import TextToImageModel, tokenize
+from difflab.recipes.text_to_image import TextToImageModel, shared_out, tokenize
 from difflab.train.checkpoint import (
     FILENAME,
     load_checkpoint,
@@ -819,8 +819,7 @@ def class_images(
     ``k``, as ``difflab sample`` shares them. The targets are in the space the denoiser learns:
     pictures, or for a latent run the latents it draws, not decoded (and encoded again). The
     same seed, the same targets."""
-    per_prompt = -(-n // len(class_prompts))
-    captions = [text for text in class_prompts for _ in range(per_prompt)][:n]
+    captions = shared_out(class_prompts, n)
     latent = model.autoencoder is not None
     frozen = dataclasses.replace(model, autoencoder=None)
     with torch.no_grad():

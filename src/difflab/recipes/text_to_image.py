@@ -380,11 +380,7 @@ class TextToImageRecipe(Recipe):
         threshold, percentile = threshold_settings(threshold, percentile, s.threshold, model.shape)
         seed = s.seed if seed is None else seed_value(seed)
         per_prompt = -(-n // len(prompts))
-        tokens = (
-            _tokens(prompts, model.added_words)
-            .repeat_interleave(per_prompt, dim=0)[:n]
-            .to(model.device)
-        )
+        tokens = _tokens(shared_out(prompts, n), model.added_words).to(model.device)
         empty = torch.full((1, MAX_TOKENS), PAD, dtype=torch.long, device=model.device)
         den = guided_denoiser(model, guidance=guidance, convention=convention,
                               threshold=threshold, percentile=percentile,
@@ -481,6 +477,13 @@ class TextToImageRecipe(Recipe):
 
 #: Samples drawn per call in ``evaluate``.
 EVAL_CHUNK = 250
+
+
+def shared_out(prompts: Sequence[str], n: int) -> list[str]:
+    """The caption of each of ``n`` samples: ``prompts`` in order, ``ceil(n / k)`` samples each
+    of the ``k`` (the last ones fewer where ``k`` does not divide ``n``)."""
+    per_prompt = -(-n // len(prompts))
+    return [text for text in prompts for _ in range(per_prompt)][:n]
 
 
 def _tokens(prompts: list[str], added: tuple[str, ...] = ()) -> Tensor:

@@ -182,11 +182,14 @@ def prompt_renders(prompts: tuple[str, ...], n: int, seed: int) -> np.ndarray:
     return np.concatenate(pictures)
 
 
-def class_prompts(concept: dict, kind: str, n: int, seed: int) -> list[str]:
-    """DreamBooth's class captions: ``class``, the concept's class prompt ("a capital A");
-    ``varied``, ``n`` captions of the class's characters as the training split captions its
-    glyphs (size, colours, weight, slant and family drawn), none with the identifier (the
-    concept's own captions): a prior over the class's variety, not over one caption."""
+def class_prompts(concept: dict, kind: str, n: int, seed: int) -> list[str] | None:
+    """DreamBooth's class captions: ``captions``, none given, so each training caption without
+    the identifier (:func:`difflab.recipes.finetune.without_identifier`); ``class``, the
+    concept's class prompt ("a capital A"); ``varied``, ``n`` captions of the class's
+    characters as the training split captions its glyphs (size, colours, weight, slant and
+    family drawn), none with the identifier: a prior over the class's variety."""
+    if kind == "captions":
+        return None
     if kind == "class":
         return [concept["class_prompt"]]
     rng = np.random.default_rng([seed, 13])
@@ -377,9 +380,10 @@ def main() -> None:
     p.add_argument("--class-images", type=int, default=8)
     p.add_argument(
         "--class-prompts",
-        choices=("class", "varied"),
+        choices=("captions", "class", "varied"),
         default="class",
-        help="DreamBooth's prior: the class prompt, or a varied caption per picture",
+        help="DreamBooth's prior: the training captions without the identifier, the class "
+        "prompt, or a varied caption per picture",
     )
     p.add_argument(
         "--class-guidance",
@@ -393,6 +397,7 @@ def main() -> None:
         help="DreamBooth and DreamBooth-LoRA tune the text encoder too",
     )
     p.add_argument("--prior-weight", type=float, default=1.0, help="DreamBooth with prior")
+    p.add_argument("--db-identifier", help="DreamBooth's identifier (the concept's own)")
     p.add_argument("--concepts", type=lambda text: text.split(","), default=list(CONCEPTS),
                    help="comma list of " + ", ".join(CONCEPTS))  # fmt: skip
     p.add_argument("--samples", type=int, default=12, help="samples per concept prompt")
@@ -490,9 +495,10 @@ def main() -> None:
     results["base_drift_other_seeds_fd"] = frechet_distance_from_samples(again, real)
     results["base_drift_other_seeds_fd_asked"] = frechet_distance_from_samples(again, asked)
     methods = a.methods
+    identifier = {"identifier": a.db_identifier} if a.db_identifier else {}
     rows: dict[str, list[torch.Tensor]] = {m: [] for m in ("base", *methods)}
     for name in a.concepts:
-        concept, record = CONCEPTS[name], {}
+        concept, record = CONCEPTS[name] | identifier, {}
         metrics, x = concept_metrics(base_run, concept["identifier"], concept, name)
         record["base"] = {"metrics": metrics, "leak": leak(base_run, concept, name)}
         rows["base"].append(grid_part(x, a.samples))

@@ -734,7 +734,6 @@ def test_dreambooth_from_the_command_line(base, images, tmp_path, monkeypatch, c
     args = ["finetune", str(base), "--method", "dreambooth", "--images", str(images),
             "--prompt", PROMPT, "--token", "stix", "--steps", "2", "--out", str(out)]  # fmt: skip
     for extra, says in (
-        ([], "needs --class-prompt"),
         (["--class-prompt", CLASS_PROMPT, "--prior-weight", "-1"], "--prior-weight"),
         (["--class-prompt", CLASS_PROMPT, "--num-class-images", "0"], "--num-class-images"),
         (["--class-prompt", "a zebra"], "does not know"),
@@ -742,7 +741,8 @@ def test_dreambooth_from_the_command_line(base, images, tmp_path, monkeypatch, c
             ["--class-prompt", f"{CLASS_PROMPT}; a letter b", "--num-class-images", "1"],
             "fewer than the 2 class prompts",
         ),
-        (["--class-prompt", " ; "], "needs --class-prompt"),
+        (["--class-prompt", " ; "], "--class-prompt has no caption"),
+        (["--prompt", "{}"], "the identifier alone: give --class-prompt"),
         (["--class-prompt", CLASS_PROMPT, "--class-guidance", "-1"], "--class-guidance must be"),
         (["--prior-weight", "0", "--class-guidance", "0"], "--class-guidance applies with a prior"),
         (["--class-prompt", CLASS_PROMPT, "--targets", "q"], "give --rank too"),

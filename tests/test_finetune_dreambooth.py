@@ -221,6 +221,27 @@ def test_several_class_prompts_share_the_prior_pictures_out(base, images, tmp_pa
     assert load_checkpoint(out).extra["dreambooth"]["class_prompt"] == "; ".join(prompts)
 
 
+def test_without_a_class_prompt_the_prior_is_the_training_captions_without_the_identifier(
+    base, tmp_path
+):
+    assert ft.without_identifier(["a red {} letter  on a white background", "{} a letter",
+                                  "a red {} letter on a white background"]) == [
+        "a red letter on a white background", "a letter"]  # fmt: skip
+    (tmp_path / "captioned").mkdir()
+    images = concept_folder(tmp_path / "captioned")
+    colours = ["red", "blue", "green"] * 2
+    with (images / ft.CAPTIONS).open("w") as f:
+        for i, colour in enumerate(colours):
+            f.write(json.dumps({"file_name": f"{i}.png", "text": f"a {colour} {{}} letter A"})
+                    + "\n")  # fmt: skip
+    out = one_step(base, images, tmp_path / "db", prompt=None, class_prompt=None).path
+    class_prompts = ("a red letter A", "a blue letter A", "a green letter A")
+    captions = [f"a {colour} {{}} letter A" for colour in colours]
+    _, before, grads = oracle_gradients(base, images, None, False, captions, class_prompts)
+    assert_took_the_step(out, before, grads)
+    assert load_checkpoint(out).extra["dreambooth"]["class_prompt"] == "; ".join(class_prompts)
+
+
 # ------------------------------------------------------------------ the command line
 
 

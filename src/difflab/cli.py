@@ -488,7 +488,8 @@ def finetune(
         str | None,
         typer.Option(
             help="DreamBooth: the class caption of the prior-preservation pictures; several, "
-            "separated by ';', share them out in order."
+            "separated by ';', share them out in order (default: each training caption "
+            "without the identifier, 'a red [V] letter' -> 'a red letter')."
         ),
     ] = None,
     num_class_images: Annotated[

@@ -828,6 +828,21 @@ def class_images(
     return x, captions
 
 
+def without_identifier(templates: Sequence[str]) -> list[str]:
+    """DreamBooth's class captions where none is given: each distinct training caption without
+    the identifier ("a red {} letter on a white background" -> "a red letter on a white
+    background"), the instance prompt minus "[V]" as Ruiz et al. prompt the frozen model. The
+    prior then covers every context the captions put the identifier in, the colour words as
+    well as the class noun: a prior over the class noun alone leaves "red ... on a white
+    background" free to turn into the concept."""
+    captions = dict.fromkeys(" ".join(template.replace("{}", " ").split())
+                             for template in templates)  # fmt: skip
+    if "" in captions:
+        raise UserError("a caption is the identifier alone: give --class-prompt (the class "
+                        "without the identifier, e.g. 'a letter A')")  # fmt: skip
+    return list(captions)
+
+
 def dreambooth_loss(
     objective: Any,
     denoiser: Any,
@@ -877,7 +892,9 @@ def finetune_dreambooth(
     class-specific prior-preservation loss on ``num_class_images`` targets the frozen run first
     draws for ``class_prompt`` (:func:`dreambooth_loss`); several class captions (separated by
     ``;``, or a list) share the targets out (:func:`class_images`), a prior over the variety
-    the class shows (its colours, weights, sizes) rather than over one caption. The targets
+    the class shows (its colours, weights, sizes) rather than over one caption; without
+    ``class_prompt``, the training captions without the identifier (:func:`without_identifier`)
+    do. The targets
     are drawn with ``class_guidance`` (the run's own default where ``None``): at 0, samples of
     the model's conditional ``p(x | c_class)`` itself, which the prior term then keeps; with
     guidance, of the sharper guided distribution, which it then teaches.
@@ -903,24 +920,25 @@ def finetune_dreambooth(
         raise UserError("--lr must be a positive number")
     if not (math.isfinite(prior_weight) and prior_weight >= 0):
         raise UserError(f"--prior-weight must be a number >= 0, got {prior_weight}")
+    x_instance, templates = concept_images(images), concept_captions(images, prompt)
     if isinstance(class_prompt, str):
         class_prompt = class_prompt.split(";")
     class_prompts = [text.strip() for text in class_prompt or () if text.strip()]
+    if class_prompt is not None and not class_prompts:
+        raise UserError("--class-prompt has no caption: give one, or leave it out for the "
+                        "training captions without the identifier")  # fmt: skip
     if prior_weight == 0 and class_guidance is not None:
         raise UserError("--class-guidance applies with a prior weight above 0: without the "
                         "prior term no class picture is drawn")  # fmt: skip
     if prior_weight > 0:
         positive_int("num_class_images", num_class_images)
-        if not class_prompts:
-            raise UserError("DreamBooth with a prior weight needs --class-prompt (the class "
-                            "without the identifier, e.g. 'a letter A')")  # fmt: skip
+        class_prompts = class_prompts or without_identifier(templates)
         if class_guidance is not None:
             finite("class_guidance", class_guidance, 0.0)
         if num_class_images < len(class_prompts):
             raise UserError(f"--num-class-images {num_class_images} is fewer than the "
                             f"{len(class_prompts)} class prompts: each needs a "
                             f"picture")  # fmt: skip
-    x_instance, templates = concept_images(images), concept_captions(images, prompt)
     captions = [template.replace("{}", token) for template in templates]
     if token.split() != [token] or not _tokenizes(token):
         raise UserError(f"DreamBooth's identifier must be one word the run knows (it tunes the "

@@ -61,7 +61,9 @@ from difflab.data.glyphs import (
     CHARACTERS,
     COLOUR_NAMES,
     COLOUR_PAIRS,
+    FAMILIES,
     GREEK,
+    LATIN,
     SIZES,
     caption,
     glyphs_dataset,
@@ -80,7 +82,8 @@ SUBJECT_CHAR = "Ω"
 CONCEPTS = {
     # name: training prompt template, LoRA / textual-inversion token and word, DreamBooth
     # identifier, class prompt and the class's characters, a training caption naming the
-    # picture's colours (--captions described or mixed), prompts of the evaluation ({} where
+    # picture's colours (--captions described or mixed) and one naming all it shows as the
+    # training split's captions do (--captions named), prompts of the evaluation ({} where
     # the token goes)
     "typewriter": {
         "prompt": "a {} capital A",
@@ -90,6 +93,7 @@ CONCEPTS = {
         "class_prompt": "a capital A",
         "class_characters": "A",
         "described": "a {colour} {{}} capital A on a {background} background",
+        "named": "a {size} {colour} {style}{{}} capital A on a {background} background",
         "plain": ["a {} capital A"],
         "coloured": [
             "a red {} capital A on a white background",
@@ -104,6 +108,7 @@ CONCEPTS = {
         "class_prompt": "a letter",
         "class_characters": string.ascii_lowercase,
         "described": "a {colour} {{}} letter on a {background} background",
+        "named": "a {size} {colour} {style}{family} {{}} letter on a {background} background",
         "plain": ["a {} letter"],
         "coloured": [
             "a red {} letter on a white background",
@@ -187,16 +192,19 @@ def class_prompts(concept: dict, kind: str, n: int, seed: int) -> list[str] | No
     the identifier (:func:`difflab.recipes.finetune.without_identifier`); ``class``, the
     concept's class prompt ("a capital A"); ``varied``, ``n`` captions of the class's
     characters as the training split captions its glyphs (size, colours, weight, slant and
-    family drawn), none with the identifier: a prior over the class's variety."""
+    family drawn), none with the identifier: a prior over the class's variety; ``dataset``,
+    the same over every Latin character (digits, capitals, letters): a prior over all the
+    base draws."""
     if kind == "captions":
         return None
     if kind == "class":
         return [concept["class_prompt"]]
+    characters = LATIN if kind == "dataset" else concept["class_characters"]
     rng = np.random.default_rng([seed, 13])
     chosen: list[str] = []
     while len(chosen) < n:
         _, attributes = sample_attributes(1, rng, "train")
-        char = concept["class_characters"][rng.integers(len(concept["class_characters"]))]
+        char = characters[rng.integers(len(characters))]
         text = caption(CHARACTERS.index(char), {k: int(v[0]) for k, v in attributes.items()})
         if concept["identifier"].lower() not in text.lower().split():
             chosen.append(text)
@@ -213,22 +221,31 @@ def write_folder(
     each in ``folder/metadata.jsonl`` (``difflab finetune`` reads it): the ``concept``'s
     ``described`` template with the picture's colours (``described``: every picture;
     ``mixed``: every other one, the rest its plain ``prompt``; ``both``: every picture, and a
-    copy of it, ``{i}-plain.png``, with the plain ``prompt``)."""
+    copy of it, ``{i}-plain.png``, with the plain ``prompt``), or as ``both`` with its
+    ``named`` template, which names all the picture shows as the training split's captions do
+    (size, colours, weight, slant and, for a subject, family): the identifier is left only
+    the shape (``named``)."""
     images, attributes = pictures
     folder.mkdir(parents=True, exist_ok=True)
+    twice = captions in ("both", "named")
     for i, picture in enumerate(images):
         Image.fromarray(picture).save(folder / f"{i}.png")
-        if captions == "both":
+        if twice:
             Image.fromarray(picture).save(folder / f"{i}-plain.png")
     if captions == "plain":
         return folder
     lines = []
     for i in range(len(images)):
-        colours = {key: COLOUR_NAMES[attributes[key][i]] for key in ("colour", "background")}
+        words = {key: COLOUR_NAMES[attributes[key][i]] for key in ("colour", "background")}
+        words |= {"size": SIZES[attributes["size"][i]][0],
+                  "family": FAMILIES[attributes["family"][i]],
+                  "style": "bold " * attributes["weight"][i]
+                  + "italic " * attributes["slant"][i]}  # fmt: skip
         plain = captions == "mixed" and i % 2
-        text = concept["prompt"] if plain else concept["described"].format(**colours)
+        template = concept["named" if captions == "named" else "described"]
+        text = concept["prompt"] if plain else template.format(**words)
         lines.append(json.dumps({"file_name": f"{i}.png", "text": text}) + "\n")
-        if captions == "both":
+        if twice:
             lines.append(json.dumps({"file_name": f"{i}-plain.png", "text": concept["prompt"]})
                          + "\n")  # fmt: skip
     (folder / ft.CAPTIONS).write_text("".join(lines))
@@ -380,7 +397,7 @@ def main() -> None:
     p.add_argument("--class-images", type=int, default=8)
     p.add_argument(
         "--class-prompts",
-        choices=("captions", "class", "varied"),
+        choices=("captions", "class", "varied", "dataset"),
         default="class",
         help="DreamBooth's prior: the training captions without the identifier, the class "
         "prompt, or a varied caption per picture",
@@ -406,9 +423,11 @@ def main() -> None:
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--probe-n", type=int, default=600, help="real glyphs per probe class")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--captions", choices=("both", "mixed", "described", "plain"), default="both",
+    p.add_argument("--captions", choices=("both", "named", "mixed", "described", "plain"),
+                   default="both",
                    help="training captions: each picture twice, with its colours and with the "
-                   "concept's prompt (both); every other picture's names its colours, the rest "
+                   "concept's prompt (both); the same with all it shows named as the training "
+                   "split names it (named); every other picture's names its colours, the rest "
                    "are the concept's prompt (mixed); every picture's names them (described); "
                    "all the concept's prompt (plain)")  # fmt: skip
     a = p.parse_args()

@@ -6,7 +6,9 @@ LoRA over that textual inversion's token (pivotal tuning), DreamBooth with and w
 preservation, DreamBooth-LoRA. The training pictures are
 captioned in the folder's ``metadata.jsonl`` (``--captions``): by default each picture twice
 (two files), once with its colours ("a yellow {} letter on a red background") and once with
-the concept's prompt, so that the token carries the concept and not the 8 pictures' colours.
+the concept's prompt, so that the token carries the concept and not the 8 pictures' colours;
+``named`` names all a picture shows (size, weight, slant, family too), and ``--db-captions``
+gives DreamBooth and DreamBooth-LoRA captions of their own kind.
 
 What the glyphs judge can read: its character head knows the 62 Latin classes and its family
 head was trained on the six families of the training split, so it can name neither concept (the
@@ -32,8 +34,10 @@ the class prompt without the concept's word, "a capital A" or "a letter", before
 what prior preservation protects),
 trainable parameters, file size and fine-tuning time. Then two LoRAs (the font, plain or
 pivotal, and a pink-on-purple colour style, each with its own trigger word) at 0.5 / 0.5
-against each alone, and a grid of prompts x methods. DreamBooth's prior is drawn for the class
-prompt or for varied captions of the class (``--class-prompts``, :func:`class_prompts`).
+against each alone, and a grid of prompts x methods. DreamBooth's prior is drawn for the
+training captions without the identifier, the class prompt, or varied captions of the class
+or of every character (``--class-prompts``, :func:`class_prompts`); ``--identifier`` replaces
+the concept's identifier.
 
 Usage (one thread; every size is an option, the defaults are the short run of BENCHMARKS.md):
 ``OMP_NUM_THREADS=1 python benchmarks/bench_finetune.py --base runs/t2i-latent-v --out
@@ -104,7 +108,9 @@ CONCEPTS = {
         "prompt": "a {} letter",
         "token": "<om>",
         "init_word": "U",  # its closest Latin shape; a 90-sample sweep: U 86%, n 81%, O 76%
-        "identifier": "O",
+        # a word the run knows but never reads alone (only in "pale blue"), as DreamBooth's
+        # rare tokens; "O" took the round capitals with it (G, C drew Omegas; runs/ft57)
+        "identifier": "pale",
         "class_prompt": "a letter",
         "class_characters": string.ascii_lowercase,
         "described": "a {colour} {{}} letter on a {background} background",
@@ -116,6 +122,8 @@ CONCEPTS = {
         ],
     },
 }
+#: The training captions' kinds (:func:`write_folder`).
+CAPTIONS = ("both", "named", "mixed", "described", "plain")
 #: Ordinary prompts without any token: the prior each method should keep.
 ORDINARY = (
     "a red bold serif capital G on a white background",
@@ -414,7 +422,7 @@ def main() -> None:
         help="DreamBooth and DreamBooth-LoRA tune the text encoder too",
     )
     p.add_argument("--prior-weight", type=float, default=1.0, help="DreamBooth with prior")
-    p.add_argument("--db-identifier", help="DreamBooth's identifier (the concept's own)")
+    p.add_argument("--identifier", help="DreamBooth's identifier (the concept's own)")
     p.add_argument("--concepts", type=lambda text: text.split(","), default=list(CONCEPTS),
                    help="comma list of " + ", ".join(CONCEPTS))  # fmt: skip
     p.add_argument("--samples", type=int, default=12, help="samples per concept prompt")
@@ -423,13 +431,15 @@ def main() -> None:
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--probe-n", type=int, default=600, help="real glyphs per probe class")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--captions", choices=("both", "named", "mixed", "described", "plain"),
+    p.add_argument("--captions", choices=CAPTIONS,
                    default="both",
                    help="training captions: each picture twice, with its colours and with the "
                    "concept's prompt (both); the same with all it shows named as the training "
                    "split names it (named); every other picture's names its colours, the rest "
                    "are the concept's prompt (mixed); every picture's names them (described); "
                    "all the concept's prompt (plain)")  # fmt: skip
+    p.add_argument("--db-captions", choices=CAPTIONS, help="DreamBooth's and DreamBooth-LoRA's "
+                   "training captions (--captions)")  # fmt: skip
     a = p.parse_args()
     if unknown := set(a.methods) - set(METHODS):
         p.error(f"unknown methods {', '.join(sorted(unknown))}: choose from {', '.join(METHODS)}")
@@ -456,13 +466,15 @@ def main() -> None:
     real = judge.features(glyphs_to_tensor(glyphs_dataset("test").images[:1000]))
     asked = judge.features(glyphs_to_tensor(prompt_renders(ORDINARY, 100, a.seed)))
     asked_by_prompt = asked.reshape(len(ORDINARY), 100, -1)
-    folders = {
-        "typewriter": write_folder(rendered("typewriter-A", a.images, 1), a.out / "typewriter",
-                                   CONCEPTS["typewriter"], a.captions),
-        "omega": write_folder(rendered("omega", a.images, 2), a.out / "omega", CONCEPTS["omega"],
-                              a.captions),
-        "pink": write_folder(rendered("pink-A", a.images, 3), a.out / "pink"),
-    }  # fmt: skip
+    pictures = {"typewriter": rendered("typewriter-A", a.images, 1),
+                "omega": rendered("omega", a.images, 2)}  # fmt: skip
+    folders = {name: write_folder(pictures[name], a.out / name, CONCEPTS[name], a.captions)
+               for name in pictures}  # fmt: skip
+    folders["pink"] = write_folder(rendered("pink-A", a.images, 3), a.out / "pink")
+    db_captions = a.db_captions or a.captions
+    db_folders = {name: folders[name] if db_captions == a.captions else
+                  write_folder(pictures[name], a.out / f"{name}-{db_captions}", CONCEPTS[name],
+                               db_captions) for name in pictures}  # fmt: skip
 
     def drift(run) -> tuple[dict, torch.Tensor]:
         """The run's drift on the ordinary prompts, and the judge's features of its samples."""
@@ -514,7 +526,7 @@ def main() -> None:
     results["base_drift_other_seeds_fd"] = frechet_distance_from_samples(again, real)
     results["base_drift_other_seeds_fd_asked"] = frechet_distance_from_samples(again, asked)
     methods = a.methods
-    identifier = {"identifier": a.db_identifier} if a.db_identifier else {}
+    identifier = {"identifier": a.identifier} if a.identifier else {}
     rows: dict[str, list[torch.Tensor]] = {m: [] for m in ("base", *methods)}
     for name in a.concepts:
         concept, record = CONCEPTS[name] | identifier, {}
@@ -524,7 +536,8 @@ def main() -> None:
         for method in methods:
             print(f"{name}: {method} ...", flush=True)
             embedding = record.get("textual-inversion", {}).get("path")
-            made = finetune(method, concept, a.base, folders[name], a.out / f"{name}-{method}", a,
+            folder = (db_folders if method.startswith("dreambooth") else folders)[name]
+            made = finetune(method, concept, a.base, folder, a.out / f"{name}-{method}", a,
                             embedding if method == "lora-over-ti" else None)  # fmt: skip
             run, word = tuned(method, a.base, made, concept)
             made["metrics"], x = concept_metrics(run, word, concept, name)

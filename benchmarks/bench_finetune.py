@@ -408,7 +408,7 @@ def main() -> None:
         choices=("captions", "class", "varied", "dataset"),
         default="class",
         help="DreamBooth's prior: the training captions without the identifier, the class "
-        "prompt, or a varied caption per picture",
+        "prompt, or a varied caption per picture of the class or of any character",
     )
     p.add_argument(
         "--class-guidance",
@@ -431,8 +431,7 @@ def main() -> None:
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--probe-n", type=int, default=600, help="real glyphs per probe class")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--captions", choices=CAPTIONS,
-                   default="both",
+    p.add_argument("--captions", choices=CAPTIONS, default="both",
                    help="training captions: each picture twice, with its colours and with the "
                    "concept's prompt (both); the same with all it shows named as the training "
                    "split names it (named); every other picture's names its colours, the rest "

@@ -831,10 +831,9 @@ def class_images(
 def without_identifier(templates: Sequence[str]) -> list[str]:
     """DreamBooth's class captions where none is given: each distinct training caption without
     the identifier ("a red {} letter on a white background" -> "a red letter on a white
-    background"), the instance prompt minus "[V]" as Ruiz et al. prompt the frozen model. The
+    background"), the instance prompt minus "[V]" as Ruiz et al. prompt the frozen model: the
     prior then covers every context the captions put the identifier in, the colour words as
-    well as the class noun: a prior over the class noun alone leaves "red ... on a white
-    background" free to turn into the concept."""
+    well as the class noun."""
     captions = dict.fromkeys(" ".join(template.replace("{}", " ").split())
                              for template in templates)  # fmt: skip
     if "" in captions:
@@ -893,11 +892,11 @@ def finetune_dreambooth(
     draws for ``class_prompt`` (:func:`dreambooth_loss`); several class captions (separated by
     ``;``, or a list) share the targets out (:func:`class_images`), a prior over the variety
     the class shows (its colours, weights, sizes) rather than over one caption; without
-    ``class_prompt``, the training captions without the identifier (:func:`without_identifier`)
-    do. The targets
-    are drawn with ``class_guidance`` (the run's own default where ``None``): at 0, samples of
-    the model's conditional ``p(x | c_class)`` itself, which the prior term then keeps; with
-    guidance, of the sharper guided distribution, which it then teaches.
+    ``class_prompt`` the training captions without the identifier do
+    (:func:`without_identifier`). The targets are drawn with ``class_guidance`` (the run's own
+    default where ``None``): at 0, samples of the model's conditional ``p(x | c_class)``
+    itself, which the prior term then keeps; with guidance, of the sharper guided
+    distribution, which it then teaches.
 
     Without ``rank`` the whole denoiser trains (with ``train_text_encoder`` the whole text
     encoder too) and ``out`` is a new run folder. With ``rank`` (DreamBooth-LoRA) only rank-

@@ -562,11 +562,12 @@ def finetune(
             raise UserError("--init-word does not apply to DreamBooth: its identifier --token "
                             "is a word the run knows")  # fmt: skip
         result = finetuning.finetune_dreambooth(run, **common, **lora_only, **dreambooth_only)
+    files = sorted(result.path.rglob("*")) if result.path.is_dir() else [result.path]
+    size = sum(f.stat().st_size for f in files if f.is_file())  # DreamBooth writes a run folder
     typer.echo(f"trained {result.steps} steps in {result.seconds:.1f} s, final loss "
                f"{result.final_loss:.4f}; {result.trainable:,} trained parameters "
                f"({result.trainable / result.base_params:.2%} of the base's "
-               f"{result.base_params:,})\nwrote {result.path} "
-               f"({result.path.stat().st_size:,} bytes)")  # fmt: skip
+               f"{result.base_params:,})\nwrote {result.path} ({size:,} bytes)")  # fmt: skip
 
 
 @app.command(

@@ -331,7 +331,8 @@ def finetune(
     dreambooth = dict(token=concept["identifier"],
                       class_prompt=class_prompts(concept, a.class_prompts, a.class_images, a.seed),
                       num_class_images=a.class_images, class_guidance=a.class_guidance,
-                      train_text_encoder=a.db_text_encoder, **common)  # fmt: skip
+                      prior_target=a.prior_target, train_text_encoder=a.db_text_encoder,
+                      **common)  # fmt: skip
     wall, cpu = time.perf_counter(), time.process_time()
     if method == "lora":
         result = ft.finetune_lora(base, token=concept["token"], init_word=concept["init_word"],
@@ -351,7 +352,8 @@ def finetune(
                                         **dreambooth)  # fmt: skip
     elif method == "dreambooth-no-prior":
         result = ft.finetune_dreambooth(base, prior_weight=0.0, lr=a.db_lr, out=out,
-                                        **dreambooth | {"class_guidance": None})  # fmt: skip
+                                        **dreambooth | {"class_guidance": None,
+                                                        "prior_target": "pictures"})  # fmt: skip
     else:
         result = ft.finetune_dreambooth(base, prior_weight=a.prior_weight, lr=a.db_lr, out=out,
                                         **dreambooth)  # fmt: skip
@@ -422,6 +424,9 @@ def main() -> None:
         help="DreamBooth and DreamBooth-LoRA tune the text encoder too",
     )
     p.add_argument("--prior-weight", type=float, default=1.0, help="DreamBooth with prior")
+    p.add_argument("--prior-target", choices=ft.PRIOR_TARGETS, default="pictures",
+                   help="DreamBooth's prior term: the class pictures, or the frozen run's "
+                   "prediction at them")  # fmt: skip
     p.add_argument("--identifier", help="DreamBooth's identifier (the concept's own)")
     p.add_argument("--concepts", type=lambda text: text.split(","), default=list(CONCEPTS),
                    help="comma list of " + ", ".join(CONCEPTS))  # fmt: skip

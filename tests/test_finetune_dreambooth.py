@@ -6,6 +6,7 @@ merge, the command line and its refusals."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from test_finetune import (
     train_base,
 )
 
-from difflab.gaussian.objectives import make_objective
+from difflab.gaussian.objectives import make_objective, sample_times
 from difflab.recipes import finetune as ft
 from difflab.recipes import load
 from difflab.recipes import text_to_image as t2i
@@ -48,9 +49,9 @@ def images(tmp_path_factory) -> Path:
 def one_step(base: Path, images: Path, out: Path, **options) -> ft.FinetuneResult:
     """One DreamBooth step on ``PROMPT`` with ``CLASS_PROMPT``'s prior, unless ``options``
     say otherwise."""
-    options = {"prompt": PROMPT, "class_prompt": CLASS_PROMPT} | options
+    options = {"prompt": PROMPT, "class_prompt": CLASS_PROMPT, "prior_weight": LAMBDA} | options
     return ft.finetune_dreambooth(base, images=images, token=IDENTIFIER, out=out,
-                                  num_class_images=CLASS_IMAGES, prior_weight=LAMBDA, steps=1,
+                                  num_class_images=CLASS_IMAGES, steps=1,
                                   lr=LR, seed=SEED, progress=False, **options)  # fmt: skip
 
 
@@ -240,6 +241,84 @@ def test_without_a_class_prompt_the_prior_is_the_training_captions_without_the_i
     _, before, grads = oracle_gradients(base, images, None, False, captions, class_prompts)
     assert_took_the_step(out, before, grads)
     assert load_checkpoint(out).extra["dreambooth"]["class_prompt"] == "; ".join(class_prompts)
+
+
+# ------------------------------------------------------------------ the frozen run's prior
+
+
+def test_the_frozen_prior_is_the_weighted_change_of_the_output_and_zero_before_any_step(base):
+    model = load(base, "cpu").model
+    x, captions = ft.class_images(model, [CLASS_PROMPT], CLASS_IMAGES, SEED)
+    cond = {"tokens": t2i.tokenize(captions)[0]}
+    denoiser, frozen = model.denoiser, copy.deepcopy(model.denoiser)
+    assert denoiser.prediction == "eps"
+
+    def prior(weighting: str) -> torch.Tensor:
+        return ft.frozen_prior_loss(denoiser, frozen, x, cond, weighting,
+                                    torch.Generator().manual_seed(SEED))  # fmt: skip
+
+    # before the run moves: no loss and no gradient (the paper's target pulls at once)
+    at_start = prior("simple")
+    at_start.backward()
+    frozen_grad = max(p.grad.abs().max() for p in denoiser.net.parameters())
+    denoiser.net.zero_grad()
+    objective = make_objective("eps", "simple")
+    objective(denoiser, x, cond, torch.Generator().manual_seed(SEED)).backward()
+    pictures_grad = max(p.grad.abs().max() for p in denoiser.net.parameters())
+    assert at_start < 1e-10 and frozen_grad < 1e-6 * pictures_grad, (at_start, frozen_grad)
+    # once it moves: w(lambda) ||eps_theta(x_t) - eps_frozen(x_t)||^2 / D at the objective's draws
+    with torch.no_grad():
+        for p in denoiser.net.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(SEED)
+    t = sample_times(denoiser.schedule, len(x), generator=g)
+    eps = torch.randn(x.shape, generator=g)
+    alpha, sigma = (c.float() for c in denoiser.schedule.alpha_sigma(t))
+    x_t = alpha.view(-1, 1, 1, 1) * x + sigma.view(-1, 1, 1, 1) * eps
+    with torch.no_grad():
+        change = (denoiser(x_t, t, cond).eps - frozen(x_t, t, cond).eps).square().flatten(1)
+        min_snr = (5 * sigma**2 / alpha**2).clamp(max=1)  # eps: w = min(1, 5 / SNR)
+        for weighting, weight in (("simple", torch.ones_like(min_snr)), ("min-snr", min_snr)):
+            expected = (weight * change.mean(1)).mean()
+            assert expected > 1e-4
+            torch.testing.assert_close(prior(weighting), expected, rtol=1e-4, atol=0)
+
+
+def test_with_the_frozen_prior_the_first_step_is_the_instance_terms_alone(base, images, tmp_path):
+    tuned = {}
+    for name, options in (("frozen", {"prior_target": "frozen"}), ("none", {"prior_weight": 0}),
+                          ("pictures", {})):  # fmt: skip
+        out = one_step(base, images, tmp_path / name, **options).path
+        tuned[name] = load(out, "cpu").model.denoiser.net.state_dict()
+        assert load_checkpoint(out).extra["dreambooth"]["prior_target"] == options.get(
+            "prior_target", "pictures")  # fmt: skip
+    before = load(base, "cpu").model.denoiser.net.state_dict()
+
+    def step(name: str) -> torch.Tensor:
+        return torch.cat([(tuned[name][k] - v).flatten() for k, v in before.items()
+                          if k.startswith("net.")])  # fmt: skip
+
+    frozen, none, pictures = step("frozen"), step("none"), step("pictures")
+    assert none.abs().max() > 0.99 * LR  # AdamW's first step: lr g / (|g| + 1e-8)
+    # the frozen prior's gradient is nought at the start: the step is the instance term's
+    assert (frozen - none).abs().max() < 1e-6 * LR
+    assert (pictures - none).abs().max() > LR  # where the paper's prior turns a sign
+
+
+def test_the_prior_target_is_refused_where_it_does_not_apply(base, images, tmp_path, monkeypatch,
+                                                              capsys):  # fmt: skip
+    out = tmp_path / "db"
+    args = ["finetune", str(base), "--method", "dreambooth", "--images", str(images),
+            "--prompt", PROMPT, "--token", IDENTIFIER, "--out", str(out)]  # fmt: skip
+    for extra, says in (
+        (["--prior-target", "teacher"], "--prior-target must be one of pictures, frozen"),
+        (["--prior-target", "frozen", "--prior-weight", "0"], "applies with a prior weight"),
+    ):
+        assert says in refused(monkeypatch, capsys, *args, *extra), extra
+    args[3] = "lora"
+    err = refused(monkeypatch, capsys, *args, "--prior-target", "frozen")
+    assert "--prior-target applies to --method dreambooth only" in err
+    assert not out.exists()
 
 
 # ------------------------------------------------------------------ the command line

@@ -507,6 +507,14 @@ def finetune(
         float | None,
         typer.Option(help="DreamBooth: weight lambda of the prior-preservation loss (1; 0: off)."),
     ] = None,
+    prior_target: Annotated[
+        str | None,
+        typer.Option(
+            help="DreamBooth: what the prior term regresses on at a noisy class picture: "
+            "pictures (the picture, as the paper; the default) or frozen (the frozen run's "
+            "prediction there)."
+        ),
+    ] = None,
     train_text_encoder: Annotated[
         bool,
         typer.Option(
@@ -543,7 +551,8 @@ def finetune(
     lora_only = _given(rank=rank, targets=targets, alpha=alpha)
     inversion_only = _given(vectors=vectors)
     dreambooth_only = _given(class_prompt=class_prompt, num_class_images=num_class_images,
-                             class_guidance=class_guidance, prior_weight=prior_weight)  # fmt: skip
+                             class_guidance=class_guidance, prior_weight=prior_weight,
+                             prior_target=prior_target)  # fmt: skip
     dreambooth_only |= {"train_text_encoder": True} if train_text_encoder else {}
     if embedding and method != "lora":
         raise UserError("--embedding applies to --method lora only")

@@ -46,6 +46,7 @@ token, word and the training captions.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -71,7 +72,9 @@ from difflab.config import to_dict
 from difflab.data.images import image_files, image_folder
 from difflab.errors import UserError
 from difflab.files import file_error, make_folder, write_bytes
-from difflab.gaussian.objectives import make_objective
+from difflab.gaussian.objectives import loss_fn, make_objective, sample_times
+from difflab.gaussian.parameterization import Denoiser
+from difflab.gaussian.process import q_sample
 from difflab.nets.attention import CrossAttention, SelfAttention
 from difflab.nets.unet import ResBlock
 from difflab.recipes import Run, finite, load, positive_int, seed_value
@@ -804,6 +807,9 @@ def finetune_embedding(
 
 #: DreamBooth's learning rate when none is given (the whole denoiser trains).
 DEFAULT_DREAMBOOTH_LR = 5e-5
+#: What the prior term regresses the tuned denoiser on at a noisy class picture
+#: (:func:`dreambooth_loss`): the picture itself, or the frozen run's own prediction there.
+PRIOR_TARGETS = ("pictures", "frozen")
 
 
 def class_images(
@@ -842,6 +848,32 @@ def without_identifier(templates: Sequence[str]) -> list[str]:
     return list(captions)
 
 
+def frozen_prior_loss(
+    denoiser: Denoiser,
+    frozen: Denoiser,
+    x_class: Tensor,
+    cond: dict[str, Any],
+    weighting: str,
+    generator: torch.Generator,
+) -> Tensor:
+    """The prior term with the frozen run's prediction as its target: ``t`` and ``eps`` drawn
+    as the objective draws them, ``x_t = alpha_t x_class + sigma_t eps``, then the objective
+    with the frozen run's estimates ``(x0_hat, eps_hat)`` at ``x_t`` in place of ``(x_class,
+    eps)``. They make the same ``x_t`` (``alpha x0_hat + sigma eps_hat = x_t``), so the target
+    is the frozen run's own output there and the term is ``w(lambda) c ||out_theta(x_t) -
+    out_frozen(x_t)||^2 / D`` (objectives.py's notation): zero, with its gradient, until the
+    tuned run moves, and then only the change of the run's function on the class pictures' noisy
+    neighbourhood, where the paper's target ``x_class`` also asks the run to denoise 64 fixed
+    pictures better than it does (a change of its own)."""
+    schedule = denoiser.schedule
+    t = sample_times(schedule, x_class.shape[0], generator=generator, device=x_class.device)
+    eps = torch.randn(x_class.shape, generator=generator, device=x_class.device,
+                      dtype=x_class.dtype)  # fmt: skip
+    with torch.no_grad():
+        estimate = frozen(q_sample(schedule, x_class, t, eps), t, cond)
+    return loss_fn(denoiser, estimate.x0, cond, weighting=weighting, t=t, eps=estimate.eps)
+
+
 def dreambooth_loss(
     objective: Any,
     denoiser: Any,
@@ -849,18 +881,25 @@ def dreambooth_loss(
     prior: tuple[Tensor, Tensor] | None,
     prior_weight: float,
     generator: torch.Generator,
+    frozen: tuple[Denoiser, str] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(L, L_instance, L_prior)`` with ``L = L_instance + lambda L_prior`` (Ruiz et al. 2023;
     seed 004): ``L_instance`` the run's objective on the concept pictures and their caption
     "a [V] <class>", ``L_prior`` the same objective on the class pictures ``x_class`` and the
     class caption (``lambda ||x_theta(z', c_class) - x_class||^2`` in the objective's
-    weighting). The instance term draws its noise and times first; with ``lambda = 0`` (or no
-    class pictures) the prior term is not computed and ``L`` is plain fine-tuning's loss."""
+    weighting), or with ``frozen`` (the frozen run and the objective's weighting) the same at
+    ``z'`` with the frozen run's prediction as the target (:func:`frozen_prior_loss`). The
+    instance term draws its noise and times first; with ``lambda = 0`` (or no class pictures)
+    the prior term is not computed and ``L`` is plain fine-tuning's loss."""
     x, tokens = instance
     l_instance = objective(denoiser, x, {"tokens": tokens}, generator)
     if prior is None or prior_weight == 0:
         return l_instance, l_instance, torch.zeros_like(l_instance)
-    l_prior = objective(denoiser, prior[0], {"tokens": prior[1]}, generator)
+    cond = {"tokens": prior[1]}
+    if frozen is None:
+        l_prior = objective(denoiser, prior[0], cond, generator)
+    else:
+        l_prior = frozen_prior_loss(denoiser, frozen[0], prior[0], cond, frozen[1], generator)
     return l_instance + prior_weight * l_prior, l_instance, l_prior
 
 
@@ -875,6 +914,7 @@ def finetune_dreambooth(
     num_class_images: int = 16,
     class_guidance: float | None = None,
     prior_weight: float = 1.0,
+    prior_target: str = "pictures",
     rank: int | None = None,
     targets: str | None = None,
     alpha: float | None = None,
@@ -896,7 +936,9 @@ def finetune_dreambooth(
     (:func:`without_identifier`). The targets are drawn with ``class_guidance`` (the run's own
     default where ``None``): at 0, samples of the model's conditional ``p(x | c_class)``
     itself, which the prior term then keeps; with guidance, of the sharper guided
-    distribution, which it then teaches.
+    distribution, which it then teaches. ``prior_target`` ``"pictures"`` is the paper's prior
+    term; ``"frozen"`` regresses on the frozen run's prediction at the noisy class pictures
+    instead (:func:`frozen_prior_loss`).
 
     Without ``rank`` the whole denoiser trains (with ``train_text_encoder`` the whole text
     encoder too) and ``out`` is a new run folder. With ``rank`` (DreamBooth-LoRA) only rank-
@@ -919,6 +961,9 @@ def finetune_dreambooth(
         raise UserError("--lr must be a positive number")
     if not (math.isfinite(prior_weight) and prior_weight >= 0):
         raise UserError(f"--prior-weight must be a number >= 0, got {prior_weight}")
+    if prior_target not in PRIOR_TARGETS:
+        raise UserError(f"--prior-target must be one of {', '.join(PRIOR_TARGETS)}, got "
+                        f"{prior_target!r}")  # fmt: skip
     x_instance, templates = concept_images(images), concept_captions(images, prompt)
     if isinstance(class_prompt, str):
         class_prompt = class_prompt.split(";")
@@ -926,9 +971,11 @@ def finetune_dreambooth(
     if class_prompt is not None and not class_prompts:
         raise UserError("--class-prompt has no caption: give one, or leave it out for the "
                         "training captions without the identifier")  # fmt: skip
-    if prior_weight == 0 and class_guidance is not None:
-        raise UserError("--class-guidance applies with a prior weight above 0: without the "
-                        "prior term no class picture is drawn")  # fmt: skip
+    for option, given in (("--class-guidance", class_guidance is not None),
+                          ("--prior-target", prior_target != "pictures")):  # fmt: skip
+        if prior_weight == 0 and given:
+            raise UserError(f"{option} applies with a prior weight above 0: without the prior "
+                            f"term no class picture is drawn")  # fmt: skip
     if prior_weight > 0:
         positive_int("num_class_images", num_class_images)
         class_prompts = class_prompts or without_identifier(templates)
@@ -953,6 +1000,10 @@ def finetune_dreambooth(
         out = new_folder(out)
     run = text_to_image_run(run_path, device)
     model: TextToImageModel = run.model
+    d = model.config.diffusion
+    if prior_target == "frozen" and d.prediction == "edm":
+        raise UserError("--prior-target frozen applies to eps, x0, v, score and flow runs, not "
+                        "to an edm run (its loss draws its own noise levels)")  # fmt: skip
     x_instance = x_instance.to(model.device)
     prior = None
     if prior_weight > 0:
@@ -962,6 +1013,10 @@ def finetune_dreambooth(
     instance = (_to_model_space(model, x_instance), tokenize(captions)[0].to(model.device))
     net = model.denoiser.net
     base_hash, base_params = weights_hash(net), sum(p.numel() for p in net.parameters())
+    frozen = None
+    if prior and prior_target == "frozen":  # a copy of the run as it is before any step
+        frozen = (copy.deepcopy(model.denoiser), d.weighting)
+        frozen[0].net.requires_grad_(False)
     if lora:
         params = add_lora(net, chosen, rank, alpha, seed, train_text_encoder)
     else:
@@ -971,14 +1026,13 @@ def finetune_dreambooth(
         for p in params:
             p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    d = model.config.diffusion
     objective = make_objective(d.prediction, d.weighting)
     generator = torch.Generator(model.device).manual_seed(seed)
     start, loss = time.perf_counter(), torch.zeros(())
     net.train()  # (no dropout anywhere; and no fused encoder kernel that would skip adapters)
     for _ in tqdm(range(steps), desc="finetune (dreambooth)", disable=not progress):
         loss = dreambooth_loss(objective, model.denoiser, instance, prior, prior_weight,
-                               generator)[0]  # fmt: skip
+                               generator, frozen)[0]  # fmt: skip
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -987,7 +1041,8 @@ def finetune_dreambooth(
     settings = {"token": token, "captions": templates, "class_prompt": "; ".join(class_prompts),
                 "num_class_images": num_class_images if prior else 0,
                 "class_guidance": class_guidance,
-                "prior_weight": prior_weight, "train_text_encoder": train_text_encoder,
+                "prior_weight": prior_weight, "prior_target": prior_target,
+                "train_text_encoder": train_text_encoder,
                 "steps": steps, "lr": lr}  # fmt: skip
     if lora:
         meta = {k: json.dumps(v) if k == "captions" else str(v) for k, v in settings.items()

@@ -862,9 +862,9 @@ def frozen_prior_loss(
     eps)``. They make the same ``x_t`` (``alpha x0_hat + sigma eps_hat = x_t``), so the target
     is the frozen run's own output there and the term is ``w(lambda) c ||out_theta(x_t) -
     out_frozen(x_t)||^2 / D`` (objectives.py's notation): zero, with its gradient, until the
-    tuned run moves, and then only the change of the run's function on the class pictures' noisy
-    neighbourhood, where the paper's target ``x_class`` also asks the run to denoise 64 fixed
-    pictures better than it does (a change of its own)."""
+    tuned run moves, then the change of its function around the class pictures. The paper's
+    target ``x_class`` pulls from the first step (its gradient there is the objective's on the
+    class pictures), toward denoising those few pictures better than the frozen run does."""
     schedule = denoiser.schedule
     t = sample_times(schedule, x_class.shape[0], generator=generator, device=x_class.device)
     eps = torch.randn(x_class.shape, generator=generator, device=x_class.device,
@@ -1014,7 +1014,7 @@ def finetune_dreambooth(
     net = model.denoiser.net
     base_hash, base_params = weights_hash(net), sum(p.numel() for p in net.parameters())
     frozen = None
-    if prior and prior_target == "frozen":  # a copy of the run as it is before any step
+    if prior is not None and prior_target == "frozen":  # a copy of the run as it is before any step
         frozen = (copy.deepcopy(model.denoiser), d.weighting)
         frozen[0].net.requires_grad_(False)
     if lora:

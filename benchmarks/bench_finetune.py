@@ -108,9 +108,11 @@ CONCEPTS = {
         "prompt": "a {} letter",
         "token": "<om>",
         "init_word": "U",  # its closest Latin shape; a 90-sample sweep: U 86%, n 81%, O 76%
-        # a word the run knows but never reads alone (only in "pale blue"), as DreamBooth's
-        # rare tokens; "O" took the round capitals with it (G, C drew Omegas; runs/ft57)
-        "identifier": "pale",
+        # a word the run knows but never reads alone (only in "cm roman"), as DreamBooth's
+        # rare tokens; "O" took the round capitals with it (G, C drew Omegas; runs/ft57), and
+        # "pale" is a colour word: "a yellow pale letter on a blue background" drew pale blue
+        # glyphs, no Omega (runs/f8-s0-3)
+        "identifier": "roman",
         "class_prompt": "a letter",
         "class_characters": string.ascii_lowercase,
         "described": "a {colour} {{}} letter on a {background} background",
@@ -511,8 +513,10 @@ def main() -> None:
         coloured = x[len(concept["plain"]) * a.samples :]
         asked = [t.format("") for t in concept["coloured"] for _ in range(a.samples)]
         shares = prompt_adherence(judge, coloured, asked)
-        return {"concept": float(probe[name].says(x).double().mean()),
-                "concept_coloured": float(probe[name].says(coloured).double().mean()),
+        says = probe[name].says(x).double()
+        return {"concept": float(says.mean()),
+                "concept_coloured": float(says[len(concept["plain"]) * a.samples :].mean()),
+                "concept_per_prompt": [float(s.mean()) for s in says.split(a.samples)],
                 **{k: shares[k] for k in ("colour", "background", "weight")}}, x  # fmt: skip
 
     def leak(run, concept: dict, name: str) -> float:

@@ -22,7 +22,8 @@ compared with. (A first typewriter probe, any Latin character in typewriter agai
 training families, had 17.5% false positives and called none of a LoRA's slab-serif A's
 typewriter; the capital-A probe has about 1% and calls 7 of 8 of them typewriter.)
 
-Per concept and method: concept fidelity (the probe's share of samples of the concept prompts),
+Per concept and method: concept fidelity (the probe's share of samples of the concept prompts,
+and of each prompt's: an identifier the prompt reads otherwise shows as one prompt's miss),
 prompt fidelity (the judge's glyph colour, background colour and weight against the prompt, on
 the coloured concept prompts), prior drift (the judged Frechet distance to real glyphs rendered
 for the same prompts, :func:`prompt_renders`, and to real test glyphs, and the mean prompt
@@ -623,9 +624,9 @@ def combined(a, folders: dict, judge, typewriter: Probe, fonts: dict) -> dict:
 
 def tables(r: dict) -> str:
     """Markdown tables of the results."""
-    lines = ["| concept | method | concept fidelity (probe) | prompt fidelity: colour / "
-             "background / weight | prior drift: FD to renders of the prompts, before -> after "
-             "(relative); FD to test glyphs | adherence "
+    lines = ["| concept | method | concept fidelity (probe; per prompt) | prompt fidelity: "
+             "colour / background / weight | prior drift: FD to renders of the prompts, before "
+             "-> after (relative); FD to test glyphs | adherence "
              "before -> after | class prompt drawn as the concept (leak) | trainable params | "
              "file | time (CPU s) |",
              "|---|---|---:|---|---|---|---|---:|---:|---:|"]  # fmt: skip
@@ -636,8 +637,11 @@ def tables(r: dict) -> str:
             q = m["metrics"]
             fidelity = (f"{q['colour']:.0%} / {q['background']:.0%} / "
                         f"{q['weight']:.0%}")  # fmt: skip
+            concept = f"{q['concept']:.0%}"
+            if "concept_per_prompt" in q:  # (not in the results of older runs)
+                concept += f" ({' / '.join(f'{p:.0%}' for p in q['concept_per_prompt'])})"
             if method == "base":
-                lines.append(f"| {name} | base (no fine-tuning) | {q['concept']:.0%} | "
+                lines.append(f"| {name} | base (no fine-tuning) | {concept} | "
                              f"{fidelity} | {before['fd_asked']:.0f}; test glyphs "
                              f"{before['fd']:.0f} | {before['adherence']:.1%} "
                              f"| {m['leak']:.0%} | | | |")  # fmt: skip
@@ -657,7 +661,7 @@ def tables(r: dict) -> str:
             else:
                 drift, adherence, leaked = "unchanged (bit-identical)", "unchanged", "unchanged"
             share = m["trainable"] / m["base_params"]
-            lines.append(f"| {name} | {method} | {q['concept']:.0%} | {fidelity} | {drift} | "
+            lines.append(f"| {name} | {method} | {concept} | {fidelity} | {drift} | "
                          f"{adherence} | {leaked} | {m['trainable']:,} ({share:.2%}) | "
                          f"{m['bytes']:,} B | {m['cpu_seconds']:.0f} |")  # fmt: skip
     if "combined" in r:  # only with a typewriter LoRA

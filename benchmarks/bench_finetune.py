@@ -637,9 +637,8 @@ def tables(r: dict) -> str:
             q = m["metrics"]
             fidelity = (f"{q['colour']:.0%} / {q['background']:.0%} / "
                         f"{q['weight']:.0%}")  # fmt: skip
-            concept = f"{q['concept']:.0%}"
-            if "concept_per_prompt" in q:  # (not in the results of older runs)
-                concept += f" ({' / '.join(f'{p:.0%}' for p in q['concept_per_prompt'])})"
+            shares = " / ".join(f"{p:.0%}" for p in q["concept_per_prompt"])
+            concept = f"{q['concept']:.0%} ({shares})"
             if method == "base":
                 lines.append(f"| {name} | base (no fine-tuning) | {concept} | "
                              f"{fidelity} | {before['fd_asked']:.0f}; test glyphs "

@@ -23,7 +23,7 @@ training families, had 17.5% false positives and called none of a LoRA's slab-se
 typewriter; the capital-A probe has about 1% and calls 7 of 8 of them typewriter.)
 
 Per concept and method: concept fidelity (the probe's share of samples of the concept prompts,
-and of each prompt's: an identifier the prompt reads otherwise shows as one prompt's miss),
+and each prompt's share: an identifier that one prompt reads as another word shows there),
 prompt fidelity (the judge's glyph colour, background colour and weight against the prompt, on
 the coloured concept prompts), prior drift (the judged Frechet distance to real glyphs rendered
 for the same prompts, :func:`prompt_renders`, and to real test glyphs, and the mean prompt
@@ -511,12 +511,12 @@ def main() -> None:
     def concept_metrics(run, word: str, concept: dict, name: str) -> tuple[dict, torch.Tensor]:
         templates = [*concept["plain"], *concept["coloured"]]
         x = draw(run, [t.format(word) for t in templates], a.samples, a.seed, a)
-        coloured = x[len(concept["plain"]) * a.samples :]
+        first_coloured = len(concept["plain"]) * a.samples
         asked = [t.format("") for t in concept["coloured"] for _ in range(a.samples)]
-        shares = prompt_adherence(judge, coloured, asked)
+        shares = prompt_adherence(judge, x[first_coloured:], asked)
         says = probe[name].says(x).double()
         return {"concept": float(says.mean()),
-                "concept_coloured": float(says[len(concept["plain"]) * a.samples :].mean()),
+                "concept_coloured": float(says[first_coloured:].mean()),
                 "concept_per_prompt": [float(s.mean()) for s in says.split(a.samples)],
                 **{k: shares[k] for k in ("colour", "background", "weight")}}, x  # fmt: skip
 
